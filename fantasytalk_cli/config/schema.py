@@ -1,0 +1,211 @@
+"""The one configuration model of ftalk: `FtalkConfig`, a tree of small sections.
+
+Every command reads the same model; functions receive only the section they need. Field docstrings
+become the command-line help (``use_attribute_docstrings``). Leaf field names are unique across the
+whole tree, because each is also a command-line flag of ``ftalk train`` (``--video_sample_size`` and
+``--video-sample-size``), spelled as in the reference trainer's documentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class DataConfig(Section):
+    """Where the training clips are and how they are read."""
+
+    train_data_dir: Path | None = None
+    """Folder that relative `file_path` / `audio_path` entries of the metadata are joined to."""
+    train_data_meta: Path | None = None
+    """Metadata file: a JSON list (`metadata_control.json`), JSON Lines or CSV with `file_path`, `audio_path`, `text`, `type`."""
+    dataloader_num_workers: int = Field(0, ge=0)
+    """Data loader worker processes per training process (0 = load in the training process)."""
+    bad_sample_policy: Literal["skip", "fail"] = "skip"
+    """What to do with a clip that fails to load: `skip` it (logged, counted) or `fail` the run."""
+    max_bad_sample_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Abort when more than this fraction of the samples seen so far failed to load (policy `skip`)."""
+    bucket_plan: Path | None = None
+    """Plan file written by `ftalk plan-buckets --write`; rebuilt with a warning when stale."""
+
+
+class BucketConfig(Section):
+    """How clips become fixed-shape training samples (sizes, frame counts, buckets)."""
+
+    video_sample_size: int = Field(512, ge=16)
+    """Largest side of a training sample in pixels (bucket sizes are scaled to it, multiples of 16)."""
+    token_sample_size: int = Field(512, ge=16)
+    """With `training_with_video_token_length`: frame budget = video_sample_n_frames * token_sample_size^2 pixels."""
+    video_sample_stride: int = Field(1, ge=1)
+    """Take every N-th frame; raised automatically until fps / stride <= 30."""
+    video_sample_n_frames: int = Field(81, ge=1)
+    """Frames per training sample (a 4k+1 number: 49, 81, ...)."""
+    enable_bucket: bool = False
+    """Group clips by aspect ratio into buckets instead of centre-cropping everything to a square."""
+    random_hw_adapt: bool = False
+    """Train on several sizes, from 512 (256 with token-length training) up to `video_sample_size`."""
+    training_with_video_token_length: bool = False
+    """Trade frames for pixels so every sample stays within the token budget of `token_sample_size`."""
+    random_frame_crop: bool = False
+    """Train on random 4k+1 frame counts up to `video_sample_n_frames`, audio cut to match."""
+    leftover_policy: Literal["carry", "drop"] = "carry"
+    """Samples that do not fill a last batch in a bucket: `carry` them to the next epoch, or `drop` and report them."""
+    max_fps_after_stride: float = Field(30.0, gt=0)
+    """The stride is raised until fps / stride is at most this (the reference trainer's rule)."""
+
+    @model_validator(mode="after")
+    def _frames_are_4k_plus_1(self) -> BucketConfig:
+        if (self.video_sample_n_frames - 1) % 4 != 0:
+            lower = (self.video_sample_n_frames - 1) // 4 * 4 + 1
+            raise ValueError(
+                f"video_sample_n_frames={self.video_sample_n_frames} is not of the form 4k+1 "
+                f"(the VAE compresses time by 4); use {lower} or {lower + 4}"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """Which weights to load and which parameters train."""
+
+    pretrained_model_name_or_path: Path | None = None
+    """Base model folder: the original Wan2.1-I2V layout or its diffusers layout."""
+    config_path: Path | None = None
+    """Model config YAML of the reference layout (where sub-models live, scheduler settings), e.g. examples/wan2.1/wan_civitai.yaml."""
+    transformer_path: Path | None = None
+    """Adapter (`fantasytalking_model.ckpt`, flat or ComfyUI safetensors) or a full transformer safetensors file to start from."""
+    wav2vec_path: Path | None = None
+    """wav2vec2 folder (transformers layout); default: `wav2vec2-base-960h` beside or inside the base model folder."""
+    trainable_modules: list[str] = Field(default_factory=lambda: ["processor.", "proj_model."])
+    """Parameters whose name contains any of these substrings train; everything else is frozen."""
+    low_vram: bool = False
+    """Keep the frozen encoders (VAE, text, image, audio) off the accelerator between uses."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer block activations in the backward pass to save memory."""
+    vae_mini_batch: int = Field(1, ge=1)
+    """Videos encoded by the VAE at once."""
+    audio_scale: float = 1.0
+    """Weight of the audio branch in every audio cross-attention (0 = no audio)."""
+
+    @model_validator(mode="after")
+    def _some_module_trains(self) -> ModelConfig:
+        if not self.trainable_modules or any(not m for m in self.trainable_modules):
+            raise ValueError("trainable_modules must name at least one non-empty substring, e.g. processor. proj_model.")
+        return self
+
+
+LrScheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+WeightingScheme = Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
+
+
+class TrainConfig(Section):
+    """Optimisation: length, batch, learning rate, precision, the diffusion objective."""
+
+    train_batch_size: int = Field(1, ge=1)
+    """Samples per process per step."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated before each optimizer step."""
+    num_train_epochs: int = Field(1, ge=1)
+    """Passes over the data (ignored when `max_train_steps` is set)."""
+    max_train_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run; wins over `num_train_epochs` when set."""
+    learning_rate: float = Field(2e-5, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: LrScheduler = "constant"
+    """Learning-rate schedule (diffusers' `get_scheduler` names)."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Warm-up optimizer steps."""
+    seed: int | None = 42
+    """Seed of everything random in training (sampling order, noise, timesteps, dropout)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    """Autocast precision; frozen weights are stored in it, trainable weights stay fp32."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """AdamW beta2."""
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    """AdamW weight decay."""
+    adam_epsilon: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm (0 = off); filled into a DeepSpeed JSON that lacks `gradient_clipping`."""
+    uniform_sampling: bool = False
+    """Stratify timesteps over the global batch so every step covers the noise range evenly."""
+    weighting_scheme: WeightingScheme = "none"
+    """Timestep density / loss weighting of the flow-matching objective."""
+    logit_mean: float = 0.0
+    """Mean of the `logit_normal` weighting scheme."""
+    logit_std: float = Field(1.0, gt=0)
+    """Standard deviation of the `logit_normal` weighting scheme."""
+    mode_scale: float = 1.29
+    """Scale of the `mode` weighting scheme."""
+    text_dropout: float = Field(0.1, ge=0, le=1)
+    """Probability of replacing the caption by the empty text (classifier-free guidance)."""
+    image_dropout: float = Field(0.1, ge=0, le=1)
+    """Probability of zeroing the CLIP image features."""
+    audio_dropout: float = Field(0.0, ge=0, le=1)
+    """Probability of dropping the audio (audio_scale 0), enabling audio guidance at inference."""
+    loss_outlier_threshold: float = Field(50.0, gt=0)
+    """Elements whose |error| exceeds this are zeroed before averaging (the reference's outlier guard)."""
+    max_consecutive_nonfinite: int = Field(5, ge=1)
+    """Abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped)."""
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Where scalars go."""
+
+
+class CheckpointConfig(Section):
+    """Where the run writes, how often it saves, what it resumes from."""
+
+    output_dir: Path = Path("output_dir")
+    """Run folder: checkpoints, logs and the resolved config."""
+    checkpointing_steps: int = Field(500, ge=1)
+    """Save a `checkpoint-N/` every N optimizer steps."""
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    """Keep at most this many checkpoints (oldest pruned after a successful save)."""
+    resume_from_checkpoint: str | None = None
+    """`latest` or a checkpoint folder to resume from."""
+
+
+class DistConfig(Section):
+    """How processes share the work; normally read from `accelerate launch`."""
+
+    strategy: Literal["auto", "ddp", "zero2", "zero3", "fsdp"] = "auto"
+    """`auto` takes what `accelerate launch` set up; the others force a strategy."""
+    deepspeed_config_file: Path | None = None
+    """DeepSpeed JSON when not given to `accelerate launch`."""
+    fsdp_version: Literal[1, 2] = 2
+    """FSDP implementation when `strategy` is fsdp and accelerate did not say."""
+
+
+class FtalkConfig(BaseModel):
+    """Everything ftalk needs to validate, plan, train and convert."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Training clips and metadata."""
+    buckets: BucketConfig = Field(default_factory=BucketConfig)
+    """Sample sizes, frame counts and buckets."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Weights and trainable parameters."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Optimisation."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Run folder and checkpoints."""
+    dist: DistConfig = Field(default_factory=DistConfig)
+    """Distribution strategy."""
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in FtalkConfig.model_fields.items()
+}

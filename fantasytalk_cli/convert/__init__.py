@@ -1,0 +1,1 @@
+"""Checkpoint conversion into files inference tools load."""

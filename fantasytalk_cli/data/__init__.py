@@ -1,0 +1,1 @@
+"""Training data: metadata, probing, validation, buckets, sampler, dataset, demo clips."""

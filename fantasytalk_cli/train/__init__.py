@@ -1,0 +1,1 @@
+"""The training loop, its step, checkpoints and the distributed set-up."""
