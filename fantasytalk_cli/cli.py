@@ -128,6 +128,21 @@ def make_demo_data(
     console.print(report.summary())
 
 
+@app.command("demo")
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Folder for the demo's data, model and run (replaced).")] = Path(
+        ".ftalk-demo"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the demo data and training.")] = 0,
+) -> None:
+    """Run the whole pipeline on the embedded tiny model and synthetic clips, on the CPU."""
+    from fantasytalk_cli.demo import run_demo
+
+    result = run_demo(work_dir, seed=seed)
+    for name, seconds, detail in result.steps:
+        console.print(f"[bold green]done[/] {name:<18} {seconds:6.1f} s  {detail}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: accepts the seed's `--trainable_modules a b` spelling."""
     args = expand_multi_value_flags(sys.argv[1:] if argv is None else argv)
