@@ -35,7 +35,11 @@ EXIT_NOT_BUILT = 3
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 (Typer needs Optional)
-    typer.Option("--config", "-c", help="YAML run config (sections data, buckets, model, train, checkpoint, dist); flags override it."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML run config (sections data, buckets, model, train, checkpoint, dist); flags override it.",
+    ),
 ]
 
 
@@ -103,7 +107,9 @@ def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
 
 @app.command("convert-zero")
 def convert_zero(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint-N folder, or the run folder (its newest checkpoint).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint-N folder, or the run folder (its newest checkpoint).")
+    ],
     output: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
 ) -> None:
     """Convert a ZeRO/FSDP/plain checkpoint into safetensors files inference tools load."""

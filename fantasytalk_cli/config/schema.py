@@ -26,7 +26,8 @@ class DataConfig(Section):
     train_data_dir: Path | None = None
     """Folder that relative `file_path` / `audio_path` entries of the metadata are joined to."""
     train_data_meta: Path | None = None
-    """Metadata file: a JSON list (`metadata_control.json`), JSON Lines or CSV with `file_path`, `audio_path`, `text`, `type`."""
+    """Metadata file: a JSON list (`metadata_control.json`), JSON Lines or CSV of clips
+    (`file_path`, `audio_path`, `text`, `type`)."""
     dataloader_num_workers: int = Field(0, ge=0)
     """Data loader worker processes per training process (0 = load in the training process)."""
     bad_sample_policy: Literal["skip", "fail"] = "skip"
@@ -78,9 +79,11 @@ class ModelConfig(Section):
     pretrained_model_name_or_path: Path | None = None
     """Base model folder: the original Wan2.1-I2V layout or its diffusers layout."""
     config_path: Path | None = None
-    """Model config YAML of the reference layout (where sub-models live, scheduler settings), e.g. examples/wan2.1/wan_civitai.yaml."""
+    """Model config YAML of the reference layout (where sub-models live, scheduler settings),
+    e.g. examples/wan2.1/wan_civitai.yaml."""
     transformer_path: Path | None = None
-    """Adapter (`fantasytalking_model.ckpt`, flat or ComfyUI safetensors) or a full transformer safetensors file to start from."""
+    """Start from this adapter (`fantasytalking_model.ckpt`, flat or ComfyUI safetensors)
+    or full transformer safetensors file."""
     wav2vec_path: Path | None = None
     """wav2vec2 folder (transformers layout); default: `wav2vec2-base-960h` beside or inside the base model folder."""
     trainable_modules: list[str] = Field(default_factory=lambda: ["processor.", "proj_model."])
@@ -97,13 +100,13 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _some_module_trains(self) -> ModelConfig:
         if not self.trainable_modules or any(not m for m in self.trainable_modules):
-            raise ValueError("trainable_modules must name at least one non-empty substring, e.g. processor. proj_model.")
+            raise ValueError(
+                "trainable_modules must name at least one non-empty substring, e.g. processor. proj_model."
+            )
         return self
 
 
-LrScheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
-]
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 WeightingScheme = Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
 
 

@@ -1,0 +1,165 @@
+"""Run-folder checkpoints: `checkpoint-N/` written atomically, `latest`, `meta.json`, pruning, resume.
+
+Layout of one checkpoint::
+
+    checkpoint-N/
+      meta.json                        step, epoch, config hash + the resolved config, versions
+      trainable.safetensors            the trainable weights (fp32, our parameter names)
+      fantasytalking_model.ckpt        the same adapter in the released FantasyTalking format
+      accelerate/                      accelerate state: model/optimizer shards, scheduler, RNG, sampler
+
+Every rank writes its part of the accelerate state into `.checkpoint-N.tmp/`; the main process
+then writes the weights and meta, renames the folder into place (an atomic rename on one
+filesystem) and only then rewrites `latest`. A crash at any point leaves the previous checkpoint
+and `latest` intact; leftover `.tmp` folders are ignored and cleaned on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+META_NAME = "meta.json"
+WEIGHTS_NAME = "trainable.safetensors"
+ADAPTER_CKPT_NAME = "fantasytalking_model.ckpt"
+STATE_DIR = "accelerate"
+LATEST_NAME = "latest"
+META_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from is missing, incomplete or unreadable."""
+
+
+@dataclass
+class CheckpointMeta:
+    """The small record every checkpoint carries."""
+
+    step: int
+    epoch: int
+    config_hash: str
+    config: dict[str, Any]
+    strategy: str
+    world_size: int
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = META_VERSION
+
+    def write(self, folder: Path) -> None:
+        write_text_atomic(folder / META_NAME, json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def read(cls, folder: Path) -> CheckpointMeta:
+        path = folder / META_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{folder} has no {META_NAME}: it is not a complete ftalk checkpoint") from exc
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is corrupt ({exc}); resume from an older checkpoint") from exc
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: unexpected fields ({exc}); was it written by another tool?") from exc
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and an atomic replace (fsync'd)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / f"checkpoint-{step}"
+
+
+def temp_checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / f".checkpoint-{step}.tmp"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with meta.json), oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for child in output_dir.iterdir():
+            m = CHECKPOINT_RE.match(child.name)
+            if m and child.is_dir() and (child / META_NAME).is_file():
+                found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, else the highest complete one, else None."""
+    pointer = output_dir / LATEST_NAME
+    if pointer.is_file():
+        named = output_dir / pointer.read_text().strip()
+        if (named / META_NAME).is_file():
+            return named
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
+    """Turn `--resume_from_checkpoint` into a checkpoint folder (None: start fresh)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        return latest_checkpoint(output_dir)  # nothing yet: start fresh, as the reference does
+    path = Path(resume_from)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / resume_from
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder ({path})")
+    CheckpointMeta.read(path)  # complete?
+    return path
+
+
+def finalize_checkpoint(output_dir: Path, step: int) -> Path:
+    """Main process only: move the written temporary folder into place and point `latest` at it."""
+    tmp = temp_checkpoint_dir(output_dir, step)
+    final = checkpoint_dir(output_dir, step)
+    if final.exists():  # a re-run of the same step (resumed run): replace it only now, when complete
+        old = output_dir / f".checkpoint-{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(output_dir)
+    write_text_atomic(output_dir / LATEST_NAME, final.name + "\n")
+    return final
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+    """Main process only, after a successful save: delete the oldest complete checkpoints beyond `keep`,
+    and stale temporary folders of interrupted saves."""
+    removed: list[Path] = []
+    for child in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(child, ignore_errors=True)
+    if keep is None:
+        return removed
+    found = list_checkpoints(output_dir)
+    latest = latest_checkpoint(output_dir)
+    for _, path in found[: max(0, len(found) - keep)]:
+        if path != latest:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,187 @@
+"""All distributed plumbing of ftalk: `cfg.dist` + the `accelerate launch` environment -> an `Accelerator`
+with the DeepSpeed or FSDP plugin, and the few strategy-specific operations the loop needs
+(gathering the trainable weights). No other module imports accelerate's plugins or deepspeed.
+
+What we add to accelerate's own handling of the launcher flags:
+- ZeRO: `max_grad_norm` is written into the DeepSpeed JSON's `gradient_clipping` when the JSON has
+  none (the reference never clipped under ZeRO-2 because of that), and we say so.
+- FSDP1: `use_orig_params=True` is forced, because each `AudioAttentionBlock` mixes frozen and
+  trainable parameters (without it accelerate's optimizer save fails with a KeyError).
+- FSDP: `AudioAttentionBlock` is the unit to wrap when the launcher did not name one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, ProjectConfiguration
+
+from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+WRAP_CLASS = "AudioAttentionBlock"
+
+
+class DistributedSetupError(RuntimeError):
+    """The launcher flags and the config ask for incompatible things."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What the run is: `ddp` (or single process), `zero2`, `zero3`, `fsdp` (version 1 or 2)."""
+
+    name: str
+    fsdp_version: int = 0
+    notes: tuple[str, ...] = ()
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _load_ds_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise DistributedSetupError(f"cannot read the DeepSpeed config {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise DistributedSetupError(
+            f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
+        ) from exc
+
+
+def deepspeed_config(dist: DistConfig, train: TrainConfig, stage_hint: int | None) -> tuple[dict, list[str]]:
+    """The DeepSpeed JSON to use (file from the launcher or the config), with our additions and notes."""
+    notes: list[str] = []
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    path = Path(file) if file and file != "none" else dist.deepspeed_config_file
+    if path is not None:
+        ds = _load_ds_json(path)
+    else:
+        stage = stage_hint or 2
+        ds = {
+            "zero_optimization": {"stage": stage},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+        }
+        notes.append(f"no DeepSpeed JSON given: using ZeRO-{stage} defaults")
+    if "gradient_clipping" not in ds and train.max_grad_norm > 0:
+        ds["gradient_clipping"] = train.max_grad_norm
+        notes.append(
+            f"gradient_clipping was missing from the DeepSpeed config: set to max_grad_norm={train.max_grad_norm}"
+        )
+    elif ds.get("gradient_clipping") not in (None, "auto") and float(ds["gradient_clipping"]) != train.max_grad_norm:
+        notes.append(
+            f"the DeepSpeed config's gradient_clipping={ds['gradient_clipping']} wins over "
+            f"max_grad_norm={train.max_grad_norm}"
+        )
+    precision = train.mixed_precision
+    for key in ("bf16", "fp16"):
+        ds.setdefault(key, {"enabled": key == precision})
+    return ds, notes
+
+
+def detect_strategy(dist: DistConfig) -> str:
+    """`ddp`, `zero2`, `zero3` or `fsdp`, from `dist.strategy` or what `accelerate launch` set."""
+    if dist.strategy != "auto":
+        return dist.strategy
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        stage = None
+        if file and file != "none":
+            stage = _load_ds_json(Path(file)).get("zero_optimization", {}).get("stage")
+        stage = stage if isinstance(stage, int) else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        return "zero3" if stage == 3 else "zero2"
+    if _env_true("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    return "ddp"
+
+
+def build_accelerator(
+    dist: DistConfig, train: TrainConfig, checkpoint: CheckpointConfig, log_with: str | None
+) -> tuple[Accelerator, Strategy]:
+    """The run's `Accelerator`, configured for the detected strategy."""
+    name = detect_strategy(dist)
+    notes: list[str] = []
+    ds_plugin = None
+    fsdp_plugin = None
+    fsdp_version = 0
+    if name in ("zero2", "zero3"):
+        ds, notes = deepspeed_config(dist, train, 3 if name == "zero3" else 2)
+        ds.setdefault("zero_optimization", {})["stage"] = (
+            3 if name == "zero3" else ds["zero_optimization"].get("stage", 2)
+        )
+        zero3_init = _env_true("ACCELERATE_DEEPSPEED_ZERO3_INIT") or (
+            name == "zero3" and "ACCELERATE_DEEPSPEED_ZERO3_INIT" not in os.environ
+        )
+        ds_plugin = DeepSpeedPlugin(
+            hf_ds_config=ds,
+            gradient_clipping=train.max_grad_norm if train.max_grad_norm > 0 else None,
+            zero3_init_flag=zero3_init if name == "zero3" else False,
+        )
+    elif name == "fsdp":
+        if "FSDP_VERSION" not in os.environ:
+            os.environ["FSDP_VERSION"] = str(dist.fsdp_version)
+        fsdp_plugin = FullyShardedDataParallelPlugin()
+        fsdp_version = int(fsdp_plugin.fsdp_version)
+        if fsdp_version == 1 and not fsdp_plugin.use_orig_params:
+            fsdp_plugin.use_orig_params = True
+            notes.append("FSDP1: use_orig_params forced on (blocks mix frozen and trainable parameters)")
+        if not fsdp_plugin.transformer_cls_names_to_wrap:
+            fsdp_plugin.transformer_cls_names_to_wrap = [WRAP_CLASS]
+            notes.append(f"FSDP: wrapping each {WRAP_CLASS}")
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        deepspeed_plugin=ds_plugin,
+        fsdp_plugin=fsdp_plugin,
+        log_with=None if log_with in (None, "none") else log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(checkpoint.output_dir), logging_dir=str(checkpoint.output_dir / "logs")
+        ),
+    )
+    return accelerator, Strategy(name, fsdp_version, tuple(notes))
+
+
+def gather_trainable_state(
+    accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy
+) -> dict[str, torch.Tensor]:
+    """The full fp32 trainable weights, on every rank's CPU (collective: call on all ranks).
+
+    ZeRO-1/2/3 keep fp32 masters in the optimizer: `safe_get_full_fp32_param` gathers them; FSDP2
+    holds DTensors: `full_tensor()`; FSDP1 (use_orig_params) and DDP: the unwrapped parameters,
+    gathered for FSDP1 by summoning one unit at a time.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    params = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    out: dict[str, torch.Tensor] = {}
+    if strategy.name in ("zero2", "zero3"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for n, p in params:
+            full = safe_get_full_fp32_param(p)
+            out[n] = full.detach().float().cpu().clone()
+    elif strategy.name == "fsdp" and strategy.fsdp_version == 2:
+        for n, p in params:
+            data = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[n] = data.detach().float().cpu().clone()
+    elif strategy.name == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False, rank0_only=False):
+            for n, p in accelerator.unwrap_model(model).named_parameters():
+                clean = n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+                if p.requires_grad:
+                    out[clean] = p.detach().float().cpu().clone()
+    else:
+        for n, p in params:
+            out[n] = p.detach().float().cpu().clone()
+    return out
