@@ -83,6 +83,18 @@ def deepspeed_config(dist: DistConfig, train: TrainConfig, stage_hint: int | Non
             f"the DeepSpeed config's gradient_clipping={ds['gradient_clipping']} wins over "
             f"max_grad_norm={train.max_grad_norm}"
         )
+    # accelerate cannot infer the micro batch: our sampler feeds batches, no prepared DataLoader does
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", train.train_batch_size),
+        ("gradient_accumulation_steps", train.gradient_accumulation_steps),
+    ):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise DistributedSetupError(
+                f"the DeepSpeed config sets {key}={ds[key]} but the run asks for {value}; "
+                f'set it to "auto" in the JSON or change the flag'
+            )
     precision = train.mixed_precision
     for key in ("bf16", "fp16"):
         ds.setdefault(key, {"enabled": key == precision})
