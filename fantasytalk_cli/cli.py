@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -83,26 +83,147 @@ def config_show(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
 
 @app.command("validate-metadata")
 @with_config_flags("data", "buckets")
-def validate_metadata(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
+def validate_metadata(
+    config: ConfigOpt = None,
+    json_path: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--json", help="Write every finding and each entry's probe facts to this JSON file."),
+    ] = None,
+    write_clean: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(
+            "--write-clean", help="Write the entries without errors, with probe facts, here (.json/.jsonl/.csv)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Probe processes (0 = one per CPU core, 1 = no subprocesses).")
+    ] = 0,
+    cache: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--cache", help="Probe cache file (default: .ftalk-probe-cache.jsonl beside the metadata)."),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Probe every file again; read and write no cache.")
+    ] = False,
+    hash_duplicates: Annotated[
+        bool,
+        typer.Option("--hash-duplicates", help="Also find the same video bytes under two names (reads every byte)."),
+    ] = False,
+    tokenizer: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(
+            "--tokenizer",
+            help="Tokenizer folder for exact caption token counts (default: the model's, else an estimate).",
+        ),
+    ] = None,
+    silence_db: Annotated[
+        float, typer.Option("--silence-db", help="Audio RMS below this dBFS is reported as silent.")
+    ] = -60.0,
+    audio_tolerance: Annotated[
+        float,
+        typer.Option("--audio-tolerance", min=0.0, help="Seconds audio may end before the video without an error."),
+    ] = 0.1,
+    thorough: Annotated[
+        bool,
+        typer.Option("--thorough", help="Decode the real last frame of every clip (slower: up to one GOP per clip)."),
+    ] = False,
+    *,
+    flags: dict[str, Any],
+) -> None:
     """Check every clip, audio file and caption of the metadata before a GPU hour is spent."""
-    resolve_config(config, flags)
-    not_built("validate-metadata", 3)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fantasytalk_cli.data.validate import ValidateOptions, ValidateUsageError
+    from fantasytalk_cli.data.validate import validate_metadata as run_validation
+
+    cfg = resolve_config(config, flags)
+    options = ValidateOptions(
+        json_path=json_path,
+        clean_path=write_clean,
+        workers=workers,
+        cache_path=cache,
+        use_cache=not no_cache,
+        hash_duplicates=hash_duplicates,
+        tokenizer=tokenizer,
+        silence_db=silence_db,
+        audio_short_tolerance_s=audio_tolerance,
+        thorough=thorough,
+    )
+    columns = (TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("validate", total=None)
+        try:
+            report = run_validation(
+                cfg.data,
+                cfg.buckets,
+                options,
+                model_dir=cfg.model.pretrained_model_name_or_path,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        except ValidateUsageError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(EXIT_USAGE) from exc
+    console.print(report.summary())
+    if not report.ok:
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command("plan-buckets")
-@with_config_flags("data", "buckets", "train")
-def plan_buckets(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
-    """Show the training plan: buckets, frames, tokens, steps, and what is dropped and why."""
-    resolve_config(config, flags)
-    not_built("plan-buckets", 4)
+@with_config_flags("data", "buckets", "model", "train", "checkpoint", "dist")
+def plan_buckets(
+    config: ConfigOpt = None,
+    json_path: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--json", help="Also write the report as JSON to this file."),
+    ] = None,
+    write: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--write", help="Write the plan file `ftalk train` reads (set data.bucket_plan to it)."),
+    ] = None,
+    world_size: Annotated[
+        Optional[int],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--world-size", "--world_size", min=1, help="Training processes (default: WORLD_SIZE or 1)."),
+    ] = None,
+    gpus: Annotated[
+        Optional[int],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--gpus", min=1, help="GPUs for the memory estimate (default: the world size)."),
+    ] = None,
+    gpu_memory: Annotated[
+        Optional[float],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--gpu-memory", "--gpu_memory", min=1, help="GB per GPU: flag buckets at risk of running out."),
+    ] = None,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Show the training plan: buckets, frames, tokens, steps, memory, and what is dropped and why."""
+    from fantasytalk_cli.data.plan import PlanError, make_plan_report, render_plan_report
+
+    cfg = resolve_config(config, flags)
+    try:
+        report = make_plan_report(
+            cfg, world_size=world_size, gpus=gpus, gpu_memory_gb=gpu_memory, write_path=write, json_path=json_path
+        )
+    except (PlanError, OSError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from exc
+    console.print(render_plan_report(report))
+    if not report.ok:
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command("train")
 @with_config_flags("data", "buckets", "model", "train", "checkpoint", "dist")
 def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Train the audio adapter (single process, or under `accelerate launch -m fantasytalk_cli train`)."""
-    resolve_config(config, flags)
-    not_built("train", 6)
+    cfg = resolve_config(config, flags)
+    from fantasytalk_cli.train.loop import TRAIN_ERRORS, render_summary, run_training
+
+    try:
+        summary = run_training(cfg, console)
+    except TRAIN_ERRORS as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_PROBLEMS) from exc
+    console.print(render_summary(summary))
 
 
 @app.command("convert-zero")
@@ -132,6 +253,28 @@ def make_demo_data(
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_USAGE) from exc
     console.print(report.summary())
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Base model folder to write (written atomically).")],
+    layout: Annotated[
+        Literal["original", "diffusers"],
+        typer.Option(help="original = the Wan2.1 release layout; diffusers = the -Diffusers layout."),
+    ] = "original",
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same weights in either layout.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT_DIR.")] = False,
+) -> None:
+    """Write a tiny random-weight base model (+ wav2vec2 and adapter) in the real file layout, for tests and demos."""
+    from fantasytalk_cli.models.tiny import TinyModelError
+    from fantasytalk_cli.models.tiny import make_tiny_model as write_tiny_model
+
+    try:
+        report = write_tiny_model(out_dir, layout=layout, seed=seed, overwrite=overwrite)
+    except TinyModelError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from exc
+    console.print(report.summary(), highlight=False)
 
 
 @app.command("demo")

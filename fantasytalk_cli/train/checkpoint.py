@@ -24,6 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from fantasytalk_cli.models.loaders import adapter_to_format
+from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
+from fantasytalk_cli.train.distributed import Strategy, gather_trainable_state
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 META_NAME = "meta.json"
 WEIGHTS_NAME = "trainable.safetensors"
@@ -163,3 +171,90 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- saving and restoring a training run (collective: every rank calls these) -------------------
+
+
+def install_state_hooks(accelerator: Accelerator) -> None:
+    """Plain (DDP) runs: accelerate would write the whole model (the 14B base included, the
+    reference's waste) and read it back. The trainable weights already sit in `trainable.safetensors`,
+    so accelerate skips the model and `load_training_checkpoint` restores it from that file."""
+
+    def skip_model_save(models: list, weights: list, output_dir: str) -> None:  # noqa: ARG001
+        weights.clear()
+
+    def skip_model_load(models: list, input_dir: str) -> None:  # noqa: ARG001
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(skip_model_save)
+    accelerator.register_load_state_pre_hook(skip_model_load)
+
+
+def save_training_checkpoint(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    strategy: Strategy,
+    output_dir: Path,
+    meta: CheckpointMeta,
+    total_limit: int | None,
+) -> Path:
+    """Write `checkpoint-<step>/` atomically; returns its final path (on every rank)."""
+    tmp = temp_checkpoint_dir(output_dir, meta.step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    kwargs = {"exclude_frozen_parameters": True} if strategy.name in ("zero2", "zero3") else {}
+    accelerator.save_state(str(tmp / STATE_DIR), **kwargs)
+    weights = gather_trainable_state(accelerator, model, strategy)
+    final = checkpoint_dir(output_dir, meta.step)
+    if accelerator.is_main_process:
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(meta.step)})
+        adapter = {k: v for k, v in weights.items() if is_adapter_name(k)}
+        if adapter and len(adapter) == len(weights):
+            released = adapter_to_format({k: v.to(torch.bfloat16) for k, v in adapter.items()}, "fantasytalking")
+            torch.save(released, tmp / ADAPTER_CKPT_NAME)
+        meta.write(tmp)
+        finalize_checkpoint(output_dir, meta.step)
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_checkpoint(
+    accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy, folder: Path
+) -> CheckpointMeta:
+    """Restore model, optimizer, scheduler, RNG and registered objects (sampler, counters)."""
+    meta = CheckpointMeta.read(folder)
+    if meta.world_size != accelerator.num_processes and strategy.name != "ddp":
+        raise CheckpointError(
+            f"{folder} was written by {meta.world_size} processes ({meta.strategy}); this run has "
+            f"{accelerator.num_processes}: sharded optimizer state cannot be re-split, resume with the same count"
+        )
+    state = folder / STATE_DIR
+    if strategy.name in ("zero2", "zero3"):
+        accelerator.load_state(str(state), load_module_strict=False)
+    elif strategy.name == "fsdp":
+        accelerator.load_state(str(state))
+    else:
+        accelerator.load_state(str(state))
+        _restore_plain_trainable(accelerator, model, folder)
+    return meta
+
+
+def _restore_plain_trainable(accelerator: Accelerator, model: torch.nn.Module, folder: Path) -> None:
+    """DDP: the trainable weights come from `trainable.safetensors`, which must name exactly them."""
+    saved = load_file(str(folder / WEIGHTS_NAME))
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(saved))
+    unexpected = sorted(set(saved) - set(trainable))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder / WEIGHTS_NAME} does not match this run's trainable parameters: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (was --trainable_modules changed?)"
+        )
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name].to(param.dtype))

@@ -11,12 +11,15 @@ The terms (per device, N = number of devices):
   and moments, zero3/fsdp shard all three; ddp also keeps 4 B/param gradient buckets for all-reduce;
 - frozen encoders (umT5-XXL, CLIP ViT-H/14, Wan VAE, wav2vec2) in the weight dtype, unless `low_vram`
   (then they sit in CPU memory between uses);
-- activations saved for backward: per token per block 12*D (the three fp32 LayerNorm inputs) +
-  16*p*D (attention/cross-attention/FFN inputs and outputs) + 2*p*F (FFN hidden before and after GELU),
-  p = compute dtype bytes; all blocks without gradient checkpointing, else one p*D block input per block
-  plus one recomputed block; plus backward working memory, the per-sample cross-attention context and,
-  with `attention_impl="math"`, the B*heads*S^2 attention probabilities (flash / memory-efficient SDPA
-  never materialise them; torch's CPU SDPA uses a flash kernel too);
+- activations saved for backward, per token per block (p = compute dtype bytes, measured on the diffusers
+  Wan block with `saved_tensors_hooks`, see tests/test_memory.py): 24*D (six fp32 D-wide tensors: the three
+  LayerNorm inputs and the q/k RMSNorm inputs, which autocast and the norms keep in fp32) + 8*p*D (q, k, v
+  and the outputs of the self, text, image and audio attention, and the per-frame audio query) + p*F (the
+  FFN hidden) + 16*heads (SDPA log-sum-exps) + 36 (norm statistics); all blocks without gradient
+  checkpointing, else one p*D block input per block plus one recomputed block; plus backward working
+  memory, the per-sample cross-attention context and, with `attention_impl="math"`, the B*heads*S^2
+  attention probabilities (flash / memory-efficient SDPA never materialise them; torch's CPU SDPA uses a
+  flash kernel too);
 - runtime overhead (CUDA context and workspaces, or the Python process with torch and diffusers loaded).
 """
 
@@ -337,10 +340,9 @@ def _dtype_bytes(mixed_precision: str) -> tuple[int, str]:
 
 
 def activation_bytes_per_token_layer(config: Mapping[str, Any], compute_bytes: int) -> int:
-    """Bytes autograd keeps per token per Wan block (flash attention): 12*D + 16*p*D + 2*p*F + the SDPA
-    log-sum-exps (4 attention calls x heads x 4 B)."""
+    """Bytes autograd keeps per token per Wan block (flash attention): 24*D + 8*p*D + p*F + 16*heads + 36."""
     d = TransformerDims.from_config(config)
-    return 12 * d.dim + 16 * compute_bytes * d.dim + 2 * compute_bytes * d.ffn + 4 * d.heads * 4
+    return 24 * d.dim + 8 * compute_bytes * d.dim + compute_bytes * d.ffn + 16 * d.heads + 36
 
 
 def estimate_memory(
@@ -382,14 +384,12 @@ def estimate_memory(
     sharded = strategy in ("zero3", "fsdp")
     terms: list[MemoryTerm] = []
 
-    where = f"sharded over {n} GPUs ({strategy})" if sharded else f"replicated on every GPU ({strategy})"
-    div = n if sharded else 1
+    where = f" / {n} GPUs, sharded ({strategy})" if sharded else f", replicated on every GPU ({strategy})"
     terms.append(
         MemoryTerm(
             "frozen DiT weights",
-            f"{frozen:,} params x {wb} B ({wname}) = {frozen * wb / GB:.1f} GB, {where}"
-            + (f" / {n}" if sharded else ""),
-            frozen * wb // div,
+            f"{frozen:,} params x {wb} B ({wname}) = {frozen * wb / GB:.1f} GB{where}",
+            frozen * wb // (n if sharded else 1),
         )
     )
     if sharded and n > 1:
@@ -432,7 +432,7 @@ def estimate_memory(
         terms.append(MemoryTerm("frozen encoders", f"({listed}) params x {wb} B", enc_params * wb))
 
     per_layer = activation_bytes_per_token_layer(config, p)
-    formula_tok = f"(12*{d.dim} + 16*{p}*{d.dim} + 2*{p}*{d.ffn} + 16*{d.heads}) = {per_layer:,} B/token/layer"
+    formula_tok = f"(24*{d.dim} + 8*{p}*{d.dim} + {p}*{d.ffn} + 16*{d.heads} + 36) = {per_layer:,} B/token/layer"
     t_lat = latent_frames(f)
     ctx = sum(context_tokens)
     # per sample per block: cross-attention context keys/values (+ pre-norm keys) and the audio windows' k/v

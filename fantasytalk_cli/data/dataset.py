@@ -1,0 +1,145 @@
+"""The training dataset: one `PlannedBatch` in, one model-ready batch out.
+
+The sampler decides every batch's shape (bucket height, width, frames); the dataset reads exactly the
+planned frames with decord, resizes to cover and centre-crops into the bucket, and cuts the audio to
+exactly the sampled frames' time span. Used with `DataLoader(dataset, sampler=batch_sampler,
+batch_size=None)`, so workers receive whole planned batches.
+
+A clip that fails to load is never retried: with policy `skip` it leaves the batch and is reported
+in `failures` (the loop logs, counts and bounds them); with `fail` the error names the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fantasytalk_cli.data.buckets import clip_window, cover_crop
+from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
+from fantasytalk_cli.data.plan import BucketPlan
+from fantasytalk_cli.data.sampler import PlannedBatch
+from fantasytalk_cli.models.audio import SAMPLE_RATE, cut_audio_to_frames, load_audio
+
+
+class SampleError(RuntimeError):
+    """A clip of the metadata cannot be turned into a training sample."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One skipped sample: which entry, which file, why."""
+
+    index: int
+    path: str
+    reason: str
+
+
+def read_frames(path: Path, indices: Sequence[int]) -> np.ndarray:
+    """Decode exactly `indices` (uint8 [F, H, W, 3]) with decord, the decoder validation probed with."""
+    import decord
+
+    reader = decord.VideoReader(str(path), num_threads=1)
+    if max(indices) >= len(reader):
+        raise SampleError(f"{path}: needs frame {max(indices)} but decodes only {len(reader)} frames")
+    return reader.get_batch(list(indices)).asnumpy()
+
+
+def to_bucket(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float [3, F, height, width] in [-1, 1]: resize to cover, centre crop."""
+    box = cover_crop(frames.shape[1], frames.shape[2], height, width)
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [F, 3, H, W]
+    if (box.resize_height, box.resize_width) != tuple(video.shape[-2:]):
+        video = F.interpolate(video, size=(box.resize_height, box.resize_width), mode="bilinear", antialias=True)
+    video = video[:, :, box.top : box.top + height, box.left : box.left + width]
+    return (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+class ClipBatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by `PlannedBatch` (see module docstring)."""
+
+    def __init__(
+        self,
+        entries: Sequence[MetadataEntry],
+        plan: BucketPlan,
+        data_dir: Path | None,
+        *,
+        seed: int,
+        policy: str = "skip",
+    ) -> None:
+        if len(entries) != plan.num_samples:
+            raise SampleError(f"the plan covers {plan.num_samples} entries but the metadata has {len(entries)}")
+        missing = [e.index for e in entries if e.probe is None]
+        if missing:
+            raise SampleError(
+                f"metadata entries {missing[:5]} carry no probe facts: run `ftalk validate-metadata --write-clean`"
+            )
+        self.entries = entries
+        self.stride = plan.stride
+        self.data_dir = data_dir
+        self.seed = seed
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load_sample(self, index: int, batch: PlannedBatch) -> dict[str, Any]:
+        """Frames, audio and caption of entry `index` cropped to the batch's planned shape."""
+        entry = self.entries[index]
+        probe = entry.probe
+        assert probe is not None  # checked in __init__
+        window = clip_window(
+            probe.num_frames,
+            probe.fps,
+            batch.frames,
+            int(self.stride[index]),
+            seed=self.seed,
+            epoch=batch.epoch,
+            index=index,
+        )
+        video_path = resolve_media_path(self.data_dir, entry.file_path)
+        audio_path = resolve_media_path(self.data_dir, entry.audio_path)
+        pixels = to_bucket(read_frames(video_path, window.frame_indices), batch.height, batch.width)
+        try:
+            audio = cut_audio_to_frames(
+                load_audio(audio_path), SAMPLE_RATE, window.start_frame, window.num_frames, window.stride, window.fps
+            )
+        except ValueError as exc:
+            raise SampleError(f"{audio_path}: {exc}") from exc
+        return {"pixels": pixels, "audio": torch.from_numpy(audio), "text": entry.text, "index": index}
+
+    def __getitem__(self, batch: PlannedBatch) -> dict[str, Any]:
+        samples: list[dict[str, Any]] = []
+        failures: list[Failure] = []
+        for index in batch:
+            try:
+                samples.append(self.load_sample(index, batch))
+            except Exception as exc:  # noqa: BLE001 (any decoder/IO error of one clip)
+                entry = self.entries[index]
+                if self.policy == "fail":
+                    raise SampleError(
+                        f"entry {index} ({entry.file_path}): {exc}; fix or drop it (`ftalk validate-metadata`), "
+                        "or train with --bad_sample_policy skip"
+                    ) from exc
+                failures.append(Failure(index, entry.file_path, f"{type(exc).__name__}: {exc}"))
+        return collate(samples, batch, failures)
+
+
+def collate(samples: list[dict[str, Any]], batch: PlannedBatch, failures: list[Failure]) -> dict[str, Any]:
+    """Stack one planned batch. Audio lengths differ when fps differ: each clip keeps its own samples
+    (the step encodes them one by one), so nothing is padded or cut."""
+    return {
+        "pixels": torch.stack([s["pixels"] for s in samples]) if samples else None,
+        "audio": [s["audio"] for s in samples],
+        "text": [s["text"] for s in samples],
+        "indices": [s["index"] for s in samples],
+        "shape": (batch.height, batch.width, batch.frames),
+        "epoch": batch.epoch,
+        "number": batch.number,
+        "failures": failures,
+    }

@@ -1,0 +1,430 @@
+"""`ftalk train`: the training loop. Linear on purpose; the domain math lives in `step.training_step`,
+the distributed set-up in `distributed`, the checkpoint files in `checkpoint`."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fantasytalk_cli import __version__
+from fantasytalk_cli.config.load import config_diff, config_hash, config_to_yaml
+from fantasytalk_cli.config.schema import FtalkConfig
+from fantasytalk_cli.config.wan_yaml import load_wan_yaml
+from fantasytalk_cli.data.dataset import ClipBatchDataset
+from fantasytalk_cli.data.metadata import load_entries
+from fantasytalk_cli.data.plan import load_plan_checked
+from fantasytalk_cli.data.sampler import BucketBatchSampler
+from fantasytalk_cli.train.checkpoint import (
+    CheckpointMeta,
+    install_state_hooks,
+    load_training_checkpoint,
+    resolve_resume,
+    save_training_checkpoint,
+)
+from fantasytalk_cli.train.distributed import build_accelerator
+from fantasytalk_cli.train.flow import FlowSchedule
+from fantasytalk_cli.train.model_setup import load_training_models
+from fantasytalk_cli.train.step import StepContext, training_step
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    """Counters that checkpoints carry besides model and optimizer (registered with accelerate)."""
+
+    sampler: BucketBatchSampler
+    step: int = 0
+    micro_step: int = 0
+    epoch: int = 0
+    consumed: int = 0
+    """Batches of the current epoch trained on (the loader may have prefetched more)."""
+    nonfinite_skipped: int = 0
+    bad_samples: int = 0
+    outliers: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        counters = {k: getattr(self, k) for k in ("step", "micro_step", "epoch", "consumed")}
+        counters |= {k: getattr(self, k) for k in ("nonfinite_skipped", "bad_samples", "outliers")}
+        return {"counters": counters, "sampler": self.sampler.state_dict(consumed=self.consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state["counters"].items():
+            setattr(self, key, int(value))
+        self.sampler.load_state_dict(state["sampler"])
+
+
+@dataclass
+class TrainSummary:
+    output_dir: Path
+    steps: int
+    epochs_started: int
+    losses: list[float] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    stopped_by: str | None = None
+    nonfinite_skipped: int = 0
+    bad_samples: int = 0
+    outliers: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT: finish the step, save, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSummary:
+    """Train per `cfg`; returns what happened. Raises `TrainingError` with a user-facing message."""
+    console = console or Console()
+    t_start = time.perf_counter()
+    train, ckpt = cfg.train, cfg.checkpoint
+    accelerator, strategy = build_accelerator(cfg.dist, train, ckpt, train.report_to)
+    main = accelerator.is_main_process
+    say = console.print if main else (lambda *a, **k: None)
+    for note in strategy.notes:
+        say(f"[yellow]note:[/] {note}")
+    set_seed(train.seed or 0)
+
+    # Run folder: the resolved config goes in first, so a run is always explainable.
+    out = ckpt.output_dir
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(cfg))
+
+    # Data: metadata with probe facts, the plan `plan-buckets` showed, the sampler that follows it.
+    if cfg.data.train_data_meta is None:
+        raise TrainingError(
+            "--train_data_meta is required (the metadata file, ideally `validate-metadata --write-clean`)"
+        )
+    entries = load_entries(cfg.data.train_data_meta)
+    plan, warnings = load_plan_checked(
+        cfg.data.bucket_plan, cfg, cfg.data.train_data_meta, world_size=accelerator.num_processes
+    )
+    for warning in warnings:
+        say(f"[yellow]plan:[/] {warning}")
+    sampler = BucketBatchSampler(
+        plan,
+        batch_size=train.train_batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=train.seed or 0,
+    )
+    if len(sampler) == 0:
+        raise TrainingError(
+            f"no full batch of {train.train_batch_size} x {accelerator.num_processes} processes in any bucket: "
+            "run `ftalk plan-buckets` to see why (too few clips per bucket, or all dropped)"
+        )
+    dataset = ClipBatchDataset(
+        entries, plan, cfg.data.train_data_dir, seed=train.seed or 0, policy=cfg.data.bad_sample_policy
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=cfg.data.dataloader_num_workers,
+        persistent_workers=False,
+    )
+
+    # Models: frozen base + encoders in the low precision, the adapter in fp32.
+    models = load_training_models(cfg.model, train, device=accelerator.device, uniform_dtype=strategy.name == "fsdp")
+    for note in models.notes:
+        say(f"model: {note}")
+    transformer = models.transformer
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
+    max_steps = train.max_train_steps or train.num_train_epochs * steps_per_epoch
+    # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
+    lr_scheduler = get_scheduler(
+        train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    if strategy.name == "ddp":
+        install_state_hooks(accelerator)
+    state = RunState(sampler)
+    accelerator.register_for_checkpointing(state)
+
+    # Resume: everything restored, a changed config reported key by key.
+    resume = resolve_resume(out, ckpt.resume_from_checkpoint)
+    if resume is not None:
+        meta = load_training_checkpoint(accelerator, transformer, strategy, resume)
+        current = cfg.model_dump(mode="json")
+        changed = [line for line in config_diff(meta.config, current) if not line.startswith("checkpoint.")]
+        say(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.consumed})")
+        for line in changed:
+            say(f"[yellow]config changed since the checkpoint:[/] {line}")
+
+    schedule = FlowSchedule(**_schedule_kwargs(cfg))
+    ctx = StepContext(
+        train=train,
+        model_cfg=cfg.model,
+        sigmas=schedule.sigmas(),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        device=accelerator.device,
+        dtype=models.frozen_dtype if strategy.name != "fsdp" else torch.float32,
+        autocast=accelerator.autocast,
+    )
+    if train.report_to != "none":
+        accelerator.init_trackers("ftalk", config=_flat_config(cfg))
+    summary = TrainSummary(out, state.step, state.epoch, notes=list(models.notes))
+    if main:
+        say(
+            f"training {max_steps} steps ({steps_per_epoch} per epoch), strategy {strategy.name}, "
+            f"{accelerator.num_processes} process(es), {models.trainable_parameters:,} trainable parameters"
+        )
+
+    def save() -> None:
+        meta = CheckpointMeta(
+            step=state.step,
+            epoch=state.epoch,
+            config_hash=config_hash(cfg),
+            config=cfg.model_dump(mode="json"),
+            strategy=strategy.name if not strategy.fsdp_version else f"fsdp{strategy.fsdp_version}",
+            world_size=accelerator.num_processes,
+            versions=_versions(),
+        )
+        summary.checkpoints.append(
+            save_training_checkpoint(accelerator, transformer, strategy, out, meta, ckpt.checkpoints_total_limit)
+        )
+        say(f"saved {summary.checkpoints[-1]}")
+
+    consecutive_bad = 0
+    window_finite = True
+    wait_s = compute_s = 0.0
+    samples_seen = tokens_seen = 0
+    last_saved = state.step if resume is not None else -1
+    progress = Progress(
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not main,
+    )
+    with _StopFlag() as stop, progress:
+        task = progress.add_task("train", total=max_steps, completed=state.step, info="")
+        while state.step < max_steps:
+            sampler.set_epoch(state.epoch)
+            t_wait = time.perf_counter()
+            for batch in loader:
+                t_got = time.perf_counter()
+                wait_s += t_got - t_wait
+
+                # A broken clip left its batch: count it, bound the fraction, keep going.
+                for failure in batch["failures"]:
+                    state.bad_samples += 1
+                    say(f"[yellow]skipped[/] entry {failure.index} ({failure.path}): {failure.reason}")
+                if state.bad_samples > cfg.data.max_bad_sample_fraction * max(len(entries), 1):
+                    raise TrainingError(
+                        f"{state.bad_samples} clips failed to load, more than max_bad_sample_fraction="
+                        f"{cfg.data.max_bad_sample_fraction} of {len(entries)}: run `ftalk validate-metadata`"
+                    )
+                # Every rank must step together: if any rank lost its whole batch, all skip it.
+                has_data = torch.tensor(float(batch["pixels"] is not None), device=accelerator.device)
+                if accelerator.reduce(has_data, reduction="sum").item() < accelerator.num_processes:
+                    state.consumed += 1
+                    t_wait = time.perf_counter()
+                    continue
+
+                with accelerator.accumulate(transformer):
+                    out_step = training_step(transformer, models.encoders, models.wav2vec, batch, ctx, state.micro_step)
+                    finite = torch.tensor(float(torch.isfinite(out_step.loss).item()), device=accelerator.device)
+                    finite = accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
+                    window_finite &= finite
+                    if finite:  # a NaN/inf loss is never backpropagated (on any rank)
+                        accelerator.backward(out_step.loss)
+                        if accelerator.sync_gradients and train.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(transformer.parameters(), train.max_grad_norm)
+                    if accelerator.sync_gradients and window_finite:
+                        optimizer.step()
+                    if accelerator.sync_gradients:
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.micro_step += 1
+                state.consumed += 1
+                state.outliers += out_step.outliers
+                samples_seen += out_step.samples * accelerator.num_processes
+                tokens_seen += out_step.tokens * accelerator.num_processes
+                compute_s += time.perf_counter() - t_got
+
+                if accelerator.sync_gradients:
+                    state.step += 1
+                    loss = accelerator.reduce(out_step.loss.detach(), reduction="mean").item()
+                    if window_finite:
+                        consecutive_bad = 0
+                        summary.losses.append(loss)
+                    else:
+                        consecutive_bad += 1
+                        state.nonfinite_skipped += 1
+                        say(f"[yellow]step {state.step}: non-finite loss, update skipped[/]")
+                        if consecutive_bad >= train.max_consecutive_nonfinite:
+                            raise TrainingError(
+                                f"{consecutive_bad} steps in a row had a NaN/inf loss: lower --learning_rate, "
+                                "check the data (`ftalk validate-metadata`), or resume from an earlier checkpoint"
+                            )
+                    window_finite = True
+                    elapsed = max(wait_s + compute_s, 1e-9)
+                    lr = lr_scheduler.get_last_lr()[0]
+                    logs = {
+                        "loss": loss,
+                        "lr": lr,
+                        "samples_per_s": samples_seen / elapsed,
+                        "tokens_per_s": tokens_seen / elapsed,
+                        "data_wait_share": wait_s / elapsed,
+                    }
+                    if train.report_to != "none":
+                        accelerator.log(logs, step=state.step)
+                    info = (
+                        f"loss {loss:.4f}  lr {lr:.2e}  {logs['samples_per_s']:.2f} samples/s  "
+                        f"{logs['tokens_per_s']:.0f} tok/s  data wait {logs['data_wait_share']:.0%}"
+                    )
+                    progress.update(task, completed=state.step, info=info)
+
+                    stop_now = torch.tensor(float(stop.signal is not None), device=accelerator.device)
+                    stopping = accelerator.reduce(stop_now, reduction="sum").item() > 0
+                    if state.step % ckpt.checkpointing_steps == 0 or stopping or state.step >= max_steps:
+                        save()
+                        last_saved = state.step
+                    if stopping:
+                        summary.stopped_by = stop.signal or "signal on another rank"
+                        break
+                    if state.step >= max_steps:
+                        break
+                t_wait = time.perf_counter()
+            else:  # the epoch ran out: next epoch
+                state.epoch += 1
+                state.consumed = 0
+                continue
+            break
+    if last_saved != state.step:
+        save()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary.steps = state.step
+    summary.epochs_started = state.epoch + 1
+    summary.nonfinite_skipped = state.nonfinite_skipped
+    summary.bad_samples = state.bad_samples
+    summary.outliers = state.outliers
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _schedule_kwargs(cfg: FtalkConfig) -> dict[str, Any]:
+    sched = load_wan_yaml(cfg.model.config_path).scheduler_kwargs
+    return {"num_train_timesteps": sched.num_train_timesteps, "shift": sched.shift}
+
+
+def _flat_config(cfg: FtalkConfig) -> dict[str, Any]:
+    """TensorBoard hparams take scalars only."""
+    flat: dict[str, Any] = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import transformers
+
+    return {
+        "ftalk": __version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _train_errors() -> tuple[type[BaseException], ...]:
+    from fantasytalk_cli.config.load import ConfigError
+    from fantasytalk_cli.data.dataset import SampleError
+    from fantasytalk_cli.data.metadata import MetadataError
+    from fantasytalk_cli.data.plan import PlanError
+    from fantasytalk_cli.models.loaders import ModelLoadError
+    from fantasytalk_cli.train.checkpoint import CheckpointError
+    from fantasytalk_cli.train.distributed import DistributedSetupError
+    from fantasytalk_cli.train.model_setup import ModelSetupError
+
+    return (
+        TrainingError,
+        ConfigError,
+        SampleError,
+        MetadataError,
+        PlanError,
+        ModelLoadError,
+        CheckpointError,
+        DistributedSetupError,
+        ModelSetupError,
+    )
+
+
+TRAIN_ERRORS = _train_errors()
+"""Errors with a user-facing message (the CLI prints them and exits 1, no traceback)."""
+
+
+def render_summary(summary: TrainSummary) -> Table:
+    """The end-of-run table."""
+    table = Table(title="training summary", show_header=False)
+    first = f"{summary.losses[0]:.4f}" if summary.losses else "-"
+    last = f"{summary.losses[-1]:.4f}" if summary.losses else "-"
+    rows = [
+        ("run folder", str(summary.output_dir)),
+        ("optimizer steps", str(summary.steps)),
+        ("loss first -> last", f"{first} -> {last}"),
+        ("checkpoints", ", ".join(p.name for p in summary.checkpoints) or "-"),
+        ("stopped by", summary.stopped_by or "-"),
+        ("non-finite steps skipped", str(summary.nonfinite_skipped)),
+        ("clips skipped (failed to load)", str(summary.bad_samples)),
+        ("loss elements over the outlier guard", str(summary.outliers)),
+        ("wall time", f"{summary.seconds:.1f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,111 @@
+"""Load what a training run needs: the transformer (frozen base + trainable adapter, in the right
+dtypes), the frozen encoders and wav2vec2, from `cfg.model`.
+
+Precision: frozen weights in the mixed-precision dtype (bf16), trainable weights in fp32 (the
+reference updates bf16 weights directly). FSDP flattens each unit's parameters together and needs one
+dtype per unit, so under FSDP the base stays fp32 and FSDP's mixed-precision policy computes in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
+from fantasytalk_cli.config.wan_yaml import load_wan_yaml
+from fantasytalk_cli.models.audio import Wav2Vec2Features
+from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
+from fantasytalk_cli.models.loaders import load_adapter_or_transformer, load_transformer, read_adapter_file
+from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WAV2VEC_DIR = "wav2vec2-base-960h"
+
+
+class ModelSetupError(RuntimeError):
+    """The model config points at something that cannot be loaded for training."""
+
+
+@dataclass
+class TrainingModels:
+    transformer: FantasyTalkingTransformer
+    encoders: FrozenEncoders
+    wav2vec: Wav2Vec2Features
+    trainable_parameters: int
+    frozen_dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+
+def find_wav2vec(model: ModelConfig) -> Path:
+    """`--wav2vec_path`, else `wav2vec2-base-960h/` inside or beside the base model folder."""
+    if model.wav2vec_path is not None:
+        return model.wav2vec_path
+    base = model.pretrained_model_name_or_path
+    assert base is not None
+    for candidate in (base / WAV2VEC_DIR, base.parent / WAV2VEC_DIR):
+        if candidate.is_dir():
+            return candidate
+    raise ModelSetupError(
+        f"no wav2vec2 folder found: looked for {base / WAV2VEC_DIR} and {base.parent / WAV2VEC_DIR}; "
+        "pass --wav2vec_path (a local facebook/wav2vec2-base-960h download)"
+    )
+
+
+def adapter_dims(wav2vec_dir: Path, adapter_path: Path | None) -> dict[str, int]:
+    """The adapter's sizes: input = the wav2vec2 width (768 for base-960h), projection = what the adapter
+    file holds (2048 in the release), else FantasyTalking's default."""
+    config = json.loads((wav2vec_dir / "config.json").read_text())
+    dims = {"audio_in_dim": int(config["hidden_size"])}
+    if adapter_path is not None:
+        _, source = read_adapter_file(adapter_path)
+        for name in ("proj_model.proj.weight",):
+            if name in source.shapes:
+                dims["audio_proj_dim"] = int(source.shapes[name][0])
+    return dims
+
+
+def load_training_models(
+    model: ModelConfig, train: TrainConfig, *, device: torch.device, uniform_dtype: bool
+) -> TrainingModels:
+    """Everything built on the CPU (the accelerator placement is accelerate's job), encoders on
+    `device` unless `low_vram`. `uniform_dtype`: keep the whole transformer in fp32 (FSDP)."""
+    if model.pretrained_model_name_or_path is None:
+        raise ModelSetupError("--pretrained_model_name_or_path is required: the Wan2.1-I2V base model folder")
+    base = model.pretrained_model_name_or_path
+    wan_yaml = load_wan_yaml(model.config_path)
+    frozen = DTYPES[train.mixed_precision]
+    notes: list[str] = []
+    wav2vec_dir = find_wav2vec(model)
+    transformer = load_transformer(
+        base,
+        dtype=torch.float32 if uniform_dtype else frozen,
+        wan_yaml=wan_yaml,
+        adapter_dtype=torch.float32,
+        **adapter_dims(wav2vec_dir, model.transformer_path),
+    )
+    if model.transformer_path is not None:
+        notes.append(load_adapter_or_transformer(model.transformer_path, transformer).summary())
+    count = set_trainable(transformer, model.trainable_modules)
+    for param in transformer.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()  # trainable weights and their optimizer state stay fp32
+    if model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    wav2vec = Wav2Vec2Features.from_pretrained(wav2vec_dir, dtype=torch.float32)
+    encoders = load_frozen_encoders(
+        base,
+        dtype=frozen,
+        wan_yaml=wan_yaml,
+        vae_mini_batch=model.vae_mini_batch,
+        device=device,
+        low_vram=model.low_vram,
+        vae_dtype=torch.float32,
+    )
+    if not model.low_vram:
+        wav2vec.to(device)
+    notes.append(f"trainable: {count:,} parameters matching {model.trainable_modules}")
+    return TrainingModels(transformer, encoders, wav2vec, count, frozen, notes)

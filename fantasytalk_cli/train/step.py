@@ -1,0 +1,139 @@
+"""One training step of FantasyTalking (REFERENCE.md section 3), in one readable function.
+
+Conditioning: VAE latents of the clip (posterior sample, as the reference trains), the I2V condition
+y = [4 mask channels ; VAE(first frame, zeros)], umT5 text, CLIP of frame 0, wav2vec2 audio. Dropout
+of text / image / audio conditions per sample. Flow matching with the shifted schedule; timesteps
+drawn identically on every rank so `uniform_sampling` stratifies the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
+from fantasytalk_cli.models.audio import Wav2Vec2Features
+from fantasytalk_cli.models.encoders import FrozenEncoders
+from fantasytalk_cli.train.flow import (
+    add_noise,
+    flow_matching_loss,
+    i2v_mask,
+    loss_weights,
+    sample_timestep_indices,
+)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a step needs besides the model and the batch."""
+
+    train: TrainConfig
+    model_cfg: ModelConfig
+    sigmas: torch.Tensor
+    """Shifted schedule, noisiest first (float64)."""
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    """Dtype of the conditioning tensors fed to the transformer."""
+    autocast: Callable[[], Any]
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    outliers: int
+    elements: int
+    samples: int
+    tokens: int
+
+
+def _generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """(shared, local): `shared` is the same on every rank (timesteps), `local` differs (noise, dropout)."""
+
+    def make(*keys: int) -> torch.Generator:  # SeedSequence: stable across processes (unlike hash())
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, *keys]).generate_state(1)[0]))
+
+    return make(0), make(1, rank)
+
+
+def audio_features(wav2vec: Wav2Vec2Features, clips: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """wav2vec2 features [B, L, C] of clips of different lengths: each encoded on its own (no padding,
+    wav2vec2-base has no mask), then resampled in time to the longest so windows stay proportional."""
+    feats = [wav2vec(clip.numpy()).to(device) for clip in clips]
+    longest = max(f.shape[1] for f in feats)
+    same = [
+        f if f.shape[1] == longest else F.interpolate(f.transpose(1, 2), size=longest, mode="linear").transpose(1, 2)
+        for f in feats
+    ]
+    return torch.cat(same).float()
+
+
+def training_step(
+    model: torch.nn.Module,
+    encoders: FrozenEncoders,
+    wav2vec: Wav2Vec2Features,
+    batch: dict[str, Any],
+    ctx: StepContext,
+    step: int,
+) -> StepOutput:
+    """Loss of one micro-batch (not yet backpropagated)."""
+    cfg = ctx.train
+    shared, local = _generators(cfg.seed or 0, step, ctx.rank)
+    pixels = batch["pixels"].to(ctx.device)
+    bsz, _, frames, height, width = pixels.shape
+
+    # Per-sample condition dropout (classifier-free guidance for text, image and audio).
+    drop = torch.rand(3, bsz, generator=local)
+    drop_text = drop[0] < cfg.text_dropout
+    drop_image = drop[1] < cfg.image_dropout
+    drop_audio = drop[2] < cfg.audio_dropout
+
+    with torch.no_grad(), encoders.on(ctx.device):
+        latents = encoders.vae.encode(pixels, sample=True, generator=local)  # [B, 16, T, h, w]
+        first_only = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
+        first_latents = encoders.vae.encode(first_only, sample=False)
+        mask = i2v_mask(frames, latents.shape[-2], latents.shape[-1], device=ctx.device)
+        y = torch.cat([mask.unsqueeze(0).expand(bsz, -1, -1, -1, -1), first_latents], dim=1)
+        captions = ["" if d else t for d, t in zip(drop_text.tolist(), batch["text"], strict=True)]
+        text = encoders.text.encode(captions)
+        image = encoders.image.encode(pixels[:, :, 0])
+        image = image * (~drop_image).to(image.dtype).to(ctx.device).view(-1, 1, 1)
+        audio = audio_features(wav2vec, batch["audio"], ctx.device)
+
+    idx = sample_timestep_indices(
+        global_batch=bsz * ctx.world_size,
+        rank=ctx.rank,
+        local_batch=bsz,
+        num_train_timesteps=ctx.sigmas.numel(),
+        uniform_sampling=cfg.uniform_sampling,
+        scheme=cfg.weighting_scheme,
+        generator=shared,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+        mode_scale=cfg.mode_scale,
+    )
+    sigmas = ctx.sigmas[idx]
+    noise = torch.randn(latents.shape, generator=local).to(ctx.device)
+    noisy = add_noise(latents, noise, sigmas.to(ctx.device))
+    audio_scale = torch.where(drop_audio, 0.0, ctx.model_cfg.audio_scale).to(ctx.device)
+
+    with ctx.autocast():
+        pred = model(
+            hidden_states=torch.cat([noisy, y], dim=1).to(ctx.dtype),
+            timestep=(sigmas * 1000).to(ctx.device, torch.float32),
+            encoder_hidden_states=text.to(ctx.dtype),
+            encoder_hidden_states_image=image.to(ctx.dtype),
+            audio_features=audio.to(ctx.dtype),
+            audio_scale=audio_scale,
+        )[0]
+    result = flow_matching_loss(
+        pred, noise - latents, loss_weights(sigmas, cfg.weighting_scheme).to(ctx.device), cfg.loss_outlier_threshold
+    )
+    tokens = latents.shape[2] * (height // 16) * (width // 16) * bsz
+    return StepOutput(result.loss, result.outliers, result.elements, bsz, tokens)
