@@ -1,0 +1,138 @@
+"""Peak memory of loading the DiT from the original sharded layout, against the size of the weights.
+
+Writes a mid-size FantasyTalking DiT (a wider/shallower Wan config, ~1.6 GB of float32 base weights) in the original
+Wan layout (original key names, 7 shards + index, Wan ``config.json``) to a temporary folder, then loads it with
+`load_transformer` in a fresh subprocess per dtype and reads that process's peak RSS (``ru_maxrss``). The figure
+that matters is the growth over the process's RSS just before loading, divided by the loaded model's bytes: about
+1.0 means one copy of the model (built on meta, filled shard by shard), 2.0 would mean a full state dict plus a model.
+
+Run: ``.venv/bin/python bench/load.py [--layers 20 --dim 1024 --ffn 4096 --shards 7]``. Target: ratio <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fantasytalk_cli.models.loaders import DIT_SHARD_PREFIX, build_empty, model_shapes
+from fantasytalk_cli.models.state_dict_adapters import dit_name_to_original, is_adapter_name
+
+GIB = 1024**3
+
+_CHILD = r"""
+import json, resource, sys, time
+import psutil, torch
+from fantasytalk_cli.models.loaders import load_transformer
+import fantasytalk_cli.models.transformer  # imports done before the baseline is taken
+folder, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+before = psutil.Process().memory_info().rss
+start = time.perf_counter()
+model = load_transformer(folder, dtype=dtype)
+seconds = time.perf_counter() - start
+tensors = list(model.parameters()) + list(model.buffers())
+checksum = sum(float(t.float().sum()) for t in tensors)  # touch every page: lazily mapped weights count too
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+print(json.dumps({"before": before, "peak": peak, "seconds": seconds, "model": model_bytes}))
+"""
+
+
+def wan_config(dim: int, layers: int, ffn: int) -> dict[str, object]:
+    """The original ``config.json`` of the bench DiT (Wan's own keys; heads of 128 as in the 14B)."""
+    return {
+        "_class_name": "WanModel",
+        "dim": dim,
+        "eps": 1e-6,
+        "ffn_dim": ffn,
+        "freq_dim": 256,
+        "in_dim": 36,
+        "model_type": "i2v",
+        "num_heads": dim // 128,
+        "num_layers": layers,
+        "out_dim": 16,
+        "text_len": 512,
+    }
+
+
+def write_model(folder: Path, dim: int, layers: int, ffn: int, shards: int) -> int:
+    """Write the base DiT (random float32, original names) shard by shard; returns the bytes of weights written."""
+    from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+
+    kwargs = {
+        "num_attention_heads": dim // 128,
+        "attention_head_dim": 128,
+        "in_channels": 36,
+        "out_channels": 16,
+        "ffn_dim": ffn,
+        "num_layers": layers,
+        "image_dim": 1280,
+        "added_kv_proj_dim": dim,
+    }
+    shapes, _ = model_shapes(build_empty(lambda: FantasyTalkingTransformer(**kwargs)))
+    names = sorted((dit_name_to_original(n), s) for n, s in shapes.items() if not is_adapter_name(n))
+    total = sum(math.prod(s) * 4 for _, s in names)
+    budget, shard, weight_map, part, size = total / shards, 1, {}, {}, 0
+    gen = torch.Generator().manual_seed(0)
+
+    def flush() -> None:
+        nonlocal part, size, shard
+        file = f"{DIT_SHARD_PREFIX}-{shard:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+        part, size, shard = {}, 0, shard + 1
+
+    for name, shape in names:
+        part[name] = torch.empty(shape).uniform_(-0.02, 0.02, generator=gen)
+        size += part[name].numel() * 4
+        if size >= budget and shard < shards:
+            flush()
+    if part:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{DIT_SHARD_PREFIX}.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(wan_config(dim, layers, ffn)))
+    return total
+
+
+def measure(folder: Path, dtype: str) -> dict[str, float]:
+    """Load in a fresh process and return its memory figures."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--ffn", type=int, default=4096)
+    parser.add_argument("--shards", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ftalk-bench-load-") as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        weights = write_model(folder, args.dim, args.layers, args.ffn, args.shards)
+        print(f"wrote {weights / GIB:.2f} GiB of float32 base weights in {args.shards} shards ", end="")
+        print(f"({time.perf_counter() - start:.0f} s)")
+        header = ("load dtype", "model GiB", "RSS before", "peak RSS", "growth", "ratio", "s")
+        print("{:<11} {:>9} {:>10} {:>9} {:>7} {:>6} {:>5}".format(*header))
+        for dtype in ("float32", "bfloat16"):
+            r = measure(folder, dtype)
+            growth = r["peak"] - r["before"]
+            print(
+                f"{dtype:<11} {r['model'] / GIB:>9.2f} {r['before'] / GIB:>10.2f} {r['peak'] / GIB:>9.2f} "
+                f"{growth / GIB:>7.2f} {growth / r['model']:>6.2f} {r['seconds']:>5.1f}"
+            )
+        print("ratio = (peak RSS - RSS before loading) / loaded model bytes (base + fresh adapter); target <= 1.3")
+
+
+if __name__ == "__main__":
+    main()

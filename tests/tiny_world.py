@@ -1,0 +1,66 @@
+"""The tiny world the training tests share: a tiny original-layout Wan2.1 folder, synthetic talking
+clips, their clean metadata (with probe facts), and a run config small enough for a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fantasytalk_cli.config import FtalkConfig, load_config
+from fantasytalk_cli.config.schema import BucketConfig, DataConfig
+from fantasytalk_cli.data.synthetic import make_demo_dataset
+from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
+from fantasytalk_cli.models.tiny import make_tiny_model
+
+SMALL_BUCKETS: dict[str, Any] = {"video_sample_size": 48, "video_sample_n_frames": 9, "enable_bucket": False}
+
+
+def build_world(root: Path, *, num_clips: int = 6, seed: int = 0) -> dict[str, Path]:
+    """Write model + data under `root`; returns the paths."""
+    model = root / "model"
+    data = root / "data"
+    make_tiny_model(model, "original", seed=seed)
+    make_demo_dataset(data, seed=seed, num_clips=num_clips)
+    clean = data / "clean.json"
+    report = validate_metadata(
+        DataConfig(train_data_dir=data, train_data_meta=data / "metadata_control.json"),
+        BucketConfig(**SMALL_BUCKETS),
+        ValidateOptions(clean_path=clean, workers=1),
+    )
+    assert report.ok, report.codes
+    return {"root": root, "model": model, "data": data, "clean": clean}
+
+
+def world_config(world: dict[str, Path], output_dir: Path, **overrides: Any) -> FtalkConfig:
+    """A run config on the tiny world (fp32 on the CPU, small samples)."""
+    flags: dict[str, Any] = {
+        "train_data_dir": world["data"],
+        "train_data_meta": world["clean"],
+        "pretrained_model_name_or_path": world["model"],
+        "transformer_path": world["model"] / "fantasytalking_model.ckpt",
+        "mixed_precision": "no",
+        "output_dir": output_dir,
+        "report_to": "none",
+        "learning_rate": 1e-3,
+        "seed": 7,
+        **SMALL_BUCKETS,
+    }
+    flags.update(overrides)
+    return load_config(None, flags)
+
+
+def world_argv(world: dict[str, Path], output_dir: Path, **overrides: Any) -> list[str]:
+    """The same config as `ftalk train` command-line flags."""
+    cfg = world_config(world, output_dir, **overrides)
+    argv: list[str] = []
+    for section in cfg.model_dump(mode="json").values():
+        for key, value in section.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                argv.append(f"--{key}" if value else f"--no-{key}")
+            elif isinstance(value, list):
+                argv += [f"--{key}", *map(str, value)]
+            else:
+                argv.append(f"--{key}={value}")
+    return argv
