@@ -283,3 +283,19 @@ def test_shipped_example_configs_validate() -> None:
     assert wan.scheduler_kwargs.shift == 5.0 and wan.scheduler_kwargs.num_train_timesteps == 1000
     assert wan.vae_kwargs.vae_subpath == "Wan2.1_VAE.pth"
     assert wan.unknown_keys() == []
+
+
+def test_every_flag_round_trips_through_the_command_line(tmp_path: Path, monkeypatch) -> None:
+    cfg = load_config(None, {"fsdp_version": 1, "strategy": "zero2", "train_data_dir": tmp_path})
+    argv = []
+    for section in cfg.model_dump(mode="json").values():
+        for key, value in section.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                argv.append(f"--{key}" if value else f"--no-{key}")
+            elif isinstance(value, list):
+                argv += [f"--{key}", *map(str, value)]
+            else:
+                argv.append(f"--{key}={value}")
+    assert parse_train_argv(argv, monkeypatch) == cfg

@@ -35,8 +35,10 @@ def _option_type(annotation: Any) -> tuple[Any, str]:
     """The type Typer parses a field as, and a short note on allowed values for the help text."""
     inner = _strip_optional(annotation)
     if get_origin(inner) is Literal:
-        choices = [str(c) for c in get_args(inner)]
-        return str, f" [{'|'.join(choices)}]"
+        values = get_args(inner)
+        choices = [str(c) for c in values]
+        kind = int if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else str
+        return kind, f" [{'|'.join(choices)}]"
     if get_origin(inner) is list:
         return list[str], " (one or more values)"
     if inner in (bool, int, float, str, Path):
