@@ -232,9 +232,73 @@ def convert_zero(
         Path, typer.Argument(help="A checkpoint-N folder, or the run folder (its newest checkpoint).")
     ],
     output: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    max_shard_size: Annotated[
+        str,
+        typer.Option(
+            "--max_shard_size", "--max-shard-size", help="Largest shard: KB/MB/GB decimal (1GB = 10^9), KiB/MiB/GiB."
+        ),
+    ] = "10GB",
+    dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="Output precision.")] = "bf16",
+    what: Annotated[
+        Literal["adapter", "transformer"],
+        typer.Option(help="adapter = the trained weights; transformer = merged into the frozen base model."),
+    ] = "adapter",
+    fmt: Annotated[
+        Literal["fantasytalking", "diffusers", "original", "comfyui"],
+        typer.Option(
+            "--format",
+            help="fantasytalking = flat safetensors + the released fantasytalking_model.ckpt; comfyui; or the "
+            "transformer's diffusers / original Wan names.",
+        ),
+    ] = "fantasytalking",
+    pretrained_model_name_or_path: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(
+            "--pretrained_model_name_or_path",
+            "--pretrained-model-name-or-path",
+            help="Base model folder for --what transformer (default: the one the checkpoint's meta.json records).",
+        ),
+    ] = None,
+    tag: Annotated[
+        Optional[str],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(help="DeepSpeed tag folder (default: read from 'latest')."),
+    ] = None,
+    exclude_frozen_parameters: Annotated[
+        bool,
+        typer.Option("--exclude_frozen_parameters", "--exclude-frozen-parameters", help="Leave frozen parameters out."),
+    ] = False,
+    safe_serialization: Annotated[
+        bool,
+        typer.Option(
+            "--safe_serialization", "--safe-serialization", help="Accepted for the seed's scripts: always safetensors."
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT folder.")] = False,
 ) -> None:
     """Convert a ZeRO/FSDP/plain checkpoint into safetensors files inference tools load."""
-    not_built("convert-zero", 7)
+    from fantasytalk_cli.convert.zero import ConversionError, ConversionUsageError, ConvertOptions, convert_checkpoint
+
+    options = ConvertOptions(
+        what=what,
+        format=fmt,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        tag=tag,
+        pretrained_model_name_or_path=pretrained_model_name_or_path,
+        exclude_frozen_parameters=exclude_frozen_parameters,
+        overwrite=overwrite,
+    )
+    try:
+        report = convert_checkpoint(checkpoint, output, options)
+    except ConversionUsageError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from exc
+    except ConversionError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_PROBLEMS) from exc
+    console.print(report.summary(), highlight=False)
+    for warning in report.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("make-demo-data")

@@ -62,7 +62,7 @@ class BucketConfig(Section):
     max_fps_after_stride: float = Field(30.0, gt=0)
     """The stride is raised until fps / stride is at most this (the reference trainer's rule)."""
     max_upscale: float = Field(1.25, ge=1.0)
-    """A clip trains at a size only if covering its bucket upscales it at most this much; smaller clips are dropped as too small."""
+    """Most a clip may be upscaled to cover its bucket; clips needing more at every size are dropped as too small."""
 
     @model_validator(mode="after")
     def _frames_are_4k_plus_1(self) -> BucketConfig:

@@ -20,6 +20,8 @@ The terms (per device, N = number of devices):
   memory, the per-sample cross-attention context and, with `attention_impl="math"`, the B*heads*S^2
   attention probabilities (flash / memory-efficient SDPA never materialise them; torch's CPU SDPA uses a
   flash kernel too);
+- the VAE encode of the clip, which runs before the DiT step: only what it needs above the step's transient
+  memory counts (it matters for small models and low resolutions);
 - runtime overhead (CUDA context and workspaces, or the Python process with torch and diffusers loaded).
 """
 
@@ -42,6 +44,10 @@ CONTEXT_TOKENS = (512, 257)
 """Text tokens (umT5, padded to 512) and CLIP image tokens of the I2V cross-attention."""
 AUDIO_WINDOW_TOKENS = 17
 """wav2vec2 tokens per latent frame's audio window (81 frames at 23 fps; REFERENCE.md 1)."""
+
+VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL = 44
+"""Peak live bytes of a Wan VAE encode per frame pixel, per base channel, per dtype byte (diffusers
+`AutoencoderKLWan`, measured on CPU: ~16.8 KB per pixel in fp32 at base_dim 96, for 17 or 33 frames alike)."""
 
 RUNTIME_OVERHEAD_BYTES: dict[str, int] = {"cuda": int(1.0 * GB), "cpu": int(0.45 * GB)}
 """cuda: context + cuBLAS/NCCL workspaces; cpu: Python with torch, diffusers, transformers imported (~0.36 GB RSS
@@ -362,6 +368,8 @@ def estimate_memory(
     runtime_overhead_bytes: int | None = None,
     context_tokens: Sequence[int] = CONTEXT_TOKENS,
     audio_window_tokens: int = AUDIO_WINDOW_TOKENS,
+    vae_base_dim: int = 96,
+    vae_mini_batch: int = 1,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of one training step on samples of `shape` = (H, W, frames).
 
@@ -384,7 +392,8 @@ def estimate_memory(
     sharded = strategy in ("zero3", "fsdp")
     terms: list[MemoryTerm] = []
 
-    where = f" / {n} GPUs, sharded ({strategy})" if sharded else f", replicated on every GPU ({strategy})"
+    unit = "GPU" if device == "cuda" else "process"
+    where = f" / {n} {unit}s, sharded ({strategy})" if sharded else f", replicated on every {unit} ({strategy})"
     terms.append(
         MemoryTerm(
             "frozen DiT weights",
@@ -431,6 +440,7 @@ def estimate_memory(
         listed = " + ".join(f"{name} {count / 1e9:.2f}B" for name, count in enc.items())
         terms.append(MemoryTerm("frozen encoders", f"({listed}) params x {wb} B", enc_params * wb))
 
+    step_from = len(terms)  # the terms from here on are the DiT step's transient memory
     per_layer = activation_bytes_per_token_layer(config, p)
     formula_tok = f"(24*{d.dim} + 8*{p}*{d.dim} + {p}*{d.ffn} + 16*{d.heads} + 36) = {per_layer:,} B/token/layer"
     t_lat = latent_frames(f)
@@ -480,13 +490,24 @@ def estimate_memory(
                 (kept + 2) * probs,
             )
         )
+    # The VAE encodes the clip before the DiT step (causal chunks, so independent of the frame count); only what
+    # it needs above the step's own transient memory raises the peak.
+    step_transient = sum(t.bytes for t in terms[step_from:])
+    vae = VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL * vae_base_dim * p * h * w * min(b, vae_mini_batch)
+    terms.append(
+        MemoryTerm(
+            "VAE encode above the DiT step",
+            f"max(0, {VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL}*{vae_base_dim}*{p} B x {h}x{w} pixels x "
+            f"{min(b, vae_mini_batch)} videos = {vae / GB:.2f} GB - DiT step {step_transient / GB:.2f} GB)",
+            max(0, vae - step_transient),
+        )
+    )
     overhead = RUNTIME_OVERHEAD_BYTES[device] if runtime_overhead_bytes is None else runtime_overhead_bytes
     what = "CUDA context, cuBLAS/NCCL workspaces" if device == "cuda" else "Python + torch + diffusers process"
     terms.append(MemoryTerm("runtime overhead", what, overhead))
     notes = []
     if not gradient_checkpointing and device == "cuda":
         notes.append("gradient_checkpointing off: every block keeps its activations (turn it on to save most of them)")
-    notes.append("VAE/text/image encoding happens before the DiT forward; its transient peak is not added")
     return MemoryEstimate(
         terms=terms,
         strategy=strategy,

@@ -1,0 +1,227 @@
+"""Benchmark of bucket planning at scale: 1,000,000 synthetic entries with probe facts.
+
+Each phase runs in its own process so its peak RSS (ru_maxrss) is its own:
+
+- `arrays`: facts generated as numpy arrays -> `build_plan` -> `plan_stats` -> per-bucket memory estimates ->
+  the sampler's epoch-0 batches on 8 ranks (the budget: <= 10 s and <= 1 GB peak RSS);
+- `save`: the same plan written as the plan file and read back (`--write` / `load_plan_checked`);
+- `jsonl`: a JSON Lines metadata file with probe facts parsed by `read_clip_facts` (what `ftalk plan-buckets`
+  does on a clean metadata file), then planned.
+
+Run: `.venv/bin/python bench/plan.py [--entries N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TIME_BUDGET_S = 10.0
+RSS_BUDGET_MB = 1024.0
+
+
+def synthetic_facts(n: int, seed: int = 0) -> Any:
+    """Facts of `n` clips: common talking-video sizes, 1-20 s, 24-60 fps."""
+    from fantasytalk_cli.data.plan import ClipFacts
+
+    rng = np.random.default_rng(seed)
+    sizes = np.array([(512, 512), (1280, 720), (720, 1280), (1920, 1080), (1080, 1920), (640, 480), (256, 256)])
+    wh = sizes[rng.integers(len(sizes), size=n)]
+    fps = rng.choice([24.0, 25.0, 29.97, 30.0, 50.0, 60.0], size=n)
+    frames = (rng.uniform(1.0, 20.0, size=n) * fps).astype(np.int32)
+    return ClipFacts(width=wh[:, 0].astype(np.int32), height=wh[:, 1].astype(np.int32), num_frames=frames, fps=fps)
+
+
+def config() -> Any:
+    from fantasytalk_cli.config import load_config
+
+    # the seed's recipe (examples/fantasytalking_512.yaml) with 1024 as the largest size, 8 GPUs' worth of batches
+    return load_config(
+        overrides={
+            "video_sample_size": 1024,
+            "token_sample_size": 512,
+            "video_sample_n_frames": 81,
+            "enable_bucket": True,
+            "random_hw_adapt": True,
+            "training_with_video_token_length": True,
+            "gradient_checkpointing": True,
+            "low_vram": True,
+            "train_batch_size": 1,
+        }
+    )
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def phase_arrays(n: int) -> dict[str, Any]:
+    from fantasytalk_cli.data.plan import build_plan, plan_stats
+    from fantasytalk_cli.data.sampler import BucketBatchSampler
+    from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG
+    from fantasytalk_cli.train.memory import estimate_memory
+
+    cfg = config()
+    steps: dict[str, float] = {}
+    t0 = time.perf_counter()
+    facts = synthetic_facts(n)
+    steps["generate facts"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    plan = build_plan(facts, cfg.buckets, cfg.train, world_size=8)
+    steps["build_plan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stats = plan_stats(plan, cfg.buckets, facts=facts)
+    steps["plan_stats (epoch 0)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for row in stats.rows:
+        estimate_memory(WAN21_I2V_14B_CONFIG, (row.height, row.width, row.frames), strategy="zero2", devices=8)
+    steps["memory per bucket"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sampler = BucketBatchSampler(plan, rank=3, world_size=8)
+    batches = len(sampler)
+    first = next(iter(sampler))
+    steps["sampler epoch 0 (8 ranks)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sampler.set_epoch(1)
+    len(sampler)
+    steps["sampler epoch 1 (re-draw sizes)"] = time.perf_counter() - t
+    total = time.perf_counter() - t0
+    return {
+        "phase": "arrays",
+        "steps": steps,
+        "total_s": total,
+        "peak_rss_mb": _peak_mb(),
+        "buckets": len(stats.rows),
+        "trained": stats.trained_samples,
+        "dropped": stats.dropped,
+        "batches_per_rank": batches,
+        "first_batch": [first.height, first.width, first.frames],
+    }
+
+
+def phase_save(n: int) -> dict[str, Any]:
+    from fantasytalk_cli.data.plan import BucketPlan, build_plan
+
+    cfg = config()
+    plan = build_plan(synthetic_facts(n), cfg.buckets, cfg.train, world_size=8)
+    steps: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plan.json"
+        t = time.perf_counter()
+        plan.save(path)
+        steps["save plan file"] = time.perf_counter() - t
+        size = path.stat().st_size
+        t = time.perf_counter()
+        back = BucketPlan.load(path)
+        steps["load plan file"] = time.perf_counter() - t
+        assert np.array_equal(back.assignment(0), plan.assignment(0))
+    return {"phase": "save", "steps": steps, "total_s": sum(steps.values()), "peak_rss_mb": _peak_mb(),
+            "file_mb": size / 2**20}  # fmt: skip
+
+
+def write_jsonl(path: Path, n: int) -> None:
+    facts = synthetic_facts(n)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(n):
+            probe = {
+                "width": int(facts.width[i]),
+                "height": int(facts.height[i]),
+                "num_frames": int(facts.num_frames[i]),
+                "fps": float(facts.fps[i]),
+                "audio_duration": float(facts.num_frames[i] / facts.fps[i]),
+                "sample_rate": 16000,
+                "channels": 1,
+            }
+            entry = {"file_path": f"videos/{i:07d}.mp4", "audio_path": f"wav/{i:07d}.wav",
+                     "text": "A person talks to the camera.", "type": "video", "probe": probe}  # fmt: skip
+            handle.write(json.dumps(entry) + "\n")
+
+
+def phase_jsonl(n: int, path: Path) -> dict[str, Any]:
+    from fantasytalk_cli.data.metadata import metadata_hash
+    from fantasytalk_cli.data.plan import build_plan, read_clip_facts
+
+    cfg = config()
+    steps: dict[str, float] = {}
+    t0 = time.perf_counter()
+    facts, _ = read_clip_facts(path)
+    steps["parse JSON Lines -> facts"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    digest = metadata_hash(path)
+    steps["metadata_hash (sha256)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    build_plan(facts, cfg.buckets, cfg.train, world_size=8, metadata_hash=digest)
+    steps["build_plan"] = time.perf_counter() - t
+    return {"phase": "jsonl", "steps": steps, "total_s": time.perf_counter() - t0, "peak_rss_mb": _peak_mb(),
+            "file_mb": path.stat().st_size / 2**20, "entries": len(facts)}  # fmt: skip
+
+
+def run_phase(name: str, n: int, extra: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--entries", str(n), "--phase", name, *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--phase", choices=["arrays", "save", "jsonl"])
+    parser.add_argument("--jsonl")
+    args = parser.parse_args()
+    if args.phase == "arrays":
+        print(json.dumps(phase_arrays(args.entries)))
+        return
+    if args.phase == "save":
+        print(json.dumps(phase_save(args.entries)))
+        return
+    if args.phase == "jsonl":
+        print(json.dumps(phase_jsonl(args.entries, Path(args.jsonl))))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    results = [run_phase("arrays", args.entries, []), run_phase("save", args.entries, [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "metadata_clean.jsonl"
+        t = time.perf_counter()
+        write_jsonl(path, args.entries)
+        written = time.perf_counter() - t
+        results.append(run_phase("jsonl", args.entries, ["--jsonl", str(path)]))
+    table = Table(title=f"bucket planning, {args.entries:,} entries with probe facts", title_justify="left")
+    for col in ("phase", "step", "seconds"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for res in results:
+        for step, secs in res["steps"].items():
+            table.add_row(res["phase"], step, f"{secs:.2f}")
+        summary = f"[bold]{res['total_s']:.2f}[/] / {res['peak_rss_mb']:.0f} MB"
+        table.add_row(res["phase"], "[bold]total[/] / peak RSS", summary, end_section=True)
+    console = Console()
+    console.print(table)
+    arrays = results[0]
+    ok = arrays["total_s"] <= TIME_BUDGET_S and arrays["peak_rss_mb"] <= RSS_BUDGET_MB
+    console.print(
+        f"arrays path: {arrays['total_s']:.2f} s, peak RSS {arrays['peak_rss_mb']:.0f} MB "
+        f"(budget {TIME_BUDGET_S:.0f} s, {RSS_BUDGET_MB:.0f} MB): {'OK' if ok else 'OVER BUDGET'}; "
+        f"{arrays['buckets']} buckets, {arrays['trained']:,} trained, dropped {arrays['dropped']}, "
+        f"{arrays['batches_per_rank']:,} batches per rank"
+    )
+    jsonl = results[2]
+    console.print(
+        f"JSON Lines path: {jsonl['file_mb']:.0f} MB file written in {written:.1f} s, parsed + planned in "
+        f"{jsonl['total_s']:.2f} s, peak RSS {jsonl['peak_rss_mb']:.0f} MB; plan file {results[1]['file_mb']:.0f} MB"
+    )
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
