@@ -1,0 +1,72 @@
+"""`ftalk train` with 2 CPU processes (torchrun over gloo, test-only patch) for DDP, ZeRO-2, ZeRO-3 and
+FSDP1/2: 2 steps with a checkpoint, then a resume for 1 more step, with the wrapping checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fantasytalk_cli.train.checkpoint import CheckpointMeta, latest_checkpoint
+from tests.test_distributed import STRATEGIES
+from tests.tiny_world import world_argv
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO3_TEST_JSON = {
+    "bf16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    # threshold 0: every tiny parameter is partitioned (the shipped 1e5 keeps small ones whole)
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+}
+
+
+def launch(argv: list[str], env_extra: dict[str, str], probe: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(env_extra)
+    env["FTALK_TEST_PROBE_DIR"] = str(probe)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "tests.dist.train_entry", "train", *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp1", "fsdp2"])
+def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_path: Path) -> None:
+    env = dict(STRATEGIES[name])
+    if name == "zero3":
+        ds = tmp_path / "zero3.json"
+        ds.write_text(json.dumps(ZERO3_TEST_JSON))
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
+    run = tmp_path / "run"
+    common = {"checkpointing_steps": 2, "train_batch_size": 1}
+    launch(world_argv(tiny_world, run, max_train_steps=2, **common), env, tmp_path / "probe1")
+    first = latest_checkpoint(run)
+    assert first is not None and first.name == "checkpoint-2"
+    meta = CheckpointMeta.read(first)
+    assert meta.world_size == 2 and meta.step == 2
+    out = launch(
+        world_argv(tiny_world, run, max_train_steps=3, resume_from_checkpoint="latest", **common),
+        env,
+        tmp_path / "probe2",
+    )
+    assert "resumed from" in out and "at step 2" in out
+    assert latest_checkpoint(run) == run / "checkpoint-3"
+    assert (run / "checkpoint-3" / "trainable.safetensors").is_file()
+    probes = [json.loads((tmp_path / "probe1" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    blocks = 2  # the tiny transformer's layers
+    if name == "fsdp1":
+        assert [p["fsdp1_units"] for p in probes] == [blocks, blocks]
+    if name == "fsdp2":
+        assert [p["fsdp2_units"] for p in probes] == [blocks, blocks]
+    if name == "zero3":
+        for p in probes:  # each rank holds about half, never the whole transformer
+            assert p["local_numel"] < 0.6 * p["full_numel"], p
+            assert p["peak_local_numel"] < 0.75 * p["full_numel"], p
