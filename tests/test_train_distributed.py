@@ -67,6 +67,7 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
     if name == "fsdp2":
         assert [p["fsdp2_units"] for p in probes] == [blocks, blocks]
     if name == "zero3":
-        for p in probes:  # each rank holds about half, never the whole transformer
+        for p in probes:  # built partitioned, filled one gathered parameter at a time, released after each
+            assert p["writes"] > 0, p
             assert p["local_numel"] < 0.6 * p["full_numel"], p
-            assert p["peak_local_numel"] < 0.75 * p["full_numel"], p
+            assert p["max_local_numel_between_writes"] < 0.6 * p["full_numel"], p

@@ -284,7 +284,7 @@ def model_shapes(model: nn.Module) -> tuple[dict[str, Shape], dict[str, str]]:
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        shapes[name] = tuple(param.shape)
+        shapes[name] = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions know their full shape
         canonical = first.setdefault(id(param), name)
         if canonical != name:
             aliases[name] = canonical
@@ -473,6 +473,7 @@ def load_transformer(
     audio_in_dim: int | None = None,
     audio_proj_dim: int | None = None,
     adapter_dtype: torch.dtype | None = None,
+    sharded: ShardedBuild | None = None,
 ) -> FantasyTalkingTransformer:
     """The FantasyTalking DiT with the Wan2.1 base weights of ``model_dir`` (either layout), streamed shard by shard.
 
@@ -481,6 +482,10 @@ def load_transformer(
     ``audio_proj_dim`` default to the config's values, else FantasyTalking's 768 / 2048 (the tiny world uses 32).
     Base weights are cast to ``dtype`` (diffusers' ``_keep_in_fp32_modules`` stay float32), the adapter to
     ``adapter_dtype`` (default ``dtype``). Returned in eval mode.
+
+    With ``sharded`` (ZeRO-3 ``zero3_init``) the model is built inside its context, so every rank holds
+    only its partition; each tensor is read on the reading rank only and written through ``sharded.write``
+    (which gathers that one parameter): no rank ever holds the whole transformer.
     """
     from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 
@@ -493,6 +498,8 @@ def load_transformer(
         kwargs[key] = kwargs.get(key, given if given is not None else default)
     model = build_empty(lambda: FantasyTalkingTransformer(**kwargs))
     plan = plan_for(model, source, DitAdapter(layout, adapter_absent="base"))
+    if sharded is not None:
+        return _load_sharded(kwargs, source, plan, sharded)
     adapter_dtype = adapter_dtype or dtype
     keep_fp32 = _fp32_rule(model, dtype)
 
@@ -505,6 +512,45 @@ def load_transformer(
     _init_absent_adapter(model, sorted(plan.absent), device=device, dtype=adapter_dtype, where=source.where)
     _assert_materialised(model, source.where)
     return model.eval()
+
+
+@dataclass(frozen=True)
+class ShardedBuild:
+    """How to build and fill a transformer whose parameters are partitioned as it is built (ZeRO-3 init)."""
+
+    context: Callable[[], Any]
+    """A context manager inside which modules are built partitioned."""
+    write: Callable[[nn.Parameter, torch.Tensor | None], None]
+    """Collective: write a whole tensor (given on the reading rank, None elsewhere) into one parameter."""
+    reads: bool
+    """Whether this rank reads the files."""
+
+
+def _load_sharded(
+    kwargs: dict[str, Any], source: TensorSource, plan: MappingPlan, sharded: ShardedBuild
+) -> FantasyTalkingTransformer:
+    from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+
+    with sharded.context():
+        model = FantasyTalkingTransformer(**kwargs)  # zero k/v, default projector: the fresh adapter
+    _write_sharded(model, source, plan, sharded)
+    return model.eval()
+
+
+def _write_sharded(model: nn.Module, source: TensorSource, plan: MappingPlan, sharded: ShardedBuild) -> int:
+    """Every rank walks the same keys in the same order (each write is a collective); returns tensors read."""
+    params = dict(model.named_parameters())
+    read = 0
+    for path, keys in source.files.items():
+        with source.reader(path) as get:
+            for key in keys:
+                for target, transform in plan.moves.get(key, ()):
+                    if target not in params:
+                        raise ModelLoadError(f"{source.where}: {key} maps to {target}, not a parameter")
+                    sharded.write(params[target], transform.apply(get(key)) if sharded.reads else None)
+                    read += 1
+    source.state = None
+    return read
 
 
 def _init_absent_adapter(
@@ -772,7 +818,7 @@ def read_adapter_file(path: Path) -> tuple[AdapterFormat, TensorSource]:
     return _classify(list(data), nested, path), source
 
 
-def load_adapter_or_transformer(path: Path, model: nn.Module) -> AdapterLoadReport:
+def load_adapter_or_transformer(path: Path, model: nn.Module, sharded: ShardedBuild | None = None) -> AdapterLoadReport:
     """Load ``--transformer_path`` into an already loaded ``model``, whatever its form, strictly.
 
     Adapter forms (released nested ckpt, flat safetensors, ComfyUI) must fill every adapter parameter; a
@@ -802,7 +848,10 @@ def load_adapter_or_transformer(path: Path, model: nn.Module) -> AdapterLoadRepo
     content = "+".join(part for part in ("transformer", "adapter") if present[part])
     if form not in ("diffusers", "original") and present["transformer"]:
         raise ModelLoadError(f"{path}: an adapter file cannot hold base weights")
-    read = stream_into(model, source, plan, dtype=torch.float32, device="cpu")
+    if sharded is None:
+        read = stream_into(model, source, plan, dtype=torch.float32, device="cpu")
+    else:
+        read = _write_sharded(model, source, plan, sharded)
     return AdapterLoadReport(path, form, content, read)  # type: ignore[arg-type]
 
 

@@ -305,7 +305,7 @@ def set_trainable(model: nn.Module, patterns: Iterable[str]) -> int:
     count = 0
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
-        count += param.numel() if name in names else 0
+        count += getattr(param, "ds_numel", param.numel()) if name in names else 0  # ZeRO-3: full size
     return count
 
 

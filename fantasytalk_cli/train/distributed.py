@@ -15,14 +15,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, ProjectConfiguration
 
 from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig
+from fantasytalk_cli.models.loaders import ShardedBuild
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,49 @@ def build_accelerator(
         ),
     )
     return accelerator, Strategy(name, fsdp_version, tuple(notes))
+
+
+def sharded_build(accelerator: Accelerator, strategy: Strategy) -> ShardedBuild | None:
+    """ZeRO-3 with `zero3_init_flag`: build the transformer partitioned (`deepspeed.zero.Init`) and fill
+    it one gathered parameter at a time, the files read on the main process only. None otherwise."""
+    plugin = accelerator.state.deepspeed_plugin
+    if strategy.name != "zero3" or plugin is None or not plugin.zero3_init_flag:
+        return None
+    import deepspeed
+
+    # zero.Init parses the config: keep what it needs, without accelerate's unresolved "auto" values
+    keep = ("zero_optimization", "bf16", "fp16", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    ds_config = {k: v for k, v in plugin.deepspeed_config.items() if k in keep}
+    main = accelerator.is_main_process
+
+    def context() -> Any:
+        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+    def write(param: torch.nn.Parameter, tensor: torch.Tensor | None) -> None:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            if main:
+                assert tensor is not None
+                param.data.copy_(tensor.to(param.dtype))
+
+    return ShardedBuild(context=context, write=write, reads=main)
+
+
+@contextmanager
+def plain_construction(accelerator: Accelerator) -> Iterator[None]:
+    """Build models unpartitioned even under ZeRO-3 init: transformers would otherwise build the frozen
+    encoders (umT5, CLIP, wav2vec2) inside `zero.Init` (it reads the global DeepSpeed config accelerate
+    registers, and accelerate's own `zero3_init_context_manager(False)` leaves a stage-3 config there)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or not plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def gather_trainable_state(

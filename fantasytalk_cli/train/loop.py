@@ -32,7 +32,7 @@ from fantasytalk_cli.train.checkpoint import (
     resolve_resume,
     save_training_checkpoint,
 )
-from fantasytalk_cli.train.distributed import build_accelerator
+from fantasytalk_cli.train.distributed import build_accelerator, plain_construction, sharded_build
 from fantasytalk_cli.train.flow import FlowSchedule
 from fantasytalk_cli.train.model_setup import load_training_models
 from fantasytalk_cli.train.step import StepContext, training_step
@@ -160,7 +160,11 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
     )
 
     # Models: frozen base + encoders in the low precision, the adapter in fp32.
-    models = load_training_models(cfg.model, train, device=accelerator.device, uniform_dtype=strategy.name == "fsdp")
+    sharded = sharded_build(accelerator, strategy)  # ZeRO-3 init: the transformer alone is partitioned
+    with plain_construction(accelerator):
+        models = load_training_models(
+            cfg.model, train, device=accelerator.device, uniform_dtype=strategy.name == "fsdp", sharded=sharded
+        )
     for note in models.notes:
         say(f"model: {note}")
     transformer = models.transformer

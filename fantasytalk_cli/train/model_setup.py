@@ -18,7 +18,12 @@ from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
-from fantasytalk_cli.models.loaders import load_adapter_or_transformer, load_transformer, read_adapter_file
+from fantasytalk_cli.models.loaders import (
+    ShardedBuild,
+    load_adapter_or_transformer,
+    load_transformer,
+    read_adapter_file,
+)
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,10 +73,16 @@ def adapter_dims(wav2vec_dir: Path, adapter_path: Path | None) -> dict[str, int]
 
 
 def load_training_models(
-    model: ModelConfig, train: TrainConfig, *, device: torch.device, uniform_dtype: bool
+    model: ModelConfig,
+    train: TrainConfig,
+    *,
+    device: torch.device,
+    uniform_dtype: bool,
+    sharded: ShardedBuild | None = None,
 ) -> TrainingModels:
     """Everything built on the CPU (the accelerator placement is accelerate's job), encoders on
-    `device` unless `low_vram`. `uniform_dtype`: keep the whole transformer in fp32 (FSDP)."""
+    `device` unless `low_vram`. `uniform_dtype`: keep the whole transformer in fp32 (FSDP).
+    `sharded`: ZeRO-3 init, the transformer is built partitioned (DeepSpeed keeps fp32 masters)."""
     if model.pretrained_model_name_or_path is None:
         raise ModelSetupError("--pretrained_model_name_or_path is required: the Wan2.1-I2V base model folder")
     base = model.pretrained_model_name_or_path
@@ -84,13 +95,14 @@ def load_training_models(
         dtype=torch.float32 if uniform_dtype else frozen,
         wan_yaml=wan_yaml,
         adapter_dtype=torch.float32,
+        sharded=sharded,
         **adapter_dims(wav2vec_dir, model.transformer_path),
     )
     if model.transformer_path is not None:
-        notes.append(load_adapter_or_transformer(model.transformer_path, transformer).summary())
+        notes.append(load_adapter_or_transformer(model.transformer_path, transformer, sharded).summary())
     count = set_trainable(transformer, model.trainable_modules)
     for param in transformer.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        if sharded is None and param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # trainable weights and their optimizer state stay fp32
     if model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

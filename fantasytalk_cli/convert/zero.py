@@ -1,0 +1,362 @@
+"""`ftalk convert-zero`: a training checkpoint (ZeRO-1/2/3 partitions, FSDP shards, or our plain weights) into the
+files inference tools load: the adapter in the released FantasyTalking form (flat safetensors + the nested
+``fantasytalking_model.ckpt``), ComfyUI's re-pack, diffusers or original Wan names; or a whole transformer, the
+trained weights merged into the frozen base streamed from the model folder.
+
+Memory: the adapter is streamed tensor by tensor from the source into size-capped shards; a transformer holds the fp32
+trained set plus one output shard (the base is read one tensor at a time). The frozen base is never read for an
+adapter. The output folder appears complete or not at all (see `sharding.atomic_output`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+
+from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, format_size, parse_size, plan_shards
+from fantasytalk_cli.convert.sharding import write_shards as _write_shards
+from fantasytalk_cli.convert.sources import (
+    WEIGHTS_NAME,
+    CheckpointSource,
+    ConversionError,
+    ConversionUsageError,
+    Shape,
+    open_checkpoint,
+    recorded_model_config,
+)
+from fantasytalk_cli.models.loaders import ModelLoadError, adapter_to_format
+from fantasytalk_cli.train.checkpoint import ADAPTER_CKPT_NAME
+
+__all__ = [
+    "ConversionError",
+    "ConversionUsageError",
+    "ConvertOptions",
+    "ConvertReport",
+    "convert_checkpoint",
+    "parse_size",
+]
+
+What = Literal["adapter", "transformer"]
+OutFormat = Literal["fantasytalking", "diffusers", "original", "comfyui"]
+OutDtype = Literal["fp32", "fp16", "bf16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STEMS: dict[str, str] = {
+    "fantasytalking": "fantasytalking_model",
+    "comfyui": "fantasytalking_comfyui",
+    "diffusers": "diffusion_pytorch_model",
+    "original": "diffusion_pytorch_model",
+}
+"""File stem of each output format (the DiT's own stem for the two transformer namings)."""
+NAME_FORMS: dict[str, Any] = {
+    "fantasytalking": "flat",
+    "comfyui": "comfyui",
+    "diffusers": "diffusers",
+    "original": "original",
+}
+"""`adapter_to_format` form giving each output's tensor names (the released ckpt's names, flattened, for ours)."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What to write; the CLI flags one to one."""
+
+    what: What = "adapter"
+    """``adapter``: the trained weights only; ``transformer``: merged into the base model's frozen weights."""
+    format: OutFormat = "fantasytalking"
+    dtype: OutDtype = "bf16"
+    max_shard_size: str | int = "10GB"
+    tag: str | None = None
+    """DeepSpeed tag folder (default: the checkpoint's ``latest``)."""
+    pretrained_model_name_or_path: Path | None = None
+    """Base model folder for ``transformer`` (default: the one in the checkpoint's meta.json)."""
+    exclude_frozen_parameters: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class ConvertReport:
+    """What `convert_checkpoint` read and wrote."""
+
+    checkpoint: Path
+    kind: str
+    description: str
+    output: Path
+    what: str
+    format: str
+    dtype: str
+    files: list[str]
+    tensors: int
+    total_bytes: int
+    shards: int
+    max_shard_bytes: int
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for the console."""
+        lines = [
+            f"checkpoint: {self.checkpoint}",
+            f"kind: {self.kind}: {self.description}",
+            f"wrote the {self.what} ({self.format} format, {self.dtype}): {self.tensors} tensors, "
+            f"{format_size(self.total_bytes)} in {self.shards} shard(s) of at most {format_size(self.max_shard_bytes)}",
+            f"to {self.output}: {', '.join(self._file_names())}",
+        ]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def _file_names(self) -> list[str]:
+        if self.shards <= 3:
+            return self.files
+        return [f"{self.files[0]} .. {self.files[self.shards - 1]}", *self.files[self.shards :]]
+
+
+def _check_options(options: ConvertOptions) -> None:
+    if options.dtype not in DTYPES:
+        raise ConversionUsageError(f"--dtype {options.dtype!r}: choose fp32, fp16 or bf16")
+    if options.format not in STEMS:
+        raise ConversionUsageError(f"--format {options.format!r}: choose {', '.join(STEMS)}")
+    if options.what not in ("adapter", "transformer"):
+        raise ConversionUsageError(f"--what {options.what!r}: choose adapter or transformer")
+    if options.what == "transformer" and options.format in ("fantasytalking", "comfyui"):
+        raise ConversionUsageError(
+            f"--format {options.format} holds only the audio adapter; a transformer is written with --format "
+            "diffusers or original"
+        )
+    if options.what == "transformer" and options.exclude_frozen_parameters:
+        raise ConversionUsageError(
+            "--exclude_frozen_parameters leaves the frozen weights out, --what transformer needs them: choose one"
+        )
+
+
+def _stored_names(names: list[str], fmt: str) -> dict[str, str]:
+    """Our name -> the name in a file of ``fmt`` (through `adapter_to_format`, on names only)."""
+    try:
+        renamed = adapter_to_format(cast(dict[str, torch.Tensor], {n: n for n in names}), NAME_FORMS[fmt])
+    except ValueError as exc:
+        raise ConversionUsageError(
+            f"--format {fmt}: {exc}; the checkpoint trained more than the adapter: use --format diffusers or original"
+        ) from exc
+    return {cast(str, ours): stored for stored, ours in renamed.items()}
+
+
+def _cross_check(source: CheckpointSource) -> list[str]:
+    """Our checkpoints also hold the gathered ``trainable.safetensors``: its names and shapes must agree."""
+    path = source.folder / WEIGHTS_NAME
+    if source.kind == "plain" or not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            saved = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    except Exception as exc:
+        return [f"{path} is unreadable ({exc}); converted from the {source.kind} shards"]
+    if saved != source.trainable:
+        differ = sorted(set(saved.items()) ^ set(source.trainable.items()))[:5]
+        return [f"{path} does not name the same tensors as the {source.kind} shards (e.g. {differ})"]
+    return []
+
+
+def _base_folder(source: CheckpointSource, options: ConvertOptions) -> Path:
+    if options.pretrained_model_name_or_path is not None:
+        return Path(options.pretrained_model_name_or_path)
+    recorded = recorded_model_config(source.folder).get("pretrained_model_name_or_path")
+    if recorded:
+        return Path(recorded)
+    raise ConversionUsageError(
+        "--what transformer merges the trained weights into the base model: pass --pretrained_model_name_or_path "
+        "(the Wan2.1 model folder, original or diffusers layout)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A whole transformer: the base folder streamed, the trained weights put in place.
+
+
+@dataclass
+class _TransformerPlan:
+    order: list[tuple[str, Shape]]
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    config_files: dict[str, str]
+    base_count: int
+
+
+def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _TransformerPlan:
+    import diffusers
+
+    from fantasytalk_cli.models.loaders import (
+        _dit_files,
+        _init_kwargs,
+        build_empty,
+        model_shapes,
+        plan_for,
+    )
+    from fantasytalk_cli.models.state_dict_adapters import DitAdapter
+    from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+
+    try:
+        layout, folder, config, base_source = _dit_files(base, None)
+        kwargs = _init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
+    except ModelLoadError as exc:
+        raise ConversionUsageError(f"--pretrained_model_name_or_path: {exc}") from exc
+    proj = source.trainable.get("proj_model.proj.weight")
+    if proj is not None:  # the adapter's sizes are in its weights, not in a base folder
+        for key, size in (("audio_in_dim", proj[1]), ("audio_proj_dim", proj[0])):
+            if kwargs.setdefault(key, size) != size:
+                raise ConversionError(f"{folder / 'config.json'}: {key} {kwargs[key]}, the trained adapter has {size}")
+    model = build_empty(lambda: FantasyTalkingTransformer(**kwargs))
+    shapes, aliases = model_shapes(model)
+    try:
+        plan = plan_for(model, base_source, DitAdapter(layout, adapter_absent="base"))
+    except ModelLoadError as exc:
+        raise ConversionError(str(exc)) from exc
+    trained = source.trainable
+    unknown = [n for n in trained if n not in shapes]
+    wrong = [f"{n} {list(s)} (model {list(shapes[n])})" for n, s in trained.items() if n in shapes and shapes[n] != s]
+    if unknown or wrong:
+        raise ConversionError(
+            f"the checkpoint's trained weights do not fit the base model {base}: not in the model {unknown[:10]}, "
+            f"wrong shape {wrong[:10]}"
+        )
+    order: list[tuple[str, Shape]] = []
+    for keys in base_source.files.values():
+        order += [(target, shapes[target]) for key in keys for target, _ in plan.moves.get(key, [])]
+    from_base = {name for name, _ in order}
+    order += [(name, shape) for name, shape in trained.items() if name not in from_base]
+    lacking = sorted(set(shapes) - set(aliases) - {name for name, _ in order})
+    if lacking:
+        raise ConversionError(
+            f"neither the base model {base} nor the checkpoint provides {len(lacking)} tensors, e.g. {lacking[:10]} "
+            "(was only part of the adapter trained?)"
+        )
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        weights = dict(source.read(list(trained)))
+        for path, keys in base_source.files.items():
+            with base_source.reader(path) as get:
+                for key in keys:
+                    for target, transform in plan.moves.get(key, []):
+                        yield target, weights[target] if target in weights else transform.apply(get(key))
+        for name in trained:
+            if name not in from_base:
+                yield name, weights[name]
+
+    if fmt == "diffusers":
+        cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        config_text = json.dumps(
+            {"_class_name": "FantasyTalkingTransformer", "_diffusers_version": diffusers.__version__, **cfg}, indent=2
+        )
+    elif layout == "original":
+        config_text = (folder / "config.json").read_text()
+    else:
+        config_text = json.dumps(_wan_config(dict(model.config)), indent=2)
+    return _TransformerPlan(order, tensors, {"config.json": config_text + "\n"}, len(from_base))
+
+
+def _wan_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Our (diffusers) constructor kwargs -> Wan's original ``config.json`` keys (what `load_transformer` reads)."""
+    return {
+        "_class_name": "WanModel",
+        "model_type": "i2v",
+        "patch_size": list(cfg["patch_size"]),
+        "dim": cfg["num_attention_heads"] * cfg["attention_head_dim"],
+        "num_heads": cfg["num_attention_heads"],
+        "in_dim": cfg["in_channels"],
+        "out_dim": cfg["out_channels"],
+        "ffn_dim": cfg["ffn_dim"],
+        "freq_dim": cfg["freq_dim"],
+        "text_dim": cfg["text_dim"],
+        "num_layers": cfg["num_layers"],
+        "qk_norm": bool(cfg["qk_norm"]),
+        "cross_attn_norm": bool(cfg["cross_attn_norm"]),
+        "eps": cfg["eps"],
+        "text_len": 512,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The entry point.
+
+
+def convert_checkpoint(
+    checkpoint: Path,
+    output: Path,
+    options: ConvertOptions,
+    progress: Callable[[int, int], None] | None = None,
+) -> ConvertReport:
+    """Convert ``checkpoint`` (a ``checkpoint-N`` folder or a run folder) into ``output``.
+
+    Raises `ConversionUsageError` for a bad request (no such folder, existing output, contradictory options) and
+    `ConversionError` for a checkpoint that cannot be read (a partition missing or truncated), naming the file.
+    """
+    _check_options(options)
+    max_bytes = parse_size(options.max_shard_size)
+    check_output(Path(output), options.overwrite)
+    dtype = DTYPES[options.dtype]
+    source = open_checkpoint(Path(checkpoint), options.tag)
+    try:
+        notes = list(source.notes)
+        warnings = _cross_check(source)
+        if not source.trainable:
+            raise ConversionError(f"{source.folder}: the {source.kind} checkpoint holds no trained parameters")
+        config_files: dict[str, str] = {}
+        if options.what == "adapter":
+            names = list(source.trainable)
+            order = [(n, source.trainable[n]) for n in names]
+            tensors = source.read(names)
+            if source.frozen_count:
+                notes.append(
+                    f"the checkpoint also stores {source.frozen_count} frozen tensors: left out "
+                    "(--what transformer merges the trained weights into the base model)"
+                )
+            if options.exclude_frozen_parameters:
+                notes.append("--exclude_frozen_parameters: an adapter output never holds frozen parameters")
+        else:
+            base = _base_folder(source, options)
+            merged = _transformer_plan(base, source, options.format)
+            order, tensors, config_files = merged.order, merged.tensors(), merged.config_files
+            notes.append(f"frozen weights from {base} ({merged.base_count} tensors, trained ones replaced)")
+        stored = _stored_names([n for n, _ in order], options.format)
+        entries = [Entry(name, stored[name], shape, dtype) for name, shape in order]
+        plan = plan_shards(entries, STEMS[options.format], max_bytes)
+        warnings += [
+            f"{e.stored} ({format_size(e.nbytes)}) is larger than --max_shard_size {format_size(max_bytes)}: "
+            "written alone in its shard"
+            for e in plan.oversized
+        ]
+        keep: dict[str, torch.Tensor] | None = (
+            {} if options.what == "adapter" and options.format == "fantasytalking" else None
+        )
+        with atomic_output(Path(output), options.overwrite) as tmp:
+            try:
+                files = _write_shards(tmp, plan, tensors, keep=keep, progress=progress)
+            except ModelLoadError as exc:  # a base model shard that cannot be read
+                raise ConversionError(str(exc)) from exc
+            if keep is not None:
+                torch.save(adapter_to_format(keep, "fantasytalking"), tmp / ADAPTER_CKPT_NAME)
+                files.append(ADAPTER_CKPT_NAME)
+            for name, text in config_files.items():
+                (tmp / name).write_text(text)
+                files.append(name)
+        return ConvertReport(
+            checkpoint=source.folder,
+            kind=source.kind,
+            description=source.description,
+            output=Path(output),
+            what=options.what,
+            format=options.format,
+            dtype=options.dtype,
+            files=files,
+            tensors=len(entries),
+            total_bytes=plan.total_bytes,
+            shards=len(plan.shards),
+            max_shard_bytes=max_bytes,
+            notes=notes,
+            warnings=warnings,
+        )
+    finally:
+        source.close()
