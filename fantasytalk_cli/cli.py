@@ -343,17 +343,18 @@ def make_tiny_model(
 
 @app.command("demo")
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Folder for the demo's data, model and run (replaced).")] = Path(
+    work_dir: Annotated[Path, typer.Option(help="Folder for the demo's model, data and run (replaced).")] = Path(
         ".ftalk-demo"
     ),
-    seed: Annotated[int, typer.Option(help="Seed of the demo data and training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the demo model, data and training.")] = 0,
 ) -> None:
     """Run the whole pipeline on the embedded tiny model and synthetic clips, on the CPU."""
     from fantasytalk_cli.demo import run_demo
 
-    result = run_demo(work_dir, seed=seed)
+    result = run_demo(work_dir, seed=seed, console=console)
     for name, seconds, detail in result.steps:
         console.print(f"[bold green]done[/] {name:<18} {seconds:6.1f} s  {detail}")
+    console.print(f"demo finished in {sum(s for _, s, _ in result.steps):.0f} s; everything is in {work_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,11 @@ def apply() -> None:
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     kind = DistributedType.MULTI_GPU if fsdp else DistributedType.MULTI_CPU
 
-    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):  # noqa: ANN001, ARG001
+    original = PartialState._prepare_backend
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):  # noqa: ANN001
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: accelerate's own choice
+            return original(self, cpu, sagemaker_dp, backend)
         return "gloo", kind
 
     PartialState._prepare_backend = _prepare_backend
