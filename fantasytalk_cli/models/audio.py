@@ -80,11 +80,13 @@ class Wav2Vec2Features:
         cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Wav2Vec2Features:
         """Load a transformers-layout wav2vec2 folder (e.g. wav2vec2-base-960h); never touches the hub."""
+        from fantasytalk_cli.models.loaders import load_wav2vec2
+
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"wav2vec2 folder not found: {folder} (local folders only, nothing is downloaded)")
         feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
-        model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True)  # cast after: dtype kwarg is 4.56+
+        model = load_wav2vec2(folder)  # strict, the CTC head dropped with its reason
         return cls(model.to(device=device, dtype=dtype), feature_extractor)
 
     @property

@@ -40,6 +40,7 @@ from fantasytalk_cli.models.state_dict_adapters import (
     StateDictAdapter,
     T5Adapter,
     VaeAdapter,
+    Wav2Vec2Adapter,
     adapter_name_to_form,
     dit_name_to_original,
     is_adapter_name,
@@ -742,6 +743,23 @@ def load_image_encoder(
         naming = "diffusers"
     model = build_empty(lambda: CLIPVisionModel(config))
     _load(model, source, ClipVisionAdapter(naming, clip_model_prefix(model)), dtype=dtype, device=device)
+    _assert_materialised(model, source.where)
+    return model.eval().requires_grad_(False)
+
+
+def load_wav2vec2(folder: Path, *, dtype: torch.dtype = torch.float32, device: Device = "cpu") -> nn.Module:
+    """transformers' ``Wav2Vec2Model`` from a ``wav2vec2-base-960h`` folder (the released ``Wav2Vec2ForCTC`` names:
+    ``wav2vec2.`` prefix, legacy weight-norm names, the CTC ``lm_head`` dropped with its reason), strictly."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    folder = Path(folder)
+    config = Wav2Vec2Config.from_dict(_read_json(folder / "config.json", "wav2vec2 config"))
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        source = safetensors_source(folder, "model", "wav2vec2 weights")
+    else:
+        source = torch_source(folder / "pytorch_model.bin", "wav2vec2 weights (model.safetensors or pytorch_model.bin)")
+    model = build_empty(lambda: Wav2Vec2Model(config))
+    _load(model, source, Wav2Vec2Adapter(), dtype=dtype, device=device)
     _assert_materialised(model, source.where)
     return model.eval().requires_grad_(False)
 

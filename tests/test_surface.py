@@ -1,0 +1,61 @@
+"""The surface users touch: every command's --help, the README's set-up commands, the demo."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fantasytalk_cli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = [
+    "validate-metadata",
+    "plan-buckets",
+    "train",
+    "convert-zero",
+    "make-demo-data",
+    "make-tiny-model",
+    "demo",
+    "config",
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def readme_setup_commands() -> list[str]:
+    """The shell commands in the README before its first section heading."""
+    text = (REPO / "README.md").read_text()
+    head = text.split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.+?)\n```", head, flags=re.S)
+
+
+def test_readme_opens_with_the_two_setup_commands() -> None:
+    commands = readme_setup_commands()
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci  # CI runs the README's test command
+
+
+@pytest.mark.slow
+def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
+    demo = readme_setup_commands()[0].split()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    proc = subprocess.run(
+        [*demo, "--work-dir", str(tmp_path / "demo")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for step in ("make-tiny-model", "make-demo-data", "validate-metadata", "plan-buckets", "train", "convert-zero"):
+        assert f"done {step}" in proc.stdout
+    assert (tmp_path / "demo" / "run" / "checkpoint-20" / "meta.json").is_file()
+    assert (tmp_path / "demo" / "adapter" / "fantasytalking_model.ckpt").is_file()
+    assert (tmp_path / "demo" / "run" / "logs").is_dir()  # TensorBoard scalars
