@@ -34,7 +34,9 @@ def _eval_loss(world: dict[str, Path], weights: dict[str, torch.Tensor] | None, 
 
     cfg = world_config(world, world["root"] / "unused", **cfg_overrides)
     cfg = cfg.model_copy(
-        update={"train": cfg.train.model_copy(update={"text_dropout": 0.0, "image_dropout": 0.0, "train_batch_size": 2})}
+        update={
+            "train": cfg.train.model_copy(update={"text_dropout": 0.0, "image_dropout": 0.0, "train_batch_size": 2})
+        }
     )
     models = load_training_models(cfg.model, cfg.train, device=torch.device("cpu"), uniform_dtype=False)
     if weights is not None:
