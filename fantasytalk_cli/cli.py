@@ -82,7 +82,7 @@ def config_show(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
 
 
 @app.command("validate-metadata")
-@with_config_flags("data", "buckets")
+@with_config_flags("data", "buckets", "model", "train", "checkpoint", "dist")
 def validate_metadata(
     config: ConfigOpt = None,
     json_path: Annotated[

@@ -59,3 +59,32 @@ def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "run" / "checkpoint-20" / "meta.json").is_file()
     assert (tmp_path / "demo" / "adapter" / "fantasytalking_model.ckpt").is_file()
     assert (tmp_path / "demo" / "run" / "logs").is_dir()  # TensorBoard scalars
+
+
+def readme_ftalk_args() -> list[str]:
+    """The README's FTALK_ARGS bash array, as the shell would split it (variables left as text)."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    body = re.search(r"FTALK_ARGS=\((.+?)\n\)", text, flags=re.S)
+    assert body, "README defines FTALK_ARGS"
+    return shlex.split(body.group(1))
+
+
+@pytest.mark.parametrize("command", ["validate-metadata", "plan-buckets", "train"])
+def test_readme_recipe_flags_are_accepted_by(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fantasytalk_cli.cli as cli
+
+    seen = []
+    real = cli.resolve_config
+
+    def capture(config, flags):  # noqa: ANN001, ANN202
+        seen.append(real(config, flags))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "resolve_config", capture)
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, *readme_ftalk_args()])
+    assert exc.value.code in (0, None)
+    assert seen[0].model.trainable_modules == ["processor.", "proj_model."]
+    assert seen[0].buckets.video_sample_n_frames == 81
