@@ -1,12 +1,12 @@
 """The `ftalk` command line: thin commands that parse, load the config, call one library function
 and render its result. All exit codes are decided here: 0 ok, 1 problems found, 2 usage or config
-error, 3 a command that is not built yet."""
+error."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -31,7 +31,6 @@ app.add_typer(config_app, name="config")
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
-EXIT_NOT_BUILT = 3
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 (Typer needs Optional)
@@ -58,19 +57,18 @@ def _root(
     """ftalk: the FantasyTalking training toolkit."""
 
 
+def fail(exc: Exception, code: int) -> NoReturn:
+    """Print a library error's message (it names the file, the key and the fix) and exit with `code`."""
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code) from exc
+
+
 def resolve_config(config: Path | None, flags: dict[str, Any]) -> FtalkConfig:
     """Load the config or exit 2 with the message naming the bad key."""
     try:
         return load_config(config, flags)
     except ConfigError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from exc
-
-
-def not_built(command: str, issue: int) -> None:
-    """Refuse honestly: the command is registered but its library part is not there yet."""
-    err_console.print(f"[bold yellow]ftalk {command} is not built yet[/] (tracked in issue {issue}); nothing was done.")
-    raise typer.Exit(EXIT_NOT_BUILT)
+        fail(exc, EXIT_USAGE)
 
 
 @config_app.command("show")
@@ -161,8 +159,7 @@ def validate_metadata(
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         except ValidateUsageError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(EXIT_USAGE) from exc
+            fail(exc, EXIT_USAGE)
     console.print(report.summary())
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)
@@ -204,8 +201,7 @@ def plan_buckets(
             cfg, world_size=world_size, gpus=gpus, gpu_memory_gb=gpu_memory, write_path=write, json_path=json_path
         )
     except (PlanError, OSError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from exc
+        fail(exc, EXIT_USAGE)
     console.print(render_plan_report(report))
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)
@@ -221,8 +217,7 @@ def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     try:
         summary = run_training(cfg, console)
     except TRAIN_ERRORS as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_PROBLEMS) from exc
+        fail(exc, EXIT_PROBLEMS)
     console.print(render_summary(summary))
 
 
@@ -291,11 +286,9 @@ def convert_zero(
     try:
         report = convert_checkpoint(checkpoint, output, options)
     except ConversionUsageError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from exc
+        fail(exc, EXIT_USAGE)
     except ConversionError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_PROBLEMS) from exc
+        fail(exc, EXIT_PROBLEMS)
     console.print(report.summary(), highlight=False)
     for warning in report.warnings:
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
@@ -314,8 +307,7 @@ def make_demo_data(
     try:
         report = make_demo_dataset(out_dir, seed=seed, num_clips=num_clips, overwrite=overwrite)
     except DemoDataError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from exc
+        fail(exc, EXIT_USAGE)
     console.print(report.summary())
 
 
@@ -336,8 +328,7 @@ def make_tiny_model(
     try:
         report = write_tiny_model(out_dir, layout=layout, seed=seed, overwrite=overwrite)
     except TinyModelError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from exc
+        fail(exc, EXIT_USAGE)
     console.print(report.summary(), highlight=False)
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fantasytalk_cli.cli import app, main
 from fantasytalk_cli.config import ConfigError, FtalkConfig, config_to_yaml, load_config
-from fantasytalk_cli.config.flags import expand_multi_value_flags
+from fantasytalk_cli.config.flags import config_to_argv, expand_multi_value_flags
 from fantasytalk_cli.config.load import config_diff, leaf_fields
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 
@@ -286,16 +286,5 @@ def test_shipped_example_configs_validate() -> None:
 
 
 def test_every_flag_round_trips_through_the_command_line(tmp_path: Path, monkeypatch) -> None:
-    cfg = load_config(None, {"fsdp_version": 1, "strategy": "zero2", "train_data_dir": tmp_path})
-    argv = []
-    for section in cfg.model_dump(mode="json").values():
-        for key, value in section.items():
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                argv.append(f"--{key}" if value else f"--no-{key}")
-            elif isinstance(value, list):
-                argv += [f"--{key}", *map(str, value)]
-            else:
-                argv.append(f"--{key}={value}")
-    assert parse_train_argv(argv, monkeypatch) == cfg
+    cfg = load_config(None, {"fsdp_version": 1, "strategy": "zero2", "train_data_dir": tmp_path, "enable_bucket": True})
+    assert parse_train_argv(config_to_argv(cfg), monkeypatch) == cfg

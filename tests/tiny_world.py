@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fantasytalk_cli.config import FtalkConfig, load_config
+from fantasytalk_cli.config.flags import config_to_argv
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data.synthetic import make_demo_dataset
 from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
@@ -51,16 +52,4 @@ def world_config(world: dict[str, Path], output_dir: Path, **overrides: Any) -> 
 
 def world_argv(world: dict[str, Path], output_dir: Path, **overrides: Any) -> list[str]:
     """The same config as `ftalk train` command-line flags."""
-    cfg = world_config(world, output_dir, **overrides)
-    argv: list[str] = []
-    for section in cfg.model_dump(mode="json").values():
-        for key, value in section.items():
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                argv.append(f"--{key}" if value else f"--no-{key}")
-            elif isinstance(value, list):
-                argv += [f"--{key}", *map(str, value)]
-            else:
-                argv.append(f"--{key}={value}")
-    return argv
+    return config_to_argv(world_config(world, output_dir, **overrides))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 
 from fantasytalk_cli.config.schema import SECTIONS
 
@@ -134,3 +135,20 @@ def with_config_flags(*sections: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def config_to_argv(cfg: BaseModel) -> list[str]:
+    """Command-line flags that reproduce `cfg` (the inverse of the flags above; `None` values left out),
+    e.g. to hand a resolved config to `accelerate launch -m fantasytalk_cli train`."""
+    argv: list[str] = []
+    for section in cfg.model_dump(mode="json").values():
+        for key, value in section.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                argv.append(f"--{key}" if value else f"--no-{key}")
+            elif isinstance(value, list):
+                argv += [f"--{key}", *map(str, value)]
+            else:
+                argv.append(f"--{key}={value}")
+    return argv
