@@ -1,0 +1,59 @@
+"""The training dataset: planned shapes, exact audio spans, broken clips skipped or failing loudly."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fantasytalk_cli.data.dataset import ClipBatchDataset, SampleError
+from fantasytalk_cli.data.metadata import load_entries
+from fantasytalk_cli.data.plan import plan_from_metadata
+from fantasytalk_cli.data.sampler import BucketBatchSampler
+from fantasytalk_cli.models.audio import SAMPLE_RATE
+from tests.tiny_world import world_config
+
+
+def _setup(world: dict, tmp_path: Path, batch_size: int = 2):  # noqa: ANN202
+    cfg = world_config(world, tmp_path / "run", train_batch_size=batch_size)
+    plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta)
+    entries = load_entries(cfg.data.train_data_meta)
+    sampler = BucketBatchSampler(plan, batch_size=batch_size, seed=3)
+    return cfg, plan, entries, sampler
+
+
+def test_batches_have_the_planned_shape_and_exact_audio(tiny_world: dict, tmp_path: Path) -> None:
+    cfg, plan, entries, sampler = _setup(tiny_world, tmp_path)
+    dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3)
+    batch = next(iter(sampler))
+    out = dataset[batch]
+    assert out["pixels"].shape == (len(batch), 3, batch.frames, batch.height, batch.width)
+    assert out["pixels"].min() >= -1 and out["pixels"].max() <= 1
+    for index, audio in zip(out["indices"], out["audio"], strict=True):
+        probe = entries[index].probe
+        span = batch.frames * int(plan.stride[index]) / probe.fps  # frames x stride / fps seconds
+        assert abs(audio.numel() - span * SAMPLE_RATE) <= 1
+    assert out["failures"] == []
+
+
+def test_broken_clip_is_skipped_and_reported(tiny_world: dict, tmp_path: Path) -> None:
+    cfg, plan, entries, sampler = _setup(tiny_world, tmp_path)
+    batch = next(iter(sampler))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    entries = list(entries)
+    entries[batch[0]] = dataclasses.replace(entries[batch[0]], file_path=str(broken))
+    out = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3, policy="skip")[batch]
+    assert out["pixels"].shape[0] == len(batch) - 1
+    assert [f.index for f in out["failures"]] == [batch[0]]
+    assert str(broken) in out["failures"][0].path
+    with pytest.raises(SampleError, match=r"broken\.mp4.*bad_sample_policy skip"):
+        ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3, policy="fail")[batch]
+
+
+def test_dataset_needs_probe_facts(tiny_world: dict, tmp_path: Path) -> None:
+    cfg, plan, entries, _ = _setup(tiny_world, tmp_path)
+    stripped = [dataclasses.replace(e, probe=None) for e in entries]
+    with pytest.raises(SampleError, match="validate-metadata --write-clean"):
+        ClipBatchDataset(stripped, plan, cfg.data.train_data_dir, seed=3)
