@@ -6,8 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
-from fantasytalk_cli.data.dataset import ClipBatchDataset, SampleError
+from fantasytalk_cli.data.dataset import ClipBatchDataset, SampleError, to_model_pixels
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import plan_from_metadata
 from fantasytalk_cli.data.sampler import BucketBatchSampler
@@ -28,8 +29,13 @@ def test_batches_have_the_planned_shape_and_exact_audio(tiny_world: dict, tmp_pa
     dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3)
     batch = next(iter(sampler))
     out = dataset[batch]
-    assert out["pixels"].shape == (len(batch), 3, batch.frames, batch.height, batch.width)
-    assert out["pixels"].min() >= -1 and out["pixels"].max() <= 1
+    assert out["pixels"].shape == (len(batch), batch.frames, batch.height, batch.width, 3)
+    assert out["pixels"].dtype == torch.uint8  # converted to [-1, 1] floats on the device by the step
+    pixels = to_model_pixels(out["pixels"], torch.device("cpu"))
+    assert pixels.shape == (len(batch), 3, batch.frames, batch.height, batch.width)
+    assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.dtype == torch.float32
+    expected = out["pixels"][0, 0, 0, 0, 0].item() / 127.5 - 1  # channel 0 of frame 0, top-left pixel
+    assert pixels[0, 0, 0, 0, 0].item() == pytest.approx(expected)
     for index, audio in zip(out["indices"], out["audio"], strict=True):
         probe = entries[index].probe
         span = batch.frames * int(plan.stride[index]) / probe.fps  # frames x stride / fps seconds

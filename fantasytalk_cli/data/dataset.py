@@ -51,13 +51,25 @@ def read_frames(path: Path, indices: Sequence[int]) -> np.ndarray:
 
 
 def to_bucket(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """uint8 [F, H, W, 3] -> float [3, F, height, width] in [-1, 1]: resize to cover, centre crop."""
+    """uint8 [F, H, W, 3] -> uint8 [F, height, width, 3]: resize to cover, centre crop.
+
+    Stays uint8 and channels-last as decoded (a clip that already fits is not copied at all): a quarter
+    of the bytes through worker pipes and host-to-device copies, and no full-size float or transpose
+    passes on the CPU. `to_model_pixels` makes the [3, F, H, W] floats in [-1, 1] on the device."""
     box = cover_crop(frames.shape[1], frames.shape[2], height, width)
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [F, 3, H, W]
-    if (box.resize_height, box.resize_width) != tuple(video.shape[-2:]):
-        video = F.interpolate(video, size=(box.resize_height, box.resize_width), mode="bilinear", antialias=True)
-    video = video[:, :, box.top : box.top + height, box.left : box.left + width]
-    return (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+    video = torch.from_numpy(frames)
+    if (box.resize_height, box.resize_width) != tuple(video.shape[1:3]):
+        size = (box.resize_height, box.resize_width)
+        resized = F.interpolate(video.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True)
+        video = resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return video[:, box.top : box.top + height, box.left : box.left + width, :].contiguous()
+
+
+def to_model_pixels(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] from the loader -> float32 [B, 3, F, H, W] in [-1, 1] on `device`
+    (the cheap uint8 copy first, the layout change and conversion where compute is)."""
+    video = pixels.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).contiguous()
+    return video.float().div_(127.5).sub_(1.0)
 
 
 class ClipBatchDataset(torch.utils.data.Dataset):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
+from fantasytalk_cli.data.dataset import to_model_pixels
 from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.encoders import FrozenEncoders
 from fantasytalk_cli.train.flow import (
@@ -85,7 +86,7 @@ def training_step(
     """Loss of one micro-batch (not yet backpropagated)."""
     cfg = ctx.train
     shared, local = _generators(cfg.seed or 0, step, ctx.rank)
-    pixels = batch["pixels"].to(ctx.device)
+    pixels = to_model_pixels(batch["pixels"], ctx.device)  # uint8 from the loader -> [-1, 1]
     bsz, _, frames, height, width = pixels.shape
 
     # Per-sample condition dropout (classifier-free guidance for text, image and audio).

@@ -1,0 +1,172 @@
+"""Benchmark of one model-ready training sample against decoding its frames, per sample.
+
+For every sample of epoch 0 (the bucket sampler at batch size 1, so each sample keeps its planned bucket shape),
+in one process with torch and decord on one thread:
+
+- `raw decord`: ``decord.VideoReader(path, num_threads=1).get_batch(indices).asnumpy()`` of exactly the frames of
+  the sample's planned window (the same `clip_window` the dataset draws), file open included: the floor;
+- `loaded`: ``ClipBatchDataset.load_sample`` (decord decode of the window, resize-to-cover + centre crop +
+  [-1, 1] float, audio read + downmix + resample to 16 kHz + cut to the frames' span);
+- its parts timed one by one on the same sample: `read_frames`, `to_bucket`, `load_audio`, `cut_audio_to_frames`.
+
+Raw and loaded alternate (order flipped every repeat); a warm-up pass is not timed; each figure is the median
+over repeats of one sample, averaged over samples; the ratio is sum(loaded) / sum(raw). Two data sets: the demo
+data (`make_demo_dataset`, clips of 96-176 px where fixed costs dominate) and a few 512x512 clips
+(`write_talking_clip`) at a 512 bucket, closer to real training samples. Target: ratio <= 1.15.
+
+Run: ``.venv/bin/python bench/dataloader.py [--repeats 7 --large-clips 4 --large-frames 49]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fantasytalk_cli.config import load_config
+from fantasytalk_cli.config.schema import BucketConfig, DataConfig
+from fantasytalk_cli.data.buckets import clip_window
+from fantasytalk_cli.data.dataset import ClipBatchDataset, read_frames, to_bucket
+from fantasytalk_cli.data.metadata import load_entries, resolve_media_path
+from fantasytalk_cli.data.plan import plan_from_metadata
+from fantasytalk_cli.data.sampler import BucketBatchSampler, PlannedBatch
+from fantasytalk_cli.data.synthetic import METADATA_NAME, make_demo_dataset, write_talking_clip
+from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
+from fantasytalk_cli.models.audio import SAMPLE_RATE, cut_audio_to_frames, load_audio
+
+TARGET = 1.15
+PARTS = ("raw decord", "loaded", "read_frames", "to_bucket", "load_audio", "cut_audio")
+
+
+@dataclass
+class DataSet:
+    name: str
+    root: Path
+    clean: Path
+    buckets: dict[str, Any]
+
+
+def clean_metadata(root: Path, buckets: dict[str, Any]) -> Path:
+    """`validate-metadata --write-clean` on the folder's metadata: the probe facts the plan and dataset need."""
+    clean = root / "clean.json"
+    report = validate_metadata(
+        DataConfig(train_data_dir=root, train_data_meta=root / METADATA_NAME),
+        BucketConfig(**buckets),
+        ValidateOptions(clean_path=clean, workers=1),
+    )
+    assert report.ok, report.codes
+    return clean
+
+
+def demo_set(root: Path, clips: int) -> DataSet:
+    buckets = {"video_sample_size": 128, "video_sample_n_frames": 17, "enable_bucket": True}
+    make_demo_dataset(root, seed=0, num_clips=clips)
+    return DataSet("demo (96-176 px)", root, clean_metadata(root, buckets), buckets)
+
+
+def large_set(root: Path, clips: int, frames: int) -> DataSet:
+    """`clips` 512x512 talking clips, 4 s at 25 fps, audio alternating 16 kHz mono / 44.1 kHz stereo."""
+    entries = []
+    for i in range(clips):
+        rate, channels = ((16000, 1), (44100, 2))[i % 2]
+        video, audio = f"train/{i:04d}.mp4", f"wav/{i:04d}.wav"
+        write_talking_clip(root / video, root / audio, width=512, height=512, fps=25, seconds=4.0,
+                           sample_rate=rate, channels=channels, seed=i)  # fmt: skip
+        entries.append({"file_path": video, "audio_path": audio, "text": "A person talks.", "type": "video"})
+    (root / METADATA_NAME).write_text(json.dumps(entries))
+    buckets = {"video_sample_size": 512, "video_sample_n_frames": frames, "enable_bucket": False}
+    return DataSet(f"512x512 clips, {frames} frames", root, clean_metadata(root, buckets), buckets)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def bench_set(data: DataSet, repeats: int) -> tuple[dict[str, float], int, str]:
+    """Mean over samples of each part's per-sample median (seconds), the sample count, the shapes seen."""
+    cfg = load_config(None, {"train_data_dir": data.root, "train_data_meta": data.clean, "seed": 0, **data.buckets})
+    plan, _, _ = plan_from_metadata(cfg, data.clean)
+    entries = load_entries(data.clean)
+    dataset = ClipBatchDataset(entries, plan, data.root, seed=0)
+    batches: list[PlannedBatch] = list(BucketBatchSampler(plan, batch_size=1, seed=0))
+
+    def window(batch: PlannedBatch) -> Any:
+        index = batch[0]
+        probe = entries[index].probe
+        assert probe is not None
+        return clip_window(probe.num_frames, probe.fps, batch.frames, int(dataset.stride[index]),
+                           seed=0, epoch=batch.epoch, index=index)  # fmt: skip
+
+    def raw(batch: PlannedBatch) -> Any:
+        import decord
+
+        path = resolve_media_path(data.root, entries[batch[0]].file_path)
+        return decord.VideoReader(str(path), num_threads=1).get_batch(window(batch).frame_indices).asnumpy()
+
+    def parts(batch: PlannedBatch) -> dict[str, float]:
+        win = window(batch)
+        entry = entries[batch[0]]
+        t_read, frames = _timed(lambda: read_frames(resolve_media_path(data.root, entry.file_path), win.frame_indices))
+        t_bucket, _ = _timed(lambda: to_bucket(frames, batch.height, batch.width))
+        t_audio, samples = _timed(lambda: load_audio(resolve_media_path(data.root, entry.audio_path)))
+        t_cut, _ = _timed(
+            lambda: cut_audio_to_frames(samples, SAMPLE_RATE, win.start_frame, win.num_frames, win.stride, win.fps)
+        )
+        return {"read_frames": t_read, "to_bucket": t_bucket, "load_audio": t_audio, "cut_audio": t_cut}
+
+    times: dict[str, list[list[float]]] = {part: [[] for _ in batches] for part in PARTS}
+    for rep in range(repeats + 1):  # repeat 0 warms caches and is not kept
+        for i, batch in enumerate(batches):
+            runs = [("raw decord", lambda b=batch: raw(b)), ("loaded", lambda b=batch: dataset.load_sample(b[0], b))]
+            measured = {name: _timed(fn)[0] for name, fn in (runs if rep % 2 else runs[::-1])}
+            measured |= parts(batch)
+            if rep:
+                for part, seconds in measured.items():
+                    times[part][i].append(seconds)
+    means = {part: statistics.fmean(statistics.median(s) for s in per_sample) for part, per_sample in times.items()}
+    shapes = sorted({f"{b.height}x{b.width}x{b.frames}" for b in batches})
+    return means, len(batches), ", ".join(shapes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--demo-clips", type=int, default=12)
+    parser.add_argument("--large-clips", type=int, default=4)
+    parser.add_argument("--large-frames", type=int, default=49)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="ftalk-bench-data-") as tmp:
+        start = time.perf_counter()
+        sets = [demo_set(Path(tmp) / "demo", args.demo_clips)]
+        if args.large_clips:
+            sets.append(large_set(Path(tmp) / "large", args.large_clips, args.large_frames))
+        print(f"data written and validated in {time.perf_counter() - start:.0f} s; {args.repeats} repeats per sample")
+        header = ("data set", "samples", *PARTS, "ratio")
+        print("{:<28} {:>7} {:>10} {:>8} {:>11} {:>9} {:>10} {:>9} {:>6}".format(*header))
+        for data in sets:
+            means, count, shapes = bench_set(data, args.repeats)
+            ms = [means[p] * 1e3 for p in PARTS]
+            print(
+                f"{data.name:<28} {count:>7} {ms[0]:>10.2f} {ms[1]:>8.2f} {ms[2]:>11.2f} {ms[3]:>9.2f} "
+                f"{ms[4]:>10.2f} {ms[5]:>9.2f} {means['loaded'] / means['raw decord']:>5.2f}x"
+            )
+            print(f"{'':<28} buckets: {shapes}")
+    print(
+        "ms per sample (mean over samples of the per-sample median); ratio = loaded / raw decord; "
+        f"target <= {TARGET:.2f}x; read_frames..cut_audio are the parts of `loaded` timed one by one"
+    )
+
+
+if __name__ == "__main__":
+    main()
