@@ -110,13 +110,7 @@ def bare_run(cfg: FtalkConfig, batches: list[dict[str, Any]]) -> tuple[list[Stam
     cpu = torch.device("cpu")
     models = load_training_models(cfg.model, train, device=cpu, uniform_dtype=False)
     params = [p for p in models.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        weight_decay=train.adam_weight_decay,
-        eps=train.adam_epsilon,
-    )
+    optimizer = loop_module.build_optimizer(models.transformer, train)
     ctx = StepContext(
         train=train,
         model_cfg=cfg.model,

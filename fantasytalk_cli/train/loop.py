@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fantasytalk_cli import __version__
 from fantasytalk_cli.config.load import config_diff, config_hash, config_to_yaml
-from fantasytalk_cli.config.schema import FtalkConfig
+from fantasytalk_cli.config.schema import FtalkConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.metadata import load_entries
@@ -102,6 +102,17 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (the frozen base gets no optimizer state)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+
+
 def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
@@ -168,14 +179,7 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
     for note in models.notes:
         say(f"model: {note}")
     transformer = models.transformer
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        weight_decay=train.adam_weight_decay,
-        eps=train.adam_epsilon,
-    )
+    optimizer = build_optimizer(transformer, train)
     steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
     max_steps = train.max_train_steps or train.num_train_epochs * steps_per_epoch
     # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
