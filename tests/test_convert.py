@@ -25,6 +25,7 @@ from fantasytalk_cli.models.loaders import adapter_to_format, build_empty, load_
 from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS, TINY_DIT, make_tiny_model
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+from tests.dist.launch import check_run
 from tests.test_distributed import STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, base: Path) -> dict[str, Path
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         cmd += ["-m", "tests.dist.ckpt_run", str(folder), str(base)]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        check_run(proc, folder / "info.json", kind)
         out[kind] = folder
     return out
 

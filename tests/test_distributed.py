@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from fantasytalk_cli.config.schema import DistConfig, TrainConfig
 from fantasytalk_cli.train.distributed import DistributedSetupError, deepspeed_config, detect_strategy
+from tests.dist.launch import check_run
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_SEED_FLAGS = {
@@ -48,7 +49,7 @@ def run_toy(out: Path, env_extra: dict[str, str], nproc: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += ["-m", "tests.dist.toy_run", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_run(proc, out / "info.json")
     return json.loads((out / "info.json").read_text())
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fantasytalk_cli.train.checkpoint import CheckpointMeta, latest_checkpoint
+from tests.dist.launch import check_run
 from tests.test_distributed import STRATEGIES
 from tests.tiny_world import world_argv
 
@@ -26,15 +27,14 @@ ZERO3_TEST_JSON = {
 }
 
 
-def launch(argv: list[str], env_extra: dict[str, str], probe: Path) -> str:
+def launch(argv: list[str], env_extra: dict[str, str], probe: Path, done: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.update(env_extra)
     env["FTALK_TEST_PROBE_DIR"] = str(probe)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "tests.dist.train_entry", "train", *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return check_run(proc, done)
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
     run = tmp_path / "run"
     common = {"checkpointing_steps": 2, "train_batch_size": 1}
-    launch(world_argv(tiny_world, run, max_train_steps=2, **common), env, tmp_path / "probe1")
+    launch(world_argv(tiny_world, run, max_train_steps=2, **common), env, tmp_path / "probe1", run / "checkpoint-2")
     first = latest_checkpoint(run)
     assert first is not None and first.name == "checkpoint-2"
     meta = CheckpointMeta.read(first)
@@ -56,6 +56,7 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
         world_argv(tiny_world, run, max_train_steps=3, resume_from_checkpoint="latest", **common),
         env,
         tmp_path / "probe2",
+        run / "checkpoint-3",
     )
     assert "resumed from" in out and "at step 2" in out
     assert latest_checkpoint(run) == run / "checkpoint-3"

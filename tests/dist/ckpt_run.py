@@ -81,4 +81,7 @@ def main(out: Path, base: Path) -> None:
 
 
 if __name__ == "__main__":
+    from tests.dist.launch import exit_now
+
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    exit_now(0)

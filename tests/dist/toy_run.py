@@ -79,4 +79,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    from tests.dist.launch import exit_now
+
     main(Path(sys.argv[1]))
+    exit_now(0)

@@ -88,4 +88,10 @@ def build_accelerator(*args, **kwargs):  # noqa: ANN002, ANN003
 loop.build_accelerator = build_accelerator
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from tests.dist.launch import exit_now
+
+    try:
+        main(sys.argv[1:])
+    except SystemExit as exc:
+        exit_now(exc.code)
+    exit_now(0)
