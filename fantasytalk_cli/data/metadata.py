@@ -405,6 +405,11 @@ def resolve_media_path(data_dir: Path | None, relative: str) -> Path:
 
 def metadata_hash(path: Path) -> str:
     """sha256 (hex) of the metadata file's bytes: plan files record it to notice a changed metadata file."""
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks (memory stays flat for any size)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -18,7 +18,6 @@ config-independent E401-E403, W404, E501-E503 findings.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from fantasytalk_cli.data.metadata import file_sha256
 
 PROBE_VERSION = 1
 """Bumped when probe results change meaning; cached results of another version are ignored."""
@@ -127,14 +128,6 @@ def mp4_overrun(path: Path) -> str | None:
     return None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _container_claims(path: Path, thorough_tail: bool) -> tuple[dict[str, Any], str | None]:
     """PyAV: the container's frame claims, and whether the final packets decode on their own.
 
@@ -187,7 +180,7 @@ def _probe_video(path: Path, thorough: bool, want_hash: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": "video", "problems": []}
     problems: list[list[str]] = out["problems"]
     if want_hash:
-        out["sha256"] = _file_sha256(path)
+        out["sha256"] = file_sha256(path)
     if path.stat().st_size == 0:
         problems.append(["E401", "the file is empty (0 bytes)"])
         return out
