@@ -66,9 +66,9 @@ def adapter_dims(wav2vec_dir: Path, adapter_path: Path | None) -> dict[str, int]
     dims = {"audio_in_dim": int(config["hidden_size"])}
     if adapter_path is not None:
         _, source = read_adapter_file(adapter_path)
-        for name in ("proj_model.proj.weight",):
-            if name in source.shapes:
-                dims["audio_proj_dim"] = int(source.shapes[name][0])
+        proj = source.shapes.get("proj_model.proj.weight")  # absent in a base-only transformer file
+        if proj is not None:
+            dims["audio_proj_dim"] = int(proj[0])
     return dims
 
 
