@@ -3,6 +3,7 @@ the distributed set-up in `distributed`, the checkpoint files in `checkpoint`.""
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import time
@@ -124,7 +125,8 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
     train, ckpt = cfg.train, cfg.checkpoint
     accelerator, strategy = build_accelerator(cfg.dist, train, ckpt, train.report_to)
     main = accelerator.is_main_process
-    say = console.print if main else (lambda *a, **k: None)
+    # soft_wrap: one log line stays one line in a piped log (paths are never broken for grep)
+    say = functools.partial(console.print, soft_wrap=True) if main else (lambda *a, **k: None)
     for note in strategy.notes:
         say(f"[yellow]note:[/] {note}")
     set_seed(train.seed or 0)
