@@ -103,9 +103,20 @@ def parse_train_argv(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> FtalkC
     return seen[0]
 
 
+def dashed(token: str) -> str:
+    """`--video_sample_size=512` -> `--video-sample-size=512` (values untouched)."""
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token.partition("=")
+    return name.replace("_", "-") + eq + value
+
+
+@pytest.mark.parametrize("spelling", ["underscore", "dash"])
 @pytest.mark.parametrize("recipe", sorted(SEED_LAUNCHERS))
-def test_seed_recipes_parse_into_the_values_they_name(recipe: str, tmp_path: Path, monkeypatch) -> None:
+def test_seed_recipes_parse_into_the_values_they_name(recipe: str, spelling: str, tmp_path: Path, monkeypatch) -> None:
     argv = script_part(SEED_LAUNCHERS[recipe]) + seed_script_argv(tmp_path)
+    if spelling == "dash":
+        argv = [dashed(token) for token in argv]
     cfg = parse_train_argv(argv, monkeypatch)
     assert cfg.model.config_path == Path("config/wan2.1/wan_civitai.yaml")
     assert cfg.model.pretrained_model_name_or_path == tmp_path / "models/Wan2.1-I2V-14B-720P"
@@ -272,6 +283,25 @@ def test_multi_value_flag_expansion() -> None:
         "1",
         "--trainable-modules=c.",
     ]
+
+
+def test_multi_value_flag_ends_at_a_short_option() -> None:
+    argv = ["train", "--trainable_modules", "a.", "b.", "-c", "run.yaml"]
+    assert expand_multi_value_flags(argv) == ["train", "--trainable_modules", "a.", "--trainable_modules", "b.", "-c",
+                                              "run.yaml"]  # fmt: skip
+
+
+def test_cli_flags_beat_the_config_file(tmp_path: Path) -> None:
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  learning_rate: 0.5\n  seed: 7\nmodel:\n  trainable_modules: [x.]\n")
+    argv = ["config", "show", "--trainable_modules", "processor.", "proj_model.", "-c", str(run), "--learning_rate",
+            "0.1"]  # fmt: skip
+    result = CliRunner().invoke(app, expand_multi_value_flags(argv))  # as `main` does before Typer parses
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["train"]["learning_rate"] == 0.1  # flag over file
+    assert shown["train"]["seed"] == 7  # file over default
+    assert shown["model"]["trainable_modules"] == ["processor.", "proj_model."]
 
 
 def test_shipped_example_configs_validate() -> None:

@@ -343,6 +343,52 @@ def test_config_change_reuses_the_cache(
     assert report.codes == Counter({"E407": 2})  # 25 and 31 frames < 33
 
 
+def test_thorough_run_does_not_reuse_fast_probes(
+    clean_set: tuple[Path, Path], tmp_path: Path, count_opens: Counter[str]
+) -> None:
+    root, meta = clean_set
+    cache = tmp_path / "cache.jsonl"
+    data = DataConfig(train_data_meta=meta, train_data_dir=root)
+    validate_metadata(data, BUCKETS, ValidateOptions(workers=1, cache_path=cache))
+    count_opens.clear()
+    thorough = validate_metadata(data, BUCKETS, ValidateOptions(workers=1, cache_path=cache, thorough=True))
+    assert count_opens["decord"] == 4 and thorough.ok  # every video probed again, the exact way
+    count_opens.clear()
+    for deep in (True, False):  # a thorough result serves both kinds of run
+        validate_metadata(data, BUCKETS, ValidateOptions(workers=1, cache_path=cache, thorough=deep))
+    assert sum(count_opens.values()) == 0
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_clean_output_plans_without_opening_media(
+    clean_set: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    root, meta = clean_set
+    clean = tmp_path / f"clean{suffix}"
+    result = invoke("--train_data_meta", str(meta), "--train_data_dir", str(root), *SMALL_FLAGS,
+                    "--write-clean", str(clean), "--workers", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    opened: list[str] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        opened.append(str(args[:2]))
+        raise AssertionError("plan-buckets opened a media file")
+
+    import decord
+
+    monkeypatch.setattr(decord, "VideoReader", refuse)
+    for name in ("SoundFile", "read", "info"):
+        monkeypatch.setattr(sf, name, refuse)
+    monkeypatch.setattr(probe, "open_decoder", refuse)
+    planned = CliRunner().invoke(
+        app, ["plan-buckets", "--train_data_meta", str(clean), "--train_data_dir", str(root), *SMALL_FLAGS]
+    )
+    assert planned.exit_code == 0, planned.output
+    assert opened == []
+    assert "entries 4; trained this epoch 4" in " ".join(planned.output.split())  # every clean entry planned
+
+
 def test_parallel_probes_keep_input_order(corpus: tuple[Path, Path, list[set[str]]], tmp_path: Path) -> None:
     root, meta, expected = corpus
     options = ValidateOptions(json_path=tmp_path / "r.json", workers=2, chunk_size=3, use_cache=False)
@@ -455,9 +501,12 @@ def test_cli_exit_1_on_errors_and_config_file(corpus: tuple[Path, Path, list[set
         ["--train_data_meta", "{meta}", "--video_sample_n_frames", "16"],  # not 4k+1
         ["--train_data_meta", "{meta}", "--workers", "-1"],
         ["--train_data_meta", "{meta}", "--tokenizer", "{tmp}"],
+        ["--train_data_meta", "{meta}", "--json", "{meta}/r.json"],  # a folder that is a file
+        ["--train_data_meta", "{meta}", "--write-clean", "{meta}/clean.json"],
     ],
 )
 def test_cli_exit_2_on_usage_errors(clean_set: tuple[Path, Path], tmp_path: Path, args: list[str]) -> None:
     _, meta = clean_set
     result = invoke(*(a.format(meta=meta, tmp=tmp_path) for a in args))
     assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output

@@ -67,7 +67,8 @@ def expand_multi_value_flags(argv: list[str], multi: set[str] | None = None) -> 
         if token in multi:
             i += 1
             values = []
-            while i < len(argv) and not argv[i].startswith("--"):
+            # values end at the next option, long or short (`-c run.yaml` is not a module name)
+            while i < len(argv) and not (argv[i].startswith("-") and len(argv[i]) > 1):
                 values.append(argv[i])
                 i += 1
             out.extend(x for v in values for x in (token, v))

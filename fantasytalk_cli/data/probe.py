@@ -177,7 +177,7 @@ def probe_video(path: Path, *, thorough: bool = False, want_hash: bool = False) 
 
 
 def _probe_video(path: Path, thorough: bool, want_hash: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": "video", "problems": []}
+    out: dict[str, Any] = {"kind": "video", "problems": [], "thorough": thorough}
     problems: list[list[str]] = out["problems"]
     if want_hash:
         out["sha256"] = file_sha256(path)
@@ -366,9 +366,12 @@ class ProbeCache:
                 pass
         return self._entries
 
-    def get(self, kind: Kind, signature: tuple[str, int, int], need_hash: bool = False) -> dict[str, Any] | None:
+    def get(
+        self, kind: Kind, signature: tuple[str, int, int], need_hash: bool = False, need_thorough: bool = False
+    ) -> dict[str, Any] | None:
+        """The cached result, or None where there is none or it was probed with less than is asked now."""
         result = self._load().get((kind, *signature))
-        if result is None or (need_hash and "sha256" not in result):
+        if result is None or (need_hash and "sha256" not in result) or (need_thorough and not result.get("thorough")):
             self.misses += 1
             return None
         self.hits += 1

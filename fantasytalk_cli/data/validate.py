@@ -581,16 +581,28 @@ class _Run:
         self.json_out: _JsonReport | None = None
         self.clean_out: EntryWriter | None = None
 
+    def _open_outputs(self) -> None:
+        """Open `--json` / `--write-clean` before any probe: a path that cannot be written is a usage error."""
+        options = self.options
+        for label, path in (("--json", options.json_path), ("--write-clean", options.clean_path)):
+            if path is None:
+                continue
+            try:
+                if label == "--json":
+                    self.json_out = _JsonReport(path, self._head())
+                else:
+                    self.clean_out = EntryWriter(path).open()
+            except OSError as exc:
+                raise ValidateUsageError(
+                    f"{label} {path} cannot be written ({exc.strerror or exc}): pick a path in a writable folder"
+                ) from exc
+
     def execute(self) -> ValidationReport:
         report, options = self.report, self.options
         workers = options.workers or _cores()
         fatal = False
         try:
-            if options.json_path is not None:
-                self.json_out = _JsonReport(options.json_path, self._head())
-            if options.clean_path is not None:
-                self.clean_out = EntryWriter(options.clean_path)
-                self.clean_out.open()
+            self._open_outputs()
             with _Pipeline(workers, options.chunk_size, self.cache) as pipeline:
                 try:
                     for index, raw in iter_raw_entries(self.metadata):
@@ -668,9 +680,10 @@ class _Run:
                 sig = None
             setattr(item, f"{kind}_sig", sig)
             need_hash = kind == "video" and self.options.hash_duplicates
+            need_thorough = kind == "video" and self.options.thorough
             cached = None
             if self.cache is not None and sig is not None:
-                cached = self.cache.get(kind, sig, need_hash)  # type: ignore[arg-type]
+                cached = self.cache.get(kind, sig, need_hash, need_thorough)  # type: ignore[arg-type]
             if cached is not None:
                 setattr(item, kind, cached)
             else:
