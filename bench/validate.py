@@ -38,6 +38,8 @@ class Profile:
     buckets: BucketConfig
 
 
+TARGET = 0.10  # validation time as a share of a full decode of the same clips
+
 PROFILES = {
     # the clips `ftalk make-demo-data` writes: 96-176 px, 1-6 s, 23/25/30 fps, mixed audio formats
     "demo": Profile("demo", DEMO_SIZES, (1.5, 3.5, 6.0), BucketConfig(video_sample_size=96, video_sample_n_frames=17)),
@@ -120,6 +122,10 @@ def run_profile(profile: Profile, entries: int, distinct: int, decode_sample: in
         table.add_row(f"full decode ({sample} clips, 1 process)", f"{1 / decode_per_clip:,.0f}",
                       f"{decode_per_clip * 1000:.2f}", "100%")  # fmt: skip
         console.print(table)
+        # like for like: one validating process against one decoding process, both without a cache
+        ratio = timings["validate, 1 worker, no cache"] / entries / decode_per_clip
+        verdict = "[green]met[/]" if ratio <= TARGET else "[red]missed[/]"
+        console.print(f"target: validation <= {TARGET:.0%} of a full decode (1 process each): {ratio:.1%}, {verdict}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
