@@ -1,20 +1,27 @@
-"""Checkpoint folder mechanics: atomic finalize, `latest`, pruning, resume resolution."""
+"""Checkpoint folder mechanics: atomic finalize, `latest`, pruning, resume resolution; the model-state
+checks and hooks of saving and resuming, on a plain module (their multi-process use: test_train_distributed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from fantasytalk_cli.train.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     finalize_checkpoint,
+    fsdp_trainable_only,
+    init_optimizer_state,
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
+    recorded_load_keys,
     resolve_resume,
     temp_checkpoint_dir,
+    verify_module_state,
 )
 
 
@@ -68,3 +75,54 @@ def test_resolve_resume_errors(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-9").mkdir()
     with pytest.raises(CheckpointError, match="not a complete ftalk checkpoint"):
         resolve_resume(tmp_path, "checkpoint-9")
+
+
+def _half_frozen() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[0].requires_grad_(False)
+    return model
+
+
+def test_zero_resume_checks_the_loaded_module_state() -> None:
+    model = _half_frozen()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k: v for k, v in model.state_dict().items() if k.startswith("1.")}  # frozen weights excluded
+    with recorded_load_keys(model) as loads:
+        model.load_state_dict(saved, strict=False)
+    verify_module_state(loads, trainable, Path("ckpt"))
+    del saved["1.bias"]
+    saved["2.weight"] = torch.zeros(1)
+    with recorded_load_keys(model) as loads:
+        model.load_state_dict(saved, strict=False)
+    with pytest.raises(CheckpointError, match=r"ckpt: .*missing 1 \['1.bias'\], unknown 1 \['2.weight'\]"):
+        verify_module_state(loads, trainable, Path("ckpt"))
+    with pytest.raises(CheckpointError, match="restored no module state"):
+        verify_module_state([], trainable, Path("ckpt"))
+    assert not model._load_state_dict_post_hooks  # the hook is gone after the block
+
+
+def test_fsdp_state_leaves_frozen_out() -> None:
+    model = _half_frozen()
+    with fsdp_trainable_only(model):
+        state = model.state_dict()
+        assert sorted(state) == ["1.bias", "1.weight"]
+        state = {k: torch.full_like(v, 2.0) for k, v in state.items()}
+        model.load_state_dict(state)  # strict: the frozen ones may be absent, they keep their values
+        with pytest.raises(RuntimeError, match="1.bias"):
+            model.load_state_dict({"1.weight": state["1.weight"]})  # a trainable one may not
+    assert torch.equal(model[1].weight, torch.full((3, 3), 2.0))
+    assert len(model.state_dict()) == 4  # hooks removed
+
+
+def test_init_optimizer_state_keeps_weights_and_accepts_a_saved_state() -> None:
+    model = _half_frozen()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+    before = [p.detach().clone() for p in params]
+    init_optimizer_state(optimizer)
+    assert set(optimizer.state) == set(params) and all(p.grad is None for p in params)
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    state = optimizer.state_dict()
+    init_optimizer_state(optimizer)  # already there: untouched
+    assert optimizer.state_dict()["state"][0]["step"] == state["state"][0]["step"]

@@ -71,6 +71,8 @@ def test_strategy_trains_saves_and_gathers(name: str, tmp_path: Path, reference:
         assert any("use_orig_params" in n for n in info["notes"])
         assert info["model_type"] == "FullyShardedDataParallel"
         assert (tmp_path / "state" / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded, not gathered
+        # the gather unshards one unit at a time, never the whole model (the root holds no parameters here)
+        assert info["summons"] == [{"unit": "AudioAttentionBlock", "recurse": False}] * 2
     if name.startswith("zero"):
         assert (tmp_path / "state" / "pytorch_model").is_dir()
     weights = load_file(tmp_path / "trainable.safetensors")

@@ -1,16 +1,21 @@
 """`ftalk train` with 2 CPU processes (torchrun over gloo, test-only patch) for DDP, ZeRO-2, ZeRO-3 and
-FSDP1/2: 2 steps with a checkpoint, then a resume for 1 more step, with the wrapping checked."""
+FSDP1/2: 3 uninterrupted steps with a checkpoint at step 2, then a resume of that checkpoint for the last
+step, which must end on the same weights; the wrapping and the checkpoint's contents are checked."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from fantasytalk_cli.convert.sources import open_checkpoint
 from fantasytalk_cli.train.checkpoint import CheckpointMeta, latest_checkpoint
 from tests.dist.launch import check_run
 from tests.test_distributed import STRATEGIES
@@ -45,22 +50,38 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
         ds = tmp_path / "zero3.json"
         ds.write_text(json.dumps(ZERO3_TEST_JSON))
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
-    run = tmp_path / "run"
-    common = {"checkpointing_steps": 2, "train_batch_size": 1}
-    launch(world_argv(tiny_world, run, max_train_steps=2, **common), env, tmp_path / "probe1", run / "checkpoint-2")
-    first = latest_checkpoint(run)
-    assert first is not None and first.name == "checkpoint-2"
-    meta = CheckpointMeta.read(first)
+    # one config for both runs (max_train_steps=3 everywhere: the schedule is the same), so the
+    # uninterrupted run doubles as the run that wrote the checkpoint being resumed
+    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 3}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch(world_argv(tiny_world, whole, **common), env, tmp_path / "probe1", whole / "checkpoint-3")
+    meta = CheckpointMeta.read(whole / "checkpoint-2")
     assert meta.world_size == 2 and meta.step == 2
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "latest").write_text("checkpoint-2\n")
     out = launch(
-        world_argv(tiny_world, run, max_train_steps=3, resume_from_checkpoint="latest", **common),
+        world_argv(tiny_world, resumed, resume_from_checkpoint="latest", **common),
         env,
         tmp_path / "probe2",
-        run / "checkpoint-3",
+        resumed / "checkpoint-3",
     )
     assert "resumed from" in out and "at step 2" in out
-    assert latest_checkpoint(run) == run / "checkpoint-3"
-    assert (run / "checkpoint-3" / "trainable.safetensors").is_file()
+    assert latest_checkpoint(resumed) == resumed / "checkpoint-3"
+    # 2 steps + resume 1 == 3 steps, bitwise: same data order, noise and RNG after the restore, and every
+    # strategy restores the exact fp32 trainable weights and optimizer state (ZeRO: its fp32 partitions;
+    # FSDP: the trainable shards; DDP: trainable.safetensors); all arithmetic is deterministic on the CPU
+    want = load_file(whole / "checkpoint-3" / "trainable.safetensors")
+    got = load_file(resumed / "checkpoint-3" / "trainable.safetensors")
+    assert sorted(got) == sorted(want)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"resumed weights differ from the uninterrupted run: {differ[:5]}"
+    before = load_file(whole / "checkpoint-2" / "trainable.safetensors")
+    assert any(not torch.equal(before[k], want[k]) for k in want), "step 3 changed the weights"
+    if name != "ddp":  # the frozen base is not in the checkpoint (DDP: no model state beyond trainable.safetensors)
+        source = open_checkpoint(whole / "checkpoint-2")
+        assert source.frozen_count == 0, source.description
+        assert sorted(source.trainable) == sorted(want)
+        source.close()
     probes = [json.loads((tmp_path / "probe1" / f"rank{r}.json").read_text()) for r in (0, 1)]
     blocks = 2  # the tiny transformer's layers
     if name == "fsdp1":

@@ -6,7 +6,12 @@ Layout of one checkpoint::
       meta.json                        step, epoch, config hash + the resolved config, versions
       trainable.safetensors            the trainable weights (fp32, our parameter names)
       fantasytalking_model.ckpt        the same adapter in the released FantasyTalking format
-      accelerate/                      accelerate state: model/optimizer shards, scheduler, RNG, sampler
+      accelerate/                      accelerate state: optimizer (+ trainable model) shards, scheduler, RNG, sampler
+
+The frozen base is never written (REFERENCE.md section 5: only 0.84B of the 14B parameters train; the base
+comes from the base model on resume): ZeRO through DeepSpeed's `exclude_frozen_parameters`, FSDP through
+state-dict hooks around accelerate's save and load (`fsdp_trainable_only`), DDP by skipping the model
+(`install_state_hooks`; `trainable.safetensors` is its model state).
 
 Every rank writes its part of the accelerate state into `.checkpoint-N.tmp/`; the main process
 then writes the weights and meta, renames the folder into place (an atomic rename on one
@@ -17,9 +22,12 @@ and `latest` intact; leftover `.tmp` folders are ignored and cleaned on the next
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from fantasytalk_cli.models.loaders import adapter_to_format
 from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
-from fantasytalk_cli.train.distributed import Strategy, gather_trainable_state
+from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 META_NAME = "meta.json"
@@ -205,8 +213,13 @@ def save_training_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    kwargs = {"exclude_frozen_parameters": True} if strategy.name in ("zero2", "zero3") else {}
-    accelerator.save_state(str(tmp / STATE_DIR), **kwargs)
+    if strategy.name in ("zero2", "zero3"):
+        accelerator.save_state(str(tmp / STATE_DIR), exclude_frozen_parameters=True)
+    elif strategy.name == "fsdp":
+        with fsdp_trainable_only(model):
+            accelerator.save_state(str(tmp / STATE_DIR))
+    else:
+        accelerator.save_state(str(tmp / STATE_DIR))
     weights = gather_trainable_state(accelerator, model, strategy)
     final = checkpoint_dir(output_dir, meta.step)
     if accelerator.is_main_process:
@@ -234,9 +247,18 @@ def load_training_checkpoint(
         )
     state = folder / STATE_DIR
     if strategy.name in ("zero2", "zero3"):
-        accelerator.load_state(str(state), load_module_strict=False)
+        # not strict: the frozen weights were excluded at save; that every trainable one is there is checked
+        module = accelerator.unwrap_model(model)
+        with recorded_load_keys(module) as loads:
+            accelerator.load_state(str(state), load_module_strict=False)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        verify_module_state(loads, trainable, state)
     elif strategy.name == "fsdp":
-        accelerator.load_state(str(state))
+        if strategy.fsdp_version == 1:
+            for optimizer in accelerator._optimizers:  # the prepared ones (accelerate keeps no public list)
+                init_optimizer_state(optimizer.optimizer)
+        with fsdp_trainable_only(model):
+            accelerator.load_state(str(state))
     else:
         accelerator.load_state(str(state))
         _restore_plain_trainable(accelerator, model, folder)
@@ -258,3 +280,100 @@ def _restore_plain_trainable(accelerator: Accelerator, model: torch.nn.Module, f
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name].to(param.dtype))
+
+
+@contextmanager
+def recorded_load_keys(module: torch.nn.Module) -> Iterator[list[tuple[list[str], list[str]]]]:
+    """Record (missing, unexpected) keys of every `load_state_dict` on `module` inside the block."""
+    loads: list[tuple[list[str], list[str]]] = []
+
+    def record(_module: torch.nn.Module, incompatible: Any) -> None:
+        loads.append((list(incompatible.missing_keys), list(incompatible.unexpected_keys)))
+
+    handle = module.register_load_state_dict_post_hook(record)
+    try:
+        yield loads
+    finally:
+        handle.remove()
+
+
+def verify_module_state(loads: list[tuple[list[str], list[str]]], trainable: Iterable[str], where: Path) -> None:
+    """ZeRO resume: the module state DeepSpeed loaded (non-strict, frozen weights excluded) held every
+    trainable parameter and nothing this model lacks; else a CheckpointError naming them."""
+    if not loads:
+        raise CheckpointError(f"{where}: DeepSpeed restored no module state; the trainable weights were not loaded")
+    for missing, unexpected in loads:
+        lost = sorted(set(missing) & set(trainable))
+        if lost or unexpected:
+            raise CheckpointError(
+                f"{where}: the checkpoint's module state does not match this run's trainable parameters: "
+                f"missing {len(lost)} {lost[:10]}, unknown {len(unexpected)} {sorted(unexpected)[:10]} "
+                "(was --trainable_modules or the model changed?)"
+            )
+
+
+class _SkipMissingFrozen(logging.Filter):
+    """FSDP1's sharded load warns once per parameter absent from the state dict: expected for frozen ones."""
+
+    def __init__(self, frozen: set[str]) -> None:
+        super().__init__()
+        self.frozen = frozen
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Did not find param with FQN "):
+            return True
+        return fsdp_clean_name(message.split()[6].rstrip(",")) not in self.frozen
+
+
+@contextmanager
+def fsdp_trainable_only(model: torch.nn.Module) -> Iterator[None]:
+    """FSDP (1 and 2): while accelerate saves or loads the sharded model state, leave the frozen parameters
+    out of it. accelerate has no switch for that (DeepSpeed's `exclude_frozen_parameters`; accelerate's
+    `adapter_only` is for PEFT models), so hooks on the wrapped model do it: its state dict drops them
+    (saving writes, and loading reads, only the trainable shards), and loading accepts their absence
+    (they keep the values built from the base model). Checkpoints that do hold them still load."""
+    frozen = {fsdp_clean_name(n) for n, p in model.named_parameters() if not p.requires_grad}
+
+    def drop_frozen(_module: torch.nn.Module, state_dict: dict, _prefix: str, _metadata: Any) -> None:
+        for key in [k for k in state_dict if fsdp_clean_name(k) in frozen]:
+            del state_dict[key]
+
+    def allow_missing_frozen(_module: torch.nn.Module, incompatible: Any) -> None:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if fsdp_clean_name(k) not in frozen]
+
+    fsdp_log = logging.getLogger("torch.distributed.fsdp._state_dict_utils")
+    quiet = _SkipMissingFrozen(frozen)
+    handles = [
+        model.register_state_dict_post_hook(drop_frozen),
+        model.register_load_state_dict_post_hook(allow_missing_frozen),
+    ]
+    fsdp_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        fsdp_log.removeFilter(quiet)
+        for handle in handles:
+            handle.remove()
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """FSDP1 resume: accelerate loads the optimizer into a template made from the live optimizer's state
+    dict, which holds no state before the first step: the saved Adam moments and step counts would be
+    dropped without a word (the resumed run then drifts from an uninterrupted one; FSDP2's
+    `get_optimizer_state_dict` guards against that itself). Create the state first with a step on zero
+    gradients at learning rate 0, which leaves the weights as they are (as torch does for FSDP2)."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if any(p.grad is not None for p in params):
+        return
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)

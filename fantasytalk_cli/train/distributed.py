@@ -210,15 +210,21 @@ def plain_construction(accelerator: Accelerator) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
+def fsdp_clean_name(name: str) -> str:
+    """A parameter name under FSDP1 without the wrapper prefixes: the name in the unwrapped model."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def gather_trainable_state(
     accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy
 ) -> dict[str, torch.Tensor]:
     """The full fp32 trainable weights, on every rank's CPU (collective: call on all ranks).
 
     ZeRO-1/2/3 keep fp32 masters in the optimizer: `safe_get_full_fp32_param` gathers them; FSDP2
-    holds DTensors: `full_tensor()`; FSDP1 (use_orig_params) and DDP: the unwrapped parameters,
-    gathered for FSDP1 by summoning one unit at a time.
+    holds DTensors: `full_tensor()`; FSDP1 (use_orig_params): `_gather_fsdp1`; DDP: the parameters.
     """
+    if strategy.name == "fsdp" and strategy.fsdp_version == 1:
+        return _gather_fsdp1(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     params = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
     out: dict[str, torch.Tensor] = {}
@@ -228,19 +234,42 @@ def gather_trainable_state(
         for n, p in params:
             full = safe_get_full_fp32_param(p)
             out[n] = full.detach().float().cpu().clone()
-    elif strategy.name == "fsdp" and strategy.fsdp_version == 2:
+    elif strategy.name == "fsdp":
         for n, p in params:
             data = p.full_tensor() if hasattr(p, "full_tensor") else p
             out[n] = data.detach().float().cpu().clone()
-    elif strategy.name == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.summon_full_params(model, writeback=False, rank0_only=False):
-            for n, p in accelerator.unwrap_model(model).named_parameters():
-                clean = n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-                if p.requires_grad:
-                    out[clean] = p.detach().float().cpu().clone()
     else:
         for n, p in params:
             out[n] = p.detach().float().cpu().clone()
     return out
+
+
+def _gather_fsdp1(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """FSDP1: unshard one FSDP unit at a time (`recurse=False`: its own flat parameter, not the units
+    nested in it) and copy its trainable parameters to the CPU. Summoning the root with recursion would
+    hold the whole fp32 transformer on every rank (~57 GB at 14B). Units without trainable parameters
+    are skipped, the same ones on every rank (the collective stays matched). No `offload_to_cpu`: the
+    unit is unsharded on the device first anyway, and offloading would copy its frozen part to the
+    CPU too; no `rank0_only`: every rank gets the weights, as under the other strategies."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    params = [(fsdp_clean_name(n), p) for n, p in accelerator.unwrap_model(model).named_parameters()]
+    gathered: dict[int, torch.Tensor] = {}
+    for unit in FSDP.fsdp_modules(model):
+        own = [p for p in _unit_parameters(unit, FSDP) if p.requires_grad]
+        if not own:
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for p in own:
+                gathered[id(p)] = p.detach().float().cpu().clone()
+    return {n: gathered[id(p)] for n, p in params if p.requires_grad}  # the order of named_parameters
+
+
+def _unit_parameters(unit: torch.nn.Module, fsdp_cls: type) -> Iterator[torch.nn.Parameter]:
+    """The original parameters (use_orig_params) that FSDP unit `unit` shards itself: those of its
+    wrapped module's tree, without descending into nested units."""
+    stack = [unit.module]
+    while stack:
+        module = stack.pop()
+        yield from module.parameters(recurse=False)
+        stack.extend(child for child in module.children() if not isinstance(child, fsdp_cls))

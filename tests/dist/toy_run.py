@@ -40,6 +40,21 @@ class Toy(nn.Module):
         return x
 
 
+def _record_summons() -> list[dict]:
+    """FSDP1: record every `summon_full_params` call (the unit and whether it recursed)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    calls: list[dict] = []
+    real = FSDP.summon_full_params
+
+    def summon(module, recurse=True, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append({"unit": type(module.module).__name__, "recurse": recurse})
+        return real(module, recurse=recurse, **kwargs)
+
+    FSDP.summon_full_params = staticmethod(summon)
+    return calls
+
+
 def main(out: Path) -> None:
     train = TrainConfig(mixed_precision="no", max_grad_norm=0.05)
     accelerator, strategy = build_accelerator(DistConfig(), train, CheckpointConfig(output_dir=out), None)
@@ -61,6 +76,7 @@ def main(out: Path) -> None:
         opt.step()
         opt.zero_grad()
     accelerator.save_state(str(out / "state"))
+    summons = _record_summons() if strategy.fsdp_version == 1 else []
     weights = gather_trainable_state(accelerator, model, strategy)
     if accelerator.is_main_process:
         info = {
@@ -71,6 +87,7 @@ def main(out: Path) -> None:
             "world": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
             "model_type": type(model).__name__,
+            "summons": summons,
         }
         (out / "info.json").write_text(json.dumps(info))
         save_file(weights, str(out / "trainable.safetensors"))

@@ -47,6 +47,8 @@ def _held(param: torch.nn.Parameter) -> int:
     """Elements a rank holds for one parameter: its data (full when gathered) + its ZeRO-3 partition."""
     partition = getattr(param, "ds_tensor", None)
     return param.data.numel() + (partition.numel() if partition is not None else 0)
+
+
 real_sharded_build = loop.sharded_build
 
 
