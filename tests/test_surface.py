@@ -88,3 +88,19 @@ def test_readme_recipe_flags_are_accepted_by(command: str, monkeypatch: pytest.M
     assert exc.value.code in (0, None)
     assert seen[0].model.trainable_modules == ["processor.", "proj_model."]
     assert seen[0].buckets.video_sample_n_frames == 81
+
+
+def test_shipped_accelerate_fsdp_config_is_the_tested_one() -> None:
+    """`accelerate launch --config_file examples/accelerate/fsdp.yaml` sets the environment of the 2-process
+    FSDP2 tests (tests/test_distributed.py), read the way `accelerate launch` reads it."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from tests.test_distributed import STRATEGIES
+
+    argv = ["--config_file", str(REPO / "examples/accelerate/fsdp.yaml"), "-m", "fantasytalk_cli", "train"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    env = prepare_multi_gpu_env(args)
+    tested = {k: v for k, v in STRATEGIES["fsdp2"].items() if k != "FSDP_BACKWARD_PREFETCH"}  # FSDP1 only
+    assert {k: env.get(k) for k in tested} == tested
+    assert env["FSDP_USE_ORIG_PARAMS"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
