@@ -127,11 +127,14 @@ def _spawn(argv: list[str], env_extra: dict[str, str] | None = None) -> subproce
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(tiny_world: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _spawn(world_argv(tiny_world, run, max_train_steps=200, checkpointing_steps=1000))
+    proc = _spawn(world_argv(tiny_world, run, max_train_steps=200, checkpointing_steps=2))
     deadline = time.time() + 180
-    while not (run / "logs").exists() and not list(run.glob("config.yaml")) and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(8)  # well into the training steps
+    # Signal only once training is under way (checkpoint-2 saved), however slow the set-up on a busy machine.
+    while latest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    if latest_checkpoint(run) is None:
+        proc.kill()
+        pytest.fail(f"no first checkpoint within 180 s:\n{proc.communicate()[0]}")
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -36,7 +37,7 @@ from fantasytalk_cli.train.checkpoint import (
 from fantasytalk_cli.train.distributed import build_accelerator, plain_construction, sharded_build
 from fantasytalk_cli.train.flow import FlowSchedule
 from fantasytalk_cli.train.model_setup import load_training_models
-from fantasytalk_cli.train.step import StepContext, training_step
+from fantasytalk_cli.train.step import StepContext, training_step, zero_gradient_loss
 
 
 class TrainingError(RuntimeError):
@@ -54,17 +55,23 @@ class RunState:
     consumed: int = 0
     """Batches of the current epoch trained on (the loader may have prefetched more)."""
     nonfinite_skipped: int = 0
-    bad_samples: int = 0
     outliers: int = 0
+    failed_entries: set[int] = field(default_factory=set)
+    """Metadata entries that failed to load, the same set on every rank (one entry counts once)."""
+
+    COUNTERS = ("step", "micro_step", "epoch", "consumed", "nonfinite_skipped", "outliers")
 
     def state_dict(self) -> dict[str, Any]:
-        counters = {k: getattr(self, k) for k in ("step", "micro_step", "epoch", "consumed")}
-        counters |= {k: getattr(self, k) for k in ("nonfinite_skipped", "bad_samples", "outliers")}
-        return {"counters": counters, "sampler": self.sampler.state_dict(consumed=self.consumed)}
+        return {
+            "counters": {k: getattr(self, k) for k in self.COUNTERS},
+            "failed_entries": sorted(self.failed_entries),
+            "sampler": self.sampler.state_dict(consumed=self.consumed),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state["counters"].items():
-            setattr(self, key, int(value))
+        for key in self.COUNTERS:
+            setattr(self, key, int(state["counters"][key]))
+        self.failed_entries = set(state.get("failed_entries", ()))
         self.sampler.load_state_dict(state["sampler"])
 
 
@@ -77,14 +84,14 @@ class TrainSummary:
     checkpoints: list[Path] = field(default_factory=list)
     stopped_by: str | None = None
     nonfinite_skipped: int = 0
-    bad_samples: int = 0
+    failed_entries: list[int] = field(default_factory=list)
     outliers: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT: finish the step, save, exit cleanly."""
+    """SIGTERM/SIGINT: finish the step, save, exit cleanly. A second SIGINT interrupts at once."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -96,6 +103,8 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user will not wait for the step (or the set-up) to end
         self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:
@@ -119,14 +128,36 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSummary:
-    """Train per `cfg`; returns what happened. Raises `TrainingError` with a user-facing message."""
-    console = console or Console()
+    """Train per `cfg`; returns what happened. Raises `TrainingError` with a user-facing message.
+
+    NaN/inf, the same rule in every strategy: a micro-batch whose loss is non-finite on any rank gives
+    no gradient (every rank backpropagates `zero_gradient_loss` instead, so collectives, FSDP/ZeRO hooks
+    and DeepSpeed's micro-step count go on as for any batch). A step with no finite micro-batch loss, or
+    with a non-finite gradient norm (the outlier guard turns NaN predictions into a finite loss), makes
+    no update: weights, optimizer state and learning rate stay as they were; it is counted, and
+    `max_consecutive_nonfinite` of them in a row abort. DeepSpeed steps inside `backward`: there a step
+    with no finite loss is backpropagated as a mid-window micro-step (its zero gradients join the next
+    window), and ZeRO's own overflow check drops a non-finite gradient. Under fp16 an overflowing
+    gradient is the loss scaler's to skip (it lowers its scale); that is not counted.
+    """
+    # Before anything slow (model load, ZeRO-3 init): a signal during set-up also ends in a clean stop.
+    with _StopFlag() as stop:
+        return _train(cfg, console or Console(), stop)
+
+
+def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
     t_start = time.perf_counter()
     train, ckpt = cfg.train, cfg.checkpoint
     accelerator, strategy = build_accelerator(cfg.dist, train, ckpt, train.report_to)
     main = accelerator.is_main_process
     # soft_wrap: one log line stays one line in a piped log (paths are never broken for grep)
-    say = functools.partial(console.print, soft_wrap=True) if main else (lambda *a, **k: None)
+    tell = functools.partial(console.print, soft_wrap=True)
+    say = tell if main else (lambda *a, **k: None)
+
+    def any_rank(flag: bool) -> bool:
+        """A collective: every rank must call it at the same points, and all get the same answer."""
+        return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
+
     for note in strategy.notes:
         say(f"[yellow]note:[/] {note}")
     set_seed(train.seed or 0)
@@ -160,9 +191,9 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
             f"no full batch of {train.train_batch_size} x {accelerator.num_processes} processes in any bucket: "
             "run `ftalk plan-buckets` to see why (too few clips per bucket, or all dropped)"
         )
-    dataset = ClipBatchDataset(
-        entries, plan, cfg.data.train_data_dir, seed=train.seed or 0, policy=cfg.data.bad_sample_policy
-    )
+    # The dataset always hands failures back; the loop applies `bad_sample_policy` after sharing them
+    # across ranks, so that `fail` stops every rank together instead of one raising while the others wait.
+    dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=train.seed or 0, policy="skip")
     loader = torch.utils.data.DataLoader(
         dataset,
         sampler=sampler,
@@ -242,11 +273,12 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
         )
         say(f"saved {summary.checkpoints[-1]}")
 
-    consecutive_bad = 0
-    window_finite = True
+    consecutive_skipped = 0
+    window_loss, window_finite = torch.zeros((), device=accelerator.device), 0  # over the finite micro-batches
     wait_s = compute_s = 0.0
     samples_seen = tokens_seen = 0
-    last_saved = state.step if resume is not None else -1
+    last_saved = state.step  # nothing to save before the first step (or at the one resumed from)
+    stopping = any_rank(stop.signal is not None)  # a signal during set-up: stop before the first step
     progress = Progress(
         TextColumn("[bold]step"),
         MofNCompleteColumn(),
@@ -256,43 +288,63 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
         console=console,
         disable=not main,
     )
-    with _StopFlag() as stop, progress:
+    with progress:
         task = progress.add_task("train", total=max_steps, completed=state.step, info="")
-        while state.step < max_steps:
+        while state.step < max_steps and not stopping:
             sampler.set_epoch(state.epoch)
             t_wait = time.perf_counter()
             for batch in loader:
                 t_got = time.perf_counter()
                 wait_s += t_got - t_wait
 
-                # A broken clip left its batch: count it, bound the fraction, keep going.
-                for failure in batch["failures"]:
-                    state.bad_samples += 1
-                    say(f"[yellow]skipped[/] entry {failure.index} ({failure.path}): {failure.reason}")
-                if state.bad_samples > cfg.data.max_bad_sample_fraction * max(len(entries), 1):
-                    raise TrainingError(
-                        f"{state.bad_samples} clips failed to load, more than max_bad_sample_fraction="
-                        f"{cfg.data.max_bad_sample_fraction} of {len(entries)}: run `ftalk validate-metadata`"
+                # A broken clip left its batch: logged by the rank that met it, counted once per entry however
+                # many epochs meet it. New entries are shared every step so that every rank holds the same set
+                # and takes the same abort decision (a lone rank raising would leave the others hanging).
+                new = [f for f in batch["failures"] if f.index not in state.failed_entries]
+                for failure in new:
+                    tell(
+                        f"[yellow]rank {accelerator.process_index}: skipped[/] entry {failure.index} "
+                        f"({failure.path}): {failure.reason}"
                     )
+                counts = torch.tensor([float(batch["pixels"] is not None), len(new)], device=accelerator.device)
+                ranks_with_data, new_failures = accelerator.reduce(counts, reduction="sum").tolist()
+                if new_failures:
+                    shared = gather_object([(f.index, f.path, f.reason) for f in new])
+                    state.failed_entries.update(index for index, _, _ in shared)
+                    if cfg.data.bad_sample_policy == "fail":
+                        index, path, reason = shared[0]
+                        raise TrainingError(
+                            f"entry {index} ({path}) failed to load: {reason}; fix or drop it "
+                            "(`ftalk validate-metadata`), or train with --bad_sample_policy skip"
+                        )
+                    if len(state.failed_entries) > cfg.data.max_bad_sample_fraction * len(entries):
+                        raise TrainingError(
+                            f"{len(state.failed_entries)} clips failed to load, more than max_bad_sample_fraction="
+                            f"{cfg.data.max_bad_sample_fraction} of {len(entries)}: run `ftalk validate-metadata`"
+                        )
                 # Every rank must step together: if any rank lost its whole batch, all skip it.
-                has_data = torch.tensor(float(batch["pixels"] is not None), device=accelerator.device)
-                if accelerator.reduce(has_data, reduction="sum").item() < accelerator.num_processes:
+                if ranks_with_data < accelerator.num_processes:
                     state.consumed += 1
                     t_wait = time.perf_counter()
                     continue
 
                 with accelerator.accumulate(transformer):
                     out_step = training_step(transformer, models.encoders, models.wav2vec, batch, ctx, state.micro_step)
-                    finite = torch.tensor(float(torch.isfinite(out_step.loss).item()), device=accelerator.device)
-                    finite = accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
-                    window_finite &= finite
-                    if finite:  # a NaN/inf loss is never backpropagated (on any rank)
-                        accelerator.backward(out_step.loss)
-                        if accelerator.sync_gradients and train.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(transformer.parameters(), train.max_grad_norm)
-                    if accelerator.sync_gradients and window_finite:
+                    if not any_rank(not torch.isfinite(out_step.loss).item()):
+                        loss = out_step.loss
+                        window_loss += loss.detach()
+                        window_finite += 1
+                    else:
+                        out_step.loss = out_step.loss.detach()  # its graph goes before the stand-in's is built
+                        loss = zero_gradient_loss(transformer, out_step.inputs, ctx)
+                    updated = accelerator.sync_gradients and window_finite > 0
+                    _backward(accelerator, loss, skip_update=accelerator.sync_gradients and not updated)
+                    if updated:
+                        # The norm is wanted even without clipping (max_norm inf): NaN gradients skip the update.
+                        norm = accelerator.clip_grad_norm_(transformer.parameters(), train.max_grad_norm or math.inf)
+                        updated = norm is None or math.isfinite(float(norm)) or accelerator.mixed_precision == "fp16"
+                    if updated:
                         optimizer.step()
-                    if accelerator.sync_gradients:
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.micro_step += 1
@@ -304,24 +356,29 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
 
                 if accelerator.sync_gradients:
                     state.step += 1
-                    loss = accelerator.reduce(out_step.loss.detach(), reduction="mean").item()
+                    # Logged: the mean over the window's finite micro-batches and all ranks.
+                    loss_value = accelerator.reduce(window_loss / max(window_finite, 1), reduction="mean").item()
                     if window_finite:
-                        consecutive_bad = 0
-                        summary.losses.append(loss)
+                        summary.losses.append(loss_value)
                     else:
-                        consecutive_bad += 1
+                        loss_value = math.nan
+                    window_loss, window_finite = torch.zeros_like(window_loss), 0
+                    if updated:
+                        consecutive_skipped = 0
+                    else:
+                        consecutive_skipped += 1
                         state.nonfinite_skipped += 1
-                        say(f"[yellow]step {state.step}: non-finite loss, update skipped[/]")
-                        if consecutive_bad >= train.max_consecutive_nonfinite:
+                        say(f"[yellow]step {state.step}: non-finite loss or gradient, update skipped[/]")
+                        if consecutive_skipped >= train.max_consecutive_nonfinite:
                             raise TrainingError(
-                                f"{consecutive_bad} steps in a row had a NaN/inf loss: lower --learning_rate, "
-                                "check the data (`ftalk validate-metadata`), or resume from an earlier checkpoint"
+                                f"{consecutive_skipped} steps in a row had a NaN/inf loss or gradient: lower "
+                                "--learning_rate, check the data (`ftalk validate-metadata`), or resume from an "
+                                "earlier checkpoint"
                             )
-                    window_finite = True
                     elapsed = max(wait_s + compute_s, 1e-9)
                     lr = lr_scheduler.get_last_lr()[0]
                     logs = {
-                        "loss": loss,
+                        "loss": loss_value,
                         "lr": lr,
                         "samples_per_s": samples_seen / elapsed,
                         "tokens_per_s": tokens_seen / elapsed,
@@ -330,20 +387,16 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
                     if train.report_to != "none":
                         accelerator.log(logs, step=state.step)
                     info = (
-                        f"loss {loss:.4f}  lr {lr:.2e}  {logs['samples_per_s']:.2f} samples/s  "
+                        f"loss {loss_value:.4f}  lr {lr:.2e}  {logs['samples_per_s']:.2f} samples/s  "
                         f"{logs['tokens_per_s']:.0f} tok/s  data wait {logs['data_wait_share']:.0%}"
                     )
                     progress.update(task, completed=state.step, info=info)
 
-                    stop_now = torch.tensor(float(stop.signal is not None), device=accelerator.device)
-                    stopping = accelerator.reduce(stop_now, reduction="sum").item() > 0
+                    stopping = any_rank(stop.signal is not None)
                     if state.step % ckpt.checkpointing_steps == 0 or stopping or state.step >= max_steps:
                         save()
                         last_saved = state.step
-                    if stopping:
-                        summary.stopped_by = stop.signal or "signal on another rank"
-                        break
-                    if state.step >= max_steps:
+                    if stopping or state.step >= max_steps:
                         break
                 t_wait = time.perf_counter()
             else:  # the epoch ran out: next epoch
@@ -351,6 +404,9 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
                 state.consumed = 0
                 continue
             break
+    if stopping:
+        summary.stopped_by = stop.signal or "signal on another rank"
+        say(f"stopped by {summary.stopped_by} at step {state.step}")
     if last_saved != state.step:
         save()
     accelerator.wait_for_everyone()
@@ -358,10 +414,19 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
     summary.steps = state.step
     summary.epochs_started = state.epoch + 1
     summary.nonfinite_skipped = state.nonfinite_skipped
-    summary.bad_samples = state.bad_samples
+    summary.failed_entries = sorted(state.failed_entries)
     summary.outliers = state.outliers
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _backward(accelerator: Accelerator, loss: torch.Tensor, *, skip_update: bool) -> None:
+    """`accelerator.backward`; with `skip_update` at a window's end, DeepSpeed (whose engine steps inside
+    backward there) takes it as a mid-window micro-step instead, so that window merges into the next."""
+    if skip_update and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=False)
+    else:
+        accelerator.backward(loss)
 
 
 def _schedule_kwargs(cfg: FtalkConfig) -> dict[str, Any]:
@@ -419,6 +484,14 @@ TRAIN_ERRORS = _train_errors()
 """Errors with a user-facing message (the CLI prints them and exits 1, no traceback)."""
 
 
+def _entries(indices: list[int]) -> str:
+    """`0` or `2: entries 3, 17` (the first few)."""
+    if not indices:
+        return "0"
+    more = ", ..." if len(indices) > 5 else ""
+    return f"{len(indices)}: entries {', '.join(map(str, indices[:5]))}{more}"
+
+
 def render_summary(summary: TrainSummary) -> Table:
     """The end-of-run table."""
     table = Table(title="training summary", show_header=False)
@@ -431,7 +504,7 @@ def render_summary(summary: TrainSummary) -> Table:
         ("checkpoints", ", ".join(p.name for p in summary.checkpoints) or "-"),
         ("stopped by", summary.stopped_by or "-"),
         ("non-finite steps skipped", str(summary.nonfinite_skipped)),
-        ("clips skipped (failed to load)", str(summary.bad_samples)),
+        ("clips skipped (failed to load)", _entries(summary.failed_entries)),
         ("loss elements over the outlier guard", str(summary.outliers)),
         ("wall time", f"{summary.seconds:.1f} s"),
     ]

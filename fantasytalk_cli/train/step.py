@@ -52,6 +52,8 @@ class StepOutput:
     elements: int
     samples: int
     tokens: int
+    inputs: dict[str, torch.Tensor]
+    """The transformer's keyword arguments (conditions after dropout), for `zero_gradient_loss`."""
 
 
 def _generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
@@ -124,17 +126,30 @@ def training_step(
     noisy = add_noise(latents, noise, sigmas.to(ctx.device))
     audio_scale = torch.where(drop_audio, 0.0, ctx.model_cfg.audio_scale).to(ctx.device)
 
+    inputs = {
+        "hidden_states": torch.cat([noisy, y], dim=1).to(ctx.dtype),
+        "timestep": (sigmas * 1000).to(ctx.device, torch.float32),
+        "encoder_hidden_states": text.to(ctx.dtype),
+        "encoder_hidden_states_image": image.to(ctx.dtype),
+        "audio_features": audio.to(ctx.dtype),
+        "audio_scale": audio_scale,
+    }
     with ctx.autocast():
-        pred = model(
-            hidden_states=torch.cat([noisy, y], dim=1).to(ctx.dtype),
-            timestep=(sigmas * 1000).to(ctx.device, torch.float32),
-            encoder_hidden_states=text.to(ctx.dtype),
-            encoder_hidden_states_image=image.to(ctx.dtype),
-            audio_features=audio.to(ctx.dtype),
-            audio_scale=audio_scale,
-        )[0]
+        pred = model(**inputs)[0]
     result = flow_matching_loss(
         pred, noise - latents, loss_weights(sigmas, cfg.weighting_scheme).to(ctx.device), cfg.loss_outlier_threshold
     )
     tokens = latents.shape[2] * (height // 16) * (width // 16) * bsz
-    return StepOutput(result.loss, result.outliers, result.elements, bsz, tokens)
+    return StepOutput(result.loss, result.outliers, result.elements, bsz, tokens, inputs)
+
+
+def zero_gradient_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    """Stand-in loss of a micro-batch whose real loss is NaN/inf: its backward gives exactly zero gradients.
+
+    It runs the same (wrapped) forward on all-zero inputs of the same shapes, so DDP/FSDP/ZeRO see the
+    hooks and collectives of a normal micro-batch and DeepSpeed counts it. `nan_to_num(loss) * 0` is not
+    enough: when the activations are non-finite, their backward multiplies the zero by NaN/inf."""
+    zeros = {key: torch.zeros_like(value) if key != "audio_scale" else value for key, value in inputs.items()}
+    with ctx.autocast():
+        pred = model(**zeros)[0]
+    return pred.float().sum() * 0.0
