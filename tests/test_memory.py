@@ -120,11 +120,46 @@ def test_at_risk_flag() -> None:
 
 def test_vae_encode_counts_only_above_the_step() -> None:
     big = estimate_memory(WAN21_I2V_14B_CONFIG, (512, 512, 81), gradient_checkpointing=True)
-    assert _term(big, "VAE encode") == 0  # the DiT step needs more than the VAE
+    assert _term(big, "encode phase") == 0  # the DiT step needs more than the VAE
     tiny = estimate_memory(TINY_CONFIG, (256, 256, 17), mixed_precision="no", device="cpu", encoders={})
     step = sum(_term(tiny, name) for name in ("activations", "backward", "inputs"))
-    assert _term(tiny, "VAE encode") == 44 * 96 * 4 * 256 * 256 - step > 0
+    assert _term(tiny, "encode phase") == 44 * 96 * 4 * 256 * 256 - step > 0
     assert _term(tiny, "runtime overhead") == int(0.45 * GB) and "replicated on every process" in tiny.lines()[1]
+
+
+STEP_TERMS = ("activations", "backward working memory", "inputs, context, head, loss")
+RESIDENT_TERMS = ("frozen DiT weights", "trainable weights", "gradients", "AdamW moments", "frozen encoders")
+
+
+def test_encoders_in_their_training_dtypes() -> None:
+    est = estimate_memory(WAN21_I2V_14B_CONFIG, (512, 512, 81), strategy="zero2", devices=8)
+    # umT5 and CLIP in bf16; the VAE and wav2vec2 stay fp32 (load_training_models)
+    assert _term(est, "frozen encoders") == (5_680_910_336 + 632_076_800) * 2 + (126_892_531 + 94_371_712) * 4
+    assert "Wan2.1 VAE 0.13B x 4 B" in "\n".join(est.lines())
+
+
+def test_low_vram_encoders_visit_the_gpu_to_encode() -> None:
+    """With low_vram the encoders are in CPU memory between steps but `FrozenEncoders.on` moves umT5, CLIP and
+    the VAE onto the GPU together to encode (wav2vec2 stays on the CPU): the peak is the larger phase."""
+    kw = dict(strategy="zero2", devices=8, gradient_checkpointing=True)
+    moved = (5_680_910_336 + 632_076_800) * 2 + 126_892_531 * 4  # ~13 GB
+    for shape in ((512, 512, 17), (512, 512, 81), (1024, 1024, 81)):
+        low = estimate_memory(WAN21_I2V_14B_CONFIG, shape, low_vram=True, **kw)  # type: ignore[arg-type]
+        resident = sum(_term(low, name) for name in RESIDENT_TERMS) + _term(low, "runtime overhead")
+        step = sum(_term(low, name) for name in STEP_TERMS)
+        encode = moved + 44 * 96 * 4 * shape[0] * shape[1]
+        assert _term(low, "frozen encoders") == 0
+        assert low.total_bytes == resident + max(step, encode)  # max(DiT step, encoders + encode activations)
+        formula = next(t.formula for t in low.terms if t.name.startswith("encode phase"))
+        assert f"encoders moved to the GPU {moved / GB:.2f} GB (low_vram)" in formula
+    small = estimate_memory(WAN21_I2V_14B_CONFIG, (512, 512, 17), low_vram=True, **kw)  # type: ignore[arg-type]
+    assert _term(small, "encode phase") > 10 * GB  # the short bucket's step is small: encoding sets the peak
+    assert any("encode phase" in note and "low_vram" in note for note in small.notes)
+    resident_enc = estimate_memory(WAN21_I2V_14B_CONFIG, (512, 512, 17), **kw)  # type: ignore[arg-type]
+    assert resident_enc.total_bytes > small.total_bytes  # low_vram still saves wav2vec2 and the encode overlap
+    assert small.total_bytes - (resident_enc.total_bytes - _term(resident_enc, "frozen encoders")) > 12 * GB
+    cpu = estimate_memory(TINY_CONFIG, (64, 64, 9), low_vram=True, device="cpu", mixed_precision="no")
+    assert _term(cpu, "frozen encoders") > 0  # on the CPU the encoders are always in the process
 
 
 def test_activation_model_matches_what_autograd_saves() -> None:

@@ -20,9 +20,11 @@ from fantasytalk_cli.data.plan import (
     build_plan,
     default_world_size,
     load_plan_checked,
+    make_plan_report,
     plan_stats,
     read_clip_facts,
 )
+from fantasytalk_cli.train.memory import BUILTIN_MODEL
 
 # (width, height, num_frames, fps): 512 squares, 720p landscape, portrait, one too short, one too small
 CLIPS = [(512, 512, 120, 25.0)] * 6 + [(1280, 720, 100, 30.0)] * 4 + [(720, 1280, 200, 60.0)] * 3
@@ -225,3 +227,56 @@ def test_default_world_size() -> None:
     assert default_world_size({}) == 1
     assert default_world_size({"WORLD_SIZE": "8"}) == 8
     assert default_world_size({"WORLD_SIZE": "x"}) == 1
+
+
+def test_memory_estimate_uses_the_configured_model(tiny_world: dict[str, Path], tmp_path: Path) -> None:
+    """plan-buckets estimates the model of `--pretrained_model_name_or_path` (here the tiny world's, read by the
+    loaders' own config reader), and says when it falls back to the built-in 14B config."""
+    from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
+    from fantasytalk_cli.train.memory import transformer_params
+    from tests.tiny_world import world_config
+
+    cfg = world_config(tiny_world, tmp_path / "run")
+    tiny = make_plan_report(cfg, world_size=1).memory
+    assert tiny is not None
+    config_json = tiny_world["model"] / "config.json"
+    assert tiny.model == f"{config_json} (original layout)"
+    frozen = next(t for t in tiny.terms if t.name == "frozen DiT weights")
+    assert frozen.bytes == transformer_params(TINY_CONFIG)[0] * 4  # fp32 (mixed_precision no)
+    assert f"model dims from {config_json}" in "\n".join(tiny.lines())
+
+    builtin_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained_model_name_or_path": None})})
+    builtin = make_plan_report(builtin_cfg, world_size=1)
+    assert builtin.memory is not None and builtin.memory.model == BUILTIN_MODEL
+    assert any("no --pretrained_model_name_or_path" in note and "14B" in note for note in builtin.notes)
+    big = next(t for t in builtin.memory.terms if t.name == "frozen DiT weights")
+    assert big.bytes == transformer_params(WAN21_I2V_14B_CONFIG)[0] * 4
+    assert tiny.total_bytes < builtin.memory.total_bytes
+
+    flags = ["--train_data_meta", str(tiny_world["clean"]), "--pretrained_model_name_or_path", str(tiny_world["model"])]
+    result = run("plan-buckets", *flags, "--video_sample_size", "48", "--video_sample_n_frames", "9")
+    assert result.exit_code == 0, result.output
+    assert "model dims from" in result.output and "no --pretrained_model_name_or_path" not in result.output
+
+
+def test_unreadable_model_folder_falls_back_with_a_note(meta: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    cfg = load_config(overrides={"train_data_meta": meta, "pretrained_model_name_or_path": tmp_path / "empty"})
+    report = make_plan_report(cfg, world_size=1)
+    assert report.memory is not None and report.memory.model == BUILTIN_MODEL
+    assert any("cannot read the transformer config" in note for note in report.notes)
+
+
+def test_memory_estimate_reads_a_diffusers_layout_folder(meta: Path, tmp_path: Path) -> None:
+    from fantasytalk_cli.models.dims import TINY_CONFIG
+    from fantasytalk_cli.models.tiny import make_tiny_model
+    from fantasytalk_cli.train.memory import transformer_params
+
+    make_tiny_model(tmp_path / "model", "diffusers")
+    cfg = load_config(overrides={"train_data_meta": meta, "pretrained_model_name_or_path": tmp_path / "model"})
+    report = make_plan_report(cfg, world_size=1)
+    assert report.memory is not None
+    assert report.memory.model == f"{tmp_path / 'model' / 'transformer' / 'config.json'} (diffusers layout)"
+    frozen = next(t for t in report.memory.terms if t.name == "frozen DiT weights")
+    assert frozen.bytes == transformer_params(TINY_CONFIG)[0] * 2  # bf16 by default
+    assert any("released Wan2.1" in note for note in report.notes)  # the encoders are not read from the folder

@@ -189,9 +189,9 @@ def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _Transf
     import diffusers
 
     from fantasytalk_cli.models.loaders import (
-        _dit_files,
         _init_kwargs,
         build_empty,
+        dit_files,
         model_shapes,
         plan_for,
     )
@@ -199,7 +199,7 @@ def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _Transf
     from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 
     try:
-        layout, folder, config, base_source = _dit_files(base, None)
+        layout, folder, config, base_source = dit_files(base, None)
         kwargs = _init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
     except ModelLoadError as exc:
         raise ConversionUsageError(f"--pretrained_model_name_or_path: {exc}") from exc

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from fantasytalk_cli.config.load import config_diff
@@ -47,8 +48,14 @@ from fantasytalk_cli.data.buckets import (
     level_grid,
     token_count,
 )
-from fantasytalk_cli.data.metadata import MetadataEntry, MetadataError, iter_raw_entries, metadata_hash
-from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
+from fantasytalk_cli.data.metadata import (
+    PLAN_FACT_FIELDS,
+    MetadataEntry,
+    MetadataError,
+    metadata_hash,
+    read_plan_facts,
+)
+from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.train.memory import GB, MemoryEstimate
 
 PLAN_FORMAT = "ftalk-bucket-plan"
@@ -109,9 +116,6 @@ def _probe_one(raw: Mapping[str, Any], data_dir: Path | None) -> ProbeFacts | No
     from fantasytalk_cli.data.metadata import resolve_media_path
 
     try:
-        entry_probe = getattr(probe_mod, "probe_entry", None)
-        if entry_probe is not None:  # the probe module's own entry-level function, when it offers one
-            return entry_probe(raw, data_dir)
         video = probe_mod.probe_video(resolve_media_path(data_dir, str(raw["file_path"])))
         audio = probe_mod.probe_audio(resolve_media_path(data_dir, str(raw["audio_path"])))
     except Exception:  # a missing or broken file: the entry is dropped as "bad facts" and counted
@@ -136,28 +140,14 @@ def read_clip_facts(
     metadata_path: Path, data_dir: Path | None = None, *, probe_missing: bool = True
 ) -> tuple[ClipFacts, list[str]]:
     """Stream the metadata file and collect each entry's stored probe facts into arrays (fast: no
-    `MetadataEntry` objects). Entries without facts are probed when `probe_missing` (slow: opens their
-    files), else a `PlanError` says how to store them. Returns the facts and notes for the user."""
-    width: list[int] = []
-    height: list[int] = []
-    frames: list[int] = []
-    fps: list[float] = []
-    missing: list[tuple[int, Any]] = []
+    `MetadataEntry` objects, see `read_plan_facts`). Entries without facts are probed when `probe_missing` (slow:
+    opens their files), else a `PlanError` says how to store them. Returns the facts and notes for the user."""
     try:
-        for index, raw in iter_raw_entries(Path(metadata_path)):
-            facts = raw.get(PROBE_KEY) if isinstance(raw, dict) else None
-            try:
-                w, h, n, f = int(facts["width"]), int(facts["height"]), int(facts["num_frames"]), float(facts["fps"])
-            except (KeyError, TypeError, ValueError):
-                missing.append((index, raw))
-                w = h = n = 0
-                f = 0.0
-            width.append(w)
-            height.append(h)
-            frames.append(n)
-            fps.append(f)
+        stored = read_plan_facts(Path(metadata_path))
     except MetadataError as exc:
         raise PlanError(str(exc)) from exc
+    facts = ClipFacts(**stored.arrays())
+    missing = stored.missing
     notes: list[str] = []
     if missing:
         first = missing[0][0]
@@ -165,26 +155,19 @@ def read_clip_facts(
             raise PlanError(
                 f"{len(missing)} metadata entries (first: entry {first}) carry no probe facts; {_NO_FACTS_FIX}"
             )
-        try:
-            from fantasytalk_cli.data import probe as _probe  # noqa: F401 (availability check)
-        except ImportError as exc:
-            raise PlanError(
-                f"{len(missing)} metadata entries (first: entry {first}) carry no probe facts and this ftalk "
-                f"cannot probe them; {_NO_FACTS_FIX}"
-            ) from exc
         unreadable = 0
         for index, raw in missing:
-            facts_obj = _probe_one(raw, data_dir) if isinstance(raw, dict) and "file_path" in raw else None
-            if facts_obj is None:
+            probed = _probe_one(raw, data_dir) if isinstance(raw, dict) and "file_path" in raw else None
+            if probed is None:
                 unreadable += 1
                 continue
-            width[index], height[index] = facts_obj.width, facts_obj.height
-            frames[index], fps[index] = facts_obj.num_frames, facts_obj.fps
+            for name in PLAN_FACT_FIELDS:
+                getattr(facts, name)[index] = getattr(probed, name)
         notes.append(
             f"probed {len(missing)} entries without stored facts ({unreadable} unreadable, dropped as bad facts); "
             f"to skip this, {_NO_FACTS_FIX}"
         )
-    return ClipFacts.from_lists(width, height, frames, fps), notes
+    return facts, notes
 
 
 def facts_from_entries(entries: Sequence[MetadataEntry]) -> ClipFacts:
@@ -297,8 +280,8 @@ class BucketPlan:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with open(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_json(), handle, separators=(",", ":"))
+            with open(fd, "wb") as handle:
+                handle.write(msgspec.json.encode(self.to_json()))  # compact JSON; json.dump takes ~20x longer
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -307,11 +290,11 @@ class BucketPlan:
     def load(cls, path: Path) -> BucketPlan:
         """Read a plan file; `PlanError` when it is unreadable or not a plan of this version."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = msgspec.json.decode(Path(path).read_bytes())
         except OSError as exc:
             raise PlanError(f"cannot read the plan file {path} ({exc.strerror or exc})") from exc
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}: not a plan file (invalid JSON at line {exc.lineno})") from exc
+        except msgspec.DecodeError as exc:
+            raise PlanError(f"{path}: not a plan file ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"{path}: not an ftalk bucket plan (no format {PLAN_FORMAT!r})")
         if data.get("version") != PLAN_VERSION:
@@ -662,8 +645,10 @@ def make_plan_report(
     transformer_config: Mapping[str, Any] | None = None,
 ) -> PlanReport:
     """The `plan-buckets` command's one library call: plan the metadata, compute the numbers and the memory
-    estimate per bucket, write the plan file (`write_path`) and the machine-readable report (`json_path`)."""
-    from fantasytalk_cli.train.memory import default_transformer_config, estimate_memory
+    estimate per bucket, write the plan file (`write_path`) and the machine-readable report (`json_path`).
+    The memory estimate uses `transformer_config` when given, else the dims of the configured model folder
+    (`cfg.model.pretrained_model_name_or_path`), else the built-in 14B config (with a note)."""
+    from fantasytalk_cli.train.memory import ModelDims, configured_model_dims, estimate_memory
 
     world = world_size if world_size is not None else default_world_size()
     plan, facts, notes = plan_from_metadata(cfg, metadata_path, world)
@@ -673,12 +658,16 @@ def make_plan_report(
     if strategy == "auto":
         strategy = "ddp"
         notes.append("memory estimated for ddp (dist.strategy is auto); pass --strategy zero2|zero3|fsdp to compare")
-    model_cfg = transformer_config if transformer_config is not None else default_transformer_config()
+    if transformer_config is not None:
+        dims = ModelDims(dict(transformer_config), "the given transformer config")
+    else:
+        dims = configured_model_dims(cfg.model)
+    notes.extend(dims.notes)
     bucket_memory: dict[int, MemoryEstimate] = {}
     for row in stats.rows:
         if row.samples:
             bucket_memory[row.bucket] = estimate_memory(
-                model_cfg,
+                dims.config,
                 (row.height, row.width, row.frames),
                 batch_size=cfg.train.train_batch_size,
                 strategy=strategy,  # type: ignore[arg-type]
@@ -686,7 +675,9 @@ def make_plan_report(
                 mixed_precision=cfg.train.mixed_precision,
                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                 low_vram=cfg.model.low_vram,
+                vae_mini_batch=cfg.model.vae_mini_batch,
                 capacity_gb=gpu_memory_gb,
+                model=dims.source,
             )
     largest = max(bucket_memory.values(), key=lambda est: est.total_bytes, default=None)
     written: list[str] = []
@@ -803,6 +794,7 @@ def _memory_table(est: MemoryEstimate) -> Any:
         title=(
             f"Peak memory per {unit}, largest bucket {h}x{w}x{f} x batch {est.batch_size} "
             f"({est.tokens:,} tokens/sample), {est.strategy} on {est.devices} {unit}{'s' if est.devices != 1 else ''}"
+            + (f"\nmodel dims from {est.model}" if est.model else "")
         ),
         title_justify="left",
         box=box.SIMPLE_HEAD,

@@ -8,6 +8,10 @@ every sample is used exactly once per epoch across ranks. A bucket's last, incom
 `carry`-ed into the next epoch (deterministically; trained there in addition, carried at most once) or
 `drop`-ped and reported (`dropped(epoch)`).
 
+`state_dict()` also records what the order depends on (the plan's config hash, metadata hash and number of
+entries; seed, batch size, world size, leftover policy): `load_state_dict` refuses the state of another plan or
+layout with a `SamplerResumeError` saying what changed, rather than resuming at batch k of another order.
+
 Each batch is a `PlannedBatch`: a list of dataset indices that also says its (height, width, frames).
 Use it as a `batch_sampler`, or as a `sampler` with `batch_size=None` so the dataset receives the whole
 `PlannedBatch` (and its shape) in one `__getitem__` call.
@@ -22,8 +26,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from fantasytalk_cli.config.load import config_diff
 from fantasytalk_cli.data.buckets import TAG_ORDER, batch_frames, rng_for
-from fantasytalk_cli.data.plan import BucketPlan
+from fantasytalk_cli.data.plan import BucketPlan, PlanError
 
 
 class PlannedBatch(list):  # type: ignore[type-arg]
@@ -206,29 +211,95 @@ class BucketBatchSampler(Sampler[PlannedBatch]):
     # ------------------------------------------------------------------------------------------ resume
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """Where this rank is: epoch, batches done in it, samples carried into it. Pass `consumed` (batches
-        the loop trained on this epoch) when a prefetching DataLoader has drawn more than were used."""
+        """Where this rank is: epoch, batches done in it, samples carried into it, and what the order depends on
+        (plan identity, layout) so that a resume with a different plan fails instead of training other batches.
+        Pass `consumed` (batches the loop trained on this epoch) when a prefetching DataLoader has drawn more
+        than were used."""
         return {
             "epoch": self.epoch,
             "batches_yielded": int(self._yielded if consumed is None else consumed),
             "carried": [int(i) for i in self.carried_into(self.epoch)],
+            "epoch_batches": len(self),
+            "plan_configs": self.plan.configs,
+            **self._identity(),
+        }
+
+    def _identity(self) -> dict[str, Any]:
+        """What the batch order is a function of, besides the epoch and the carried samples."""
+        return {
             "seed": self.seed,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "leftover_policy": self.leftover_policy,
             "plan_config_hash": self.plan.config_hash,
+            "metadata_hash": self.plan.metadata_hash,
+            "num_samples": self.plan.num_samples,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next `__iter__` yields the batch after the last one done."""
-        for key in ("seed", "batch_size", "world_size", "leftover_policy"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"cannot resume the sampler: {key} was {state[key]!r}, now {getattr(self, key)!r} "
-                    "(the batches would differ)"
-                )
+        """Resume: the next `__iter__` yields the batch after the last one done. `SamplerResumeError` when the
+        state was saved with another plan (bucket settings, metadata file, number of entries) or layout (seed,
+        batch size, world size, leftover policy): batch k of another order is not where that run stopped."""
+        changes = _identity_changes(state, self._identity(), self.plan.configs)
+        if changes:
+            raise SamplerResumeError(changes)
         self.epoch = int(state["epoch"])
         self._carried = {0: np.zeros(0, dtype=np.int64), self.epoch: np.asarray(state["carried"], dtype=np.int64)}
         self._cache = None
         self._resume_at = int(state["batches_yielded"])
         self._yielded = self._resume_at
+        batches = len(self)
+        if int(state.get("epoch_batches", batches)) != batches or self._resume_at > batches:
+            raise SamplerResumeError(
+                [
+                    f"epoch {self.epoch} had {state.get('epoch_batches', '?')} batches per rank "
+                    f"({self._resume_at} done), this plan gives it {batches} (were the buckets planned by another "
+                    "ftalk version?)"
+                ]
+            )
+
+
+_IDENTITY_NAMES = {
+    "seed": "the seed",
+    "batch_size": "train_batch_size",
+    "world_size": "the number of processes (world size)",
+    "leftover_policy": "buckets.leftover_policy",
+    "plan_config_hash": "the bucket settings (config hash)",
+    "metadata_hash": "the metadata file (sha256)",
+    "num_samples": "the number of metadata entries",
+}
+
+
+def _identity_changes(saved: dict[str, Any], now: dict[str, Any], configs: dict[str, Any]) -> list[str]:
+    """What differs between a saved sampler identity and the current one, in words (keys a state saved by an
+    older ftalk lacks are not checked)."""
+    changes: list[str] = []
+    for key, value in now.items():
+        if key not in saved or saved[key] == value:
+            continue
+        if key == "plan_config_hash" and saved.get("plan_configs"):
+            diff = config_diff(saved["plan_configs"], configs)  # name the keys rather than the hash
+            changes.append("the bucket settings changed (" + "; ".join(diff[:6] or ["config hash differs"]) + ")")
+            continue
+        old, new = (
+            (str(saved[key])[:12] or "none", str(value)[:12] or "none")
+            if key.endswith("_hash")
+            else (saved[key], value)
+        )
+        changes.append(f"{_IDENTITY_NAMES[key]} was {old}, now {new}")
+    return changes
+
+
+class SamplerResumeError(PlanError):
+    """A checkpoint's sampler state does not belong to this run's plan or layout; the message says what changed
+    and what to do."""
+
+    def __init__(self, changes: list[str]) -> None:
+        self.changes = changes
+        super().__init__(
+            "cannot resume the checkpoint's batch order: "
+            + "; ".join(changes)
+            + ". It stopped at a batch of another order, so resuming here would skip or repeat samples. Resume "
+            "with the metadata file, bucket settings, seed, batch size and number of processes it was trained with, "
+            "or start a new run (without --resume_from_checkpoint, or with a new --output_dir)."
+        )

@@ -451,7 +451,8 @@ def dit_config_from_original(config: Mapping[str, Any], shapes: Mapping[str, Sha
     }
 
 
-def _dit_files(model_dir: Path, wan_yaml: WanModelYaml | None) -> tuple[Layout, Path, dict[str, Any], TensorSource]:
+def dit_files(model_dir: Path, wan_yaml: WanModelYaml | None) -> tuple[Layout, Path, dict[str, Any], TensorSource]:
+    """The DiT of a model folder in either layout: (layout, folder, diffusers-style config, tensor source)."""
     layout = detect_layout(model_dir, wan_yaml)
     if layout == "original":
         folder = model_dir / _yaml(wan_yaml).transformer_additional_kwargs.transformer_subpath
@@ -491,7 +492,7 @@ def load_transformer(
     from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 
     model_dir = Path(model_dir)
-    layout, folder, config, source = _dit_files(model_dir, wan_yaml)
+    layout, folder, config, source = dit_files(model_dir, wan_yaml)
     kwargs = _init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
     for key, given, default in (("audio_in_dim", audio_in_dim, 768), ("audio_proj_dim", audio_proj_dim, 2048)):
         if given is not None and key in kwargs and kwargs[key] != given:

@@ -9,8 +9,9 @@ The terms (per device, N = number of devices):
   ddp/zero2, sharded by N under zero3/fsdp (plus two gathered blocks in flight);
 - trainable adapter: fp32 weights 4 B + grads 4 B + AdamW moments 8 B per parameter; zero2 shards grads
   and moments, zero3/fsdp shard all three; ddp also keeps 4 B/param gradient buckets for all-reduce;
-- frozen encoders (umT5-XXL, CLIP ViT-H/14, Wan VAE, wav2vec2) in the weight dtype, unless `low_vram`
-  (then they sit in CPU memory between uses);
+- frozen encoders (umT5-XXL and CLIP ViT-H/14 in the weight dtype, the Wan VAE and wav2vec2 in fp32, as
+  `load_training_models` keeps them), resident unless `low_vram`: then they sit in CPU memory between steps and
+  all but wav2vec2 (which runs on the CPU) move to the GPU together while encoding (`FrozenEncoders.on`);
 - activations saved for backward, per token per block (p = compute dtype bytes, measured on the diffusers
   Wan block with `saved_tensors_hooks`, see tests/test_memory.py): 24*D (six fp32 D-wide tensors: the three
   LayerNorm inputs and the q/k RMSNorm inputs, which autocast and the norms keep in fp32) + 8*p*D (q, k, v
@@ -20,8 +21,10 @@ The terms (per device, N = number of devices):
   memory, the per-sample cross-attention context and, with `attention_impl="math"`, the B*heads*S^2
   attention probabilities (flash / memory-efficient SDPA never materialise them; torch's CPU SDPA uses a
   flash kernel too);
-- the VAE encode of the clip, which runs before the DiT step: only what it needs above the step's transient
-  memory counts (it matters for small models and low resolutions);
+- the encode phase, which runs before the DiT step: the VAE encode's working memory plus, with `low_vram`, the
+  encoders moved onto the GPU for it. The peak is max(DiT step, encode phase) on top of what stays resident, so
+  only what the encode phase needs above the step's transient memory counts (it sets the peak with `low_vram`
+  at low resolutions, and for small models);
 - runtime overhead (CUDA context and workspaces, or the Python process with torch and diffusers loaded).
 """
 
@@ -30,7 +33,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from fantasytalk_cli.config.schema import ModelConfig
 
 Strategy = Literal["ddp", "zero2", "zero3", "fsdp"]
 AttentionImpl = Literal["flash", "math"]
@@ -48,6 +55,17 @@ AUDIO_WINDOW_TOKENS = 17
 VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL = 44
 """Peak live bytes of a Wan VAE encode per frame pixel, per base channel, per dtype byte (diffusers
 `AutoencoderKLWan`, measured on CPU: ~16.8 KB per pixel in fp32 at base_dim 96, for 17 or 33 frames alike)."""
+VAE_DTYPE_BYTES = 4
+"""Training runs the VAE in fp32 whatever the mixed precision (`load_training_models`: `vae_dtype=torch.float32`)."""
+
+UMT5_NAME = "umT5-XXL text encoder"
+CLIP_NAME = "CLIP ViT-H/14 image encoder"
+VAE_NAME = "Wan2.1 VAE"
+WAV2VEC_NAME = "wav2vec2-base audio encoder"
+FP32_ENCODERS = (VAE_NAME, WAV2VEC_NAME)
+"""Encoders kept in fp32 whatever the mixed precision (the others use the weight dtype)."""
+CPU_ENCODERS_WITH_LOW_VRAM = (WAV2VEC_NAME,)
+"""With `low_vram` wav2vec2 stays on the CPU and runs there; the other encoders visit the GPU together."""
 
 RUNTIME_OVERHEAD_BYTES: dict[str, int] = {"cuda": int(1.0 * GB), "cpu": int(0.45 * GB)}
 """cuda: context + cuBLAS/NCCL workspaces; cpu: Python with torch, diffusers, transformers imported (~0.36 GB RSS
@@ -257,11 +275,22 @@ def wav2vec2_params(c: Mapping[str, Any] = WAV2VEC2_BASE) -> int:
 def encoder_params() -> dict[str, int]:
     """Parameters of the frozen encoders training keeps loaded (the real model's)."""
     return {
-        "umT5-XXL text encoder": umt5_encoder_params(),
-        "CLIP ViT-H/14 image encoder": clip_vision_params(),
-        "Wan2.1 VAE": wan_vae_params(),
-        "wav2vec2-base audio encoder": wav2vec2_params(),
+        UMT5_NAME: umt5_encoder_params(),
+        CLIP_NAME: clip_vision_params(),
+        VAE_NAME: wan_vae_params(),
+        WAV2VEC_NAME: wav2vec2_params(),
     }
+
+
+def encoder_bytes(name: str, params: int, weight_bytes: int) -> int:
+    """Bytes of one frozen encoder's weights as training holds them (fp32 for `FP32_ENCODERS`)."""
+    return params * (4 if name in FP32_ENCODERS else weight_bytes)
+
+
+def _encoder_formula(enc: Mapping[str, int], weight_bytes: int) -> str:
+    return " + ".join(
+        f"{name} {count / 1e9:.2f}B x {4 if name in FP32_ENCODERS else weight_bytes} B" for name, count in enc.items()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -293,6 +322,8 @@ class MemoryEstimate:
     tokens: int
     capacity_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    model: str = ""
+    """Where the transformer dims came from (shown with the estimate)."""
 
     @property
     def total_bytes(self) -> int:
@@ -312,7 +343,8 @@ class MemoryEstimate:
         out = [
             f"peak memory per {'GPU' if self.device == 'cuda' else 'process'}, {self.strategy} on {self.devices} "
             f"{'GPU' if self.device == 'cuda' else 'process'}{'s' if self.devices != 1 else ''}, "
-            f"batch {self.batch_size} x {h}x{w}x{f} ({self.tokens:,} tokens per sample):"
+            f"batch {self.batch_size} x {h}x{w}x{f} ({self.tokens:,} tokens per sample)"
+            + (f", model dims from {self.model}:" if self.model else ":")
         ]
         width = max(len(t.name) for t in self.terms)
         for t in self.terms:
@@ -338,6 +370,7 @@ class MemoryEstimate:
             "capacity_bytes": self.capacity_bytes,
             "at_risk": self.at_risk,
             "notes": self.notes,
+            "model": self.model,
         }
 
 
@@ -366,6 +399,7 @@ def estimate_memory(
     encoders: Mapping[str, int] | None = None,
     capacity_gb: float | None = None,
     runtime_overhead_bytes: int | None = None,
+    model: str = "",
     context_tokens: Sequence[int] = CONTEXT_TOKENS,
     audio_window_tokens: int = AUDIO_WINDOW_TOKENS,
     vae_base_dim: int = 96,
@@ -375,7 +409,7 @@ def estimate_memory(
 
     `config`: transformer kwargs (`WAN21_I2V_14B_CONFIG`, `TINY_CONFIG`); `encoders`: name -> parameters of
     the frozen encoders in use (default: the real ones); `device="cpu"` models CPU training (no CUDA context,
-    encoders always resident)."""
+    encoders always resident); `model`: where `config` came from, shown with the estimate."""
     from fantasytalk_cli.data.buckets import latent_frames, token_count
 
     if strategy not in ("ddp", "zero2", "zero3", "fsdp"):
@@ -433,12 +467,22 @@ def estimate_memory(
         terms.append(MemoryTerm("DDP gradient buckets", f"{adapter:,} params x 4 B", adapter * 4))
 
     enc = dict(encoder_params() if encoders is None else encoders)
-    enc_params = sum(enc.values())
-    if low_vram and device == "cuda":
-        terms.append(MemoryTerm("frozen encoders", f"{enc_params:,} params kept in CPU memory (low_vram)", 0))
+    offloaded = low_vram and device == "cuda"
+    # with low_vram the encoders are loaded into CPU memory; all but wav2vec2 visit the GPU together to encode
+    visiting = {k: v for k, v in enc.items() if k not in CPU_ENCODERS_WITH_LOW_VRAM} if offloaded else {}
+    visiting_bytes = sum(encoder_bytes(k, v, wb) for k, v in visiting.items())
+    if offloaded:
+        terms.append(
+            MemoryTerm(
+                "frozen encoders",
+                f"{sum(enc.values()):,} params in CPU memory between steps (low_vram); "
+                f"{visiting_bytes / GB:.1f} GB of them on the GPU while encoding: see the encode phase",
+                0,
+            )
+        )
     else:
-        listed = " + ".join(f"{name} {count / 1e9:.2f}B" for name, count in enc.items())
-        terms.append(MemoryTerm("frozen encoders", f"({listed}) params x {wb} B", enc_params * wb))
+        enc_bytes = sum(encoder_bytes(k, v, wb) for k, v in enc.items())
+        terms.append(MemoryTerm("frozen encoders", _encoder_formula(enc, wb) or "none", enc_bytes))
 
     step_from = len(terms)  # the terms from here on are the DiT step's transient memory
     per_layer = activation_bytes_per_token_layer(config, p)
@@ -490,16 +534,21 @@ def estimate_memory(
                 (kept + 2) * probs,
             )
         )
-    # The VAE encodes the clip before the DiT step (causal chunks, so independent of the frame count); only what
-    # it needs above the step's own transient memory raises the peak.
+    # The encoders run before the DiT step, whose activations are freed by then: the peak is the larger of the
+    # two phases on top of the resident terms. Encode phase = the VAE encode's working memory (causal chunks, so
+    # independent of the frame count; umT5 and CLIP activations are far smaller) + with low_vram the encoders
+    # moved onto the GPU for it.
     step_transient = sum(t.bytes for t in terms[step_from:])
-    vae = VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL * vae_base_dim * p * h * w * min(b, vae_mini_batch)
+    videos = min(b, vae_mini_batch)
+    vae = VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL * vae_base_dim * VAE_DTYPE_BYTES * h * w * videos
+    encode = visiting_bytes + vae
+    moved = f"encoders moved to the GPU {visiting_bytes / GB:.2f} GB (low_vram) + " if offloaded else ""
     terms.append(
         MemoryTerm(
-            "VAE encode above the DiT step",
-            f"max(0, {VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL}*{vae_base_dim}*{p} B x {h}x{w} pixels x "
-            f"{min(b, vae_mini_batch)} videos = {vae / GB:.2f} GB - DiT step {step_transient / GB:.2f} GB)",
-            max(0, vae - step_transient),
+            "encode phase above the DiT step",
+            f"max(0, {moved}VAE encode {VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL}*{vae_base_dim}*{VAE_DTYPE_BYTES} B x "
+            f"{h}x{w} pixels x {videos} videos = {vae / GB:.2f} GB - DiT step {step_transient / GB:.2f} GB)",
+            max(0, encode - step_transient),
         )
     )
     overhead = RUNTIME_OVERHEAD_BYTES[device] if runtime_overhead_bytes is None else runtime_overhead_bytes
@@ -508,6 +557,11 @@ def estimate_memory(
     notes = []
     if not gradient_checkpointing and device == "cuda":
         notes.append("gradient_checkpointing off: every block keeps its activations (turn it on to save most of them)")
+    if encode > step_transient:
+        notes.append(
+            f"the encode phase ({encode / GB:.1f} GB) sets the peak, not the DiT step ({step_transient / GB:.1f} GB)"
+            + (": with low_vram the encoders visit the GPU together to encode" if offloaded else "")
+        )
     return MemoryEstimate(
         terms=terms,
         strategy=strategy,
@@ -518,6 +572,7 @@ def estimate_memory(
         tokens=tokens,
         capacity_bytes=int(capacity_gb * GB) if capacity_gb else None,
         notes=notes,
+        model=model,
     )
 
 
@@ -526,3 +581,55 @@ def default_transformer_config() -> dict[str, Any]:
     from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG
 
     return dict(WAN21_I2V_14B_CONFIG)
+
+
+BUILTIN_MODEL = "the built-in Wan2.1-I2V-14B + FantasyTalking config"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The transformer config a memory estimate uses, where it came from, and what the user should know."""
+
+    config: dict[str, Any]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def configured_model_dims(model: ModelConfig) -> ModelDims:
+    """The transformer dims of the configured base model, read as training reads them: the loaders' own reader of
+    the folder's DiT `config.json` (with the sizes the original layout leaves to the stored shapes), the adapter
+    dims from the wav2vec2 width and the adapter file (`adapter_dims`). Without a folder, or when it cannot be
+    read, the built-in 14B config, with a note saying so. The encoders are the released Wan2.1 ones either way."""
+    base = model.pretrained_model_name_or_path
+    if base is None:
+        note = f"no --pretrained_model_name_or_path: memory estimated with {BUILTIN_MODEL}"
+        return ModelDims(default_transformer_config(), BUILTIN_MODEL, [note])
+    from fantasytalk_cli.config.load import ConfigError
+    from fantasytalk_cli.config.wan_yaml import load_wan_yaml
+    from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG
+    from fantasytalk_cli.models.loaders import ModelLoadError, dit_files
+    from fantasytalk_cli.train.model_setup import ModelSetupError, adapter_dims, find_wav2vec
+
+    try:
+        layout, folder, config, _ = dit_files(Path(base), load_wan_yaml(model.config_path))
+    except (ModelLoadError, ConfigError, OSError) as exc:
+        note = f"cannot read the transformer config of {base} ({exc}): memory estimated with {BUILTIN_MODEL}"
+        return ModelDims(default_transformer_config(), BUILTIN_MODEL, [note])
+    notes: list[str] = []
+    try:
+        given = adapter_dims(find_wav2vec(model), model.transformer_path)
+    except (ModelSetupError, ModelLoadError, OSError, KeyError, ValueError) as exc:
+        given = {}
+        notes.append(f"adapter dims not read ({exc}): FantasyTalking's defaults assumed")
+    dims = {k: v for k, v in config.items() if not k.startswith("_")}
+    for key in ("audio_in_dim", "audio_proj_dim"):  # as `load_transformer`: the config's, else given, else default
+        dims.setdefault(key, given.get(key, WAN21_I2V_14B_CONFIG[key]))
+    source = f"{folder / 'config.json'} ({layout} layout)"
+    try:
+        params = transformer_params(dims)
+    except (KeyError, TypeError, ValueError) as exc:
+        note = f"{source} lacks a size the estimate needs ({exc}): memory estimated with {BUILTIN_MODEL}"
+        return ModelDims(default_transformer_config(), BUILTIN_MODEL, [note])
+    if params != transformer_params(WAN21_I2V_14B_CONFIG):
+        notes.append("frozen encoders counted at the sizes of the released Wan2.1 ones (not read from the folder)")
+    return ModelDims(dims, source, notes)
