@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from fantasytalk_cli.models.audio import Wav2Vec2Features, cut_audio_to_frames, load_audio
+from fantasytalk_cli.models.audio import Wav2Vec2Features, cut_audio_to_frames, load_audio, read_audio_for_frames
 
 SR = 16000
 
@@ -60,6 +60,29 @@ def test_load_downmixes_stereo(tmp_path: Path) -> None:
     sf.write(tmp_path / "stereo.wav", stereo, SR, subtype="FLOAT")
     audio = load_audio(tmp_path / "stereo.wav")
     np.testing.assert_allclose(audio, stereo.mean(axis=1), atol=1e-7)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(16_000, 1), (44_100, 2), (8_000, 1), (48_000, 1), (22_050, 2)])
+def test_reading_only_the_span_equals_cutting_the_whole_file(tmp_path: Path, rate: int, channels: int) -> None:
+    rng = np.random.default_rng(rate)
+    seconds = 4.3
+    noise = (0.3 * rng.standard_normal((int(rate * seconds), channels))).astype(np.float32)  # every frequency
+    path = tmp_path / "a.wav"
+    sf.write(path, noise, rate, subtype="FLOAT")
+    whole = load_audio(path)
+    for _ in range(60):  # random spans, the file's first and last samples included
+        fps, stride, frames = rng.choice([23.0, 25.0, 29.97, 30.0]), int(rng.integers(1, 3)), int(rng.choice([9, 49]))
+        start = int(rng.integers(0, int(seconds * fps) - frames * stride + 1))
+        want = cut_audio_to_frames(whole, SR, start, frames, stride, fps)
+        got = read_audio_for_frames(path, start, frames, stride, fps)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        if rate == SR:
+            assert np.array_equal(got, want)
+        else:  # resampled from a margin around the span: equal up to the resampler's filter tails
+            np.testing.assert_allclose(got, want, atol=2e-6)
+    too_long = int(seconds * 25) + 2  # frames past the end by more than one frame interval
+    with pytest.raises(ValueError, match="too short"):
+        read_audio_for_frames(path, 0, too_long, 1, 25.0)
 
 
 @pytest.fixture(scope="module")

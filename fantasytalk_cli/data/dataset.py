@@ -24,7 +24,7 @@ from fantasytalk_cli.data.buckets import clip_window, cover_crop
 from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
 from fantasytalk_cli.data.plan import BucketPlan
 from fantasytalk_cli.data.sampler import PlannedBatch
-from fantasytalk_cli.models.audio import SAMPLE_RATE, cut_audio_to_frames, load_audio
+from fantasytalk_cli.models.audio import read_audio_for_frames
 
 
 class SampleError(RuntimeError):
@@ -118,9 +118,7 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         audio_path = resolve_media_path(self.data_dir, entry.audio_path)
         pixels = to_bucket(read_frames(video_path, window.frame_indices), batch.height, batch.width)
         try:
-            audio = cut_audio_to_frames(
-                load_audio(audio_path), SAMPLE_RATE, window.start_frame, window.num_frames, window.stride, window.fps
-            )
+            audio = read_audio_for_frames(audio_path, window.start_frame, window.num_frames, window.stride, window.fps)
         except ValueError as exc:
             raise SampleError(f"{audio_path}: {exc}") from exc
         return {"pixels": pixels, "audio": torch.from_numpy(audio), "text": entry.text, "index": index}

@@ -4,6 +4,8 @@ Public API:
 - ``load_audio(path, target_sr=16000) -> np.ndarray`` float32 mono (channels averaged, soxr resampling).
 - ``cut_audio_to_frames(samples, sr, start_frame, num_frames, stride, fps) -> np.ndarray``: the samples covering
   exactly the sampled frames' time span.
+- ``read_audio_for_frames(path, start_frame, num_frames, stride, fps) -> np.ndarray``: the same span read from
+  the file alone (only that part is read and resampled; what the training dataset uses).
 - ``Wav2Vec2Features``: frozen wav2vec2 (``from_pretrained(folder)``, local folders only); calling it on samples
   gives ``last_hidden_state`` [B, L, hidden]; ``num_tokens(num_samples)`` predicts L without running it.
 """
@@ -37,6 +39,30 @@ def _sample_index(frame: float, sr: int, fps: float) -> int:
     return math.floor(frame * sr / fps + 0.5)
 
 
+def _frame_span(sr: int, start_frame: int, num_frames: int, stride: int, fps: float) -> tuple[int, int]:
+    """Samples [first, last) at ``sr`` covering ``start_frame/fps .. (start_frame + num_frames*stride)/fps``."""
+    if sr <= 0 or fps <= 0 or stride < 1 or num_frames < 1 or start_frame < 0:
+        raise ValueError(f"bad clip: {sr=} {fps=} {stride=} {num_frames=} {start_frame=}")
+    return _sample_index(start_frame, sr, fps), _sample_index(start_frame + num_frames * stride, sr, fps)
+
+
+def _fit_span(
+    segment: np.ndarray, first: int, last: int, available: int, sr: int, fps: float, frames: str
+) -> np.ndarray:
+    """``segment`` (the samples of [first, last) that exist, ``available`` in all) padded to the span's length;
+    a shortfall of a frame interval or more raises ``ValueError`` naming it."""
+    shortfall = last - available
+    if shortfall >= sr / fps:
+        raise ValueError(
+            f"audio too short by {shortfall} samples ({shortfall / sr:.3f} s): frames {frames} at {fps} fps need "
+            f"samples {first}..{last}, the audio has {available} at {sr} Hz (at most one frame interval, "
+            f"{sr / fps:.0f} samples, is zero-padded)"
+        )
+    if len(segment) < last - first:
+        segment = np.pad(segment, (0, last - first - len(segment)))
+    return segment
+
+
 def cut_audio_to_frames(
     samples: np.ndarray, sr: int, start_frame: int, num_frames: int, stride: int, fps: float
 ) -> np.ndarray:
@@ -48,21 +74,47 @@ def cut_audio_to_frames(
     """
     if samples.ndim != 1:
         raise ValueError(f"samples must be mono [n], got shape {samples.shape}")
-    if sr <= 0 or fps <= 0 or stride < 1 or num_frames < 1 or start_frame < 0:
-        raise ValueError(f"bad clip: {sr=} {fps=} {stride=} {num_frames=} {start_frame=}")
-    first = _sample_index(start_frame, sr, fps)
-    last = _sample_index(start_frame + num_frames * stride, sr, fps)
-    shortfall = last - len(samples)
-    if shortfall >= sr / fps:
-        raise ValueError(
-            f"audio too short by {shortfall} samples ({shortfall / sr:.3f} s): frames {start_frame}.."
-            f"{start_frame + num_frames * stride} at {fps} fps need samples {first}..{last}, the audio has "
-            f"{len(samples)} at {sr} Hz (at most one frame interval, {sr / fps:.0f} samples, is zero-padded)"
-        )
-    segment = samples[first:last]
-    if len(segment) < last - first:
-        segment = np.pad(segment, (0, last - first - len(segment)))
-    return segment
+    first, last = _frame_span(sr, start_frame, num_frames, stride, fps)
+    frames = f"{start_frame}..{start_frame + num_frames * stride}"
+    return _fit_span(samples[first:last], first, last, len(samples), sr, fps, frames)
+
+
+_RESAMPLE_MARGIN_S = 0.1
+"""Audio read on each side of a span before resampling it, so that the resampler's filter edges fall outside."""
+
+
+def read_audio_for_frames(
+    path: str | Path, start_frame: int, num_frames: int, stride: int, fps: float, target_sr: int = SAMPLE_RATE
+) -> np.ndarray:
+    """``cut_audio_to_frames(load_audio(path), ...)`` reading and resampling only the span (plus a margin).
+
+    The read starts on a sample where both rates meet exactly (a multiple of ``sr / gcd(sr, target_sr)``), so
+    the resampled samples sit on the same target-rate grid as a whole-file resample; with the margin they equal
+    it up to the resampler's filter tails (tested). At ``target_sr`` the span is read as it is stored.
+    """
+    first, last = _frame_span(target_sr, start_frame, num_frames, stride, fps)
+    frames = f"{start_frame}..{start_frame + num_frames * stride}"
+    with sf.SoundFile(str(path)) as handle:
+        sr, total = int(handle.samplerate), int(handle.frames)
+        if sr == target_sr:
+            handle.seek(min(first, total))
+            data = handle.read(max(0, min(last, total) - first), dtype="float32", always_2d=True)
+            segment = data.mean(axis=1, dtype=np.float32)
+            return _fit_span(np.ascontiguousarray(segment), first, last, total, sr, fps, frames)
+        unit = math.gcd(sr, target_sr)
+        src_unit, tgt_unit = sr // unit, target_sr // unit  # src_unit source samples <-> tgt_unit target samples
+        margin = math.ceil(_RESAMPLE_MARGIN_S * target_sr / tgt_unit)
+        base = max(0, first // tgt_unit - margin)
+        src_start = min(base * src_unit, total)
+        src_stop = min(total, (-(-last // tgt_unit) + margin) * src_unit)
+        handle.seek(src_start)
+        data = handle.read(src_stop - src_start, dtype="float32", always_2d=True)
+    mono = data.mean(axis=1, dtype=np.float32)
+    resampled = soxr.resample(mono, sr, target_sr) if len(mono) else mono
+    offset = base * tgt_unit
+    available = total * target_sr // sr  # the whole-file resample's length
+    segment = np.ascontiguousarray(resampled[first - offset : last - offset], dtype=np.float32)
+    return _fit_span(segment, first, last, available, target_sr, fps, frames)
 
 
 class Wav2Vec2Features:
