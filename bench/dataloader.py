@@ -152,9 +152,9 @@ def main() -> None:
         if args.large_clips:
             sets.append(large_set(Path(tmp) / "large", args.large_clips, args.large_frames))
         print(f"data written and validated in {time.perf_counter() - start:.0f} s; {args.repeats} repeats per sample")
-        header = ("data set", "samples", *PARTS, "ratio")
         widths = [max(len(part), 8) for part in PARTS]
-        print(f"{header[0]:<28} {header[1]:>7} " + " ".join(f"{h:>{w}}" for h, w in zip(PARTS, widths, strict=True)) + "  ratio")
+        columns = " ".join(f"{part:>{width}}" for part, width in zip(PARTS, widths, strict=True))
+        print(f"{'data set':<28} {'samples':>7} {columns}  ratio")
         for data in sets:
             means, count, shapes = bench_set(data, args.repeats)
             ms = " ".join(f"{means[p] * 1e3:>{w}.2f}" for p, w in zip(PARTS, widths, strict=True))
