@@ -212,3 +212,32 @@ def test_any_caption_round_trips(tmp_path: Path, texts: list[str], suffix: str) 
         texts = [t.replace("\r", "") for t in texts]
     write_entries_atomic(path, [entry(i, text=t) for i, t in enumerate(texts)])
     assert [e.text for e in load_entries(path)] == texts
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '[{"file_path": "a.mp4", "audio_path": "a.wav", "text": "héllo \\u00e9 日本", "x": {"n": [1, 2.5e3, null]}}]',
+        '\ufeff[{"file_path": "a.mp4", "audio_path": "a.wav", "text": ""}, {"text": 1}]',  # BOM, odd entries
+        '[{"file_path": "a.mp4", "audio_path": "a.wav", "text": "x", "score": NaN}]',  # only Python's reader
+    ],
+)
+def test_json_list_entries_equal_the_standard_reader(tmp_path: Path, body: str) -> None:
+    path = tmp_path / "meta.json"
+    path.write_text(body, encoding="utf-8")
+    want = json.loads(body.removeprefix("\ufeff"))
+    got = list(iter_raw_entries(path))
+    assert [i for i, _ in got] == list(range(len(want)))
+    assert json.dumps([e for _, e in got]) == json.dumps(want)
+    assert count_entries(path) == len(want)
+
+
+def test_json_list_is_decoded_entry_by_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps([{"file_path": f"{i}.mp4", "audio_path": f"{i}.wav", "text": ""} for i in range(50)]))
+    decoded: list[object] = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    entries = iter_raw_entries(path)
+    next(entries)
+    assert len(decoded) == 1  # the rest of the list stays undecoded until it is reached

@@ -144,10 +144,37 @@ def _empty(path: Path, what: str) -> MetadataError:
     return MetadataError(path, f"no entries: {what}", code="E104")
 
 
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+"""A JSON list as undecoded slices of its elements: the syntax checked, no Python objects built."""
+
+
+def _json_list_slices(data: bytes) -> list[msgspec.Raw] | None:
+    """The elements of a well-formed, UTF-8, non-empty top-level JSON list, undecoded; None otherwise (the
+    standard reader then names the problem with its line and column)."""
+    if not _is_utf8(data):
+        return None
+    try:
+        slices = _RAW_LIST.decode(data)
+    except Exception:  # msgspec's DecodeError / ValidationError (not a list, NaN literals, ...), deep nesting
+        return None
+    return slices or None
+
+
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    # Memory stays near the file's size: each element is decoded when it is reached, not all up front.
+    slices = _json_list_slices(data)
+    if slices is not None:
+        del data
+        for index, raw in enumerate(slices):
+            yield index, json.loads(bytes(raw))
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise _unreadable(path, exc) from exc
     if not text.strip():
         raise _empty(path, "the file is empty")
@@ -575,8 +602,12 @@ def count_entries(path: Path) -> int | None:
     try:
         fmt = metadata_format(path)
         if fmt == "json":
-            data = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
-            return len(data) if isinstance(data, list) else None
+            data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+            slices = _json_list_slices(data)
+            if slices is not None:
+                return len(slices)
+            parsed = json.loads(data.decode("utf-8"))  # what only Python's reader accepts (NaN), or a problem
+            return len(parsed) if isinstance(parsed, list) else None
         with open(path, encoding="utf-8-sig", newline="") as handle:
             if fmt == "jsonl":
                 return sum(1 for line in handle if line.strip())
