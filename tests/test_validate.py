@@ -329,14 +329,19 @@ def test_write_clean_then_revalidate_opens_no_decoder(
     assert count_opens["decord"] == 1
 
 
-def test_config_change_reuses_the_cache(
-    clean_set: tuple[Path, Path], tmp_path: Path, count_opens: Counter[str]
-) -> None:
+@pytest.fixture
+def warm_cache(clean_set: tuple[Path, Path], tmp_path: Path, count_opens: Counter[str]) -> tuple[DataConfig, Path]:
+    """The clean set validated once into a fresh probe cache; the open counter starts at zero after it."""
     root, meta = clean_set
     cache = tmp_path / "cache.jsonl"
     data = DataConfig(train_data_meta=meta, train_data_dir=root)
     validate_metadata(data, BUCKETS, ValidateOptions(workers=1, cache_path=cache))
     count_opens.clear()
+    return data, cache
+
+
+def test_config_change_reuses_the_cache(warm_cache: tuple[DataConfig, Path], count_opens: Counter[str]) -> None:
+    data, cache = warm_cache
     strict = BucketConfig(video_sample_size=64, video_sample_n_frames=33)
     report = validate_metadata(data, strict, ValidateOptions(workers=1, cache_path=cache))
     assert sum(count_opens.values()) == 0
@@ -344,13 +349,9 @@ def test_config_change_reuses_the_cache(
 
 
 def test_thorough_run_does_not_reuse_fast_probes(
-    clean_set: tuple[Path, Path], tmp_path: Path, count_opens: Counter[str]
+    warm_cache: tuple[DataConfig, Path], count_opens: Counter[str]
 ) -> None:
-    root, meta = clean_set
-    cache = tmp_path / "cache.jsonl"
-    data = DataConfig(train_data_meta=meta, train_data_dir=root)
-    validate_metadata(data, BUCKETS, ValidateOptions(workers=1, cache_path=cache))
-    count_opens.clear()
+    data, cache = warm_cache
     thorough = validate_metadata(data, BUCKETS, ValidateOptions(workers=1, cache_path=cache, thorough=True))
     assert count_opens["decord"] == 4 and thorough.ok  # every video probed again, the exact way
     count_opens.clear()
