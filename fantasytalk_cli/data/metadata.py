@@ -144,6 +144,11 @@ def _empty(path: Path, what: str) -> MetadataError:
     return MetadataError(path, f"no entries: {what}", code="E104")
 
 
+def _read_without_bom(path: Path) -> bytes:
+    """The file's bytes, a UTF-8 byte-order mark dropped (OSError is the caller's to report)."""
+    return path.read_bytes().removeprefix(codecs.BOM_UTF8)
+
+
 _RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
 """A JSON list as undecoded slices of its elements: the syntax checked, no Python objects built."""
 
@@ -162,7 +167,7 @@ def _json_list_slices(data: bytes) -> list[msgspec.Raw] | None:
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+        data = _read_without_bom(path)
     except OSError as exc:
         raise _unreadable(path, exc) from exc
     # Memory stays near the file's size: each element is decoded when it is reached, not all up front.
@@ -485,7 +490,7 @@ def read_plan_facts(path: Path) -> PlanFacts:
         return facts
     if fmt == "json":
         try:
-            probes = _typed_probes(path.read_bytes().removeprefix(codecs.BOM_UTF8), lines=False)
+            probes = _typed_probes(_read_without_bom(path), lines=False)
         except OSError:
             probes = None  # `iter_raw_entries` says why
         if probes is not None:
@@ -602,7 +607,7 @@ def count_entries(path: Path) -> int | None:
     try:
         fmt = metadata_format(path)
         if fmt == "json":
-            data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+            data = _read_without_bom(Path(path))
             slices = _json_list_slices(data)
             if slices is not None:
                 return len(slices)

@@ -282,14 +282,19 @@ def encoder_params() -> dict[str, int]:
     }
 
 
+def _encoder_dtype_bytes(name: str, weight_bytes: int) -> int:
+    """Bytes per parameter of one frozen encoder as training holds it (fp32 for `FP32_ENCODERS`)."""
+    return 4 if name in FP32_ENCODERS else weight_bytes
+
+
 def encoder_bytes(name: str, params: int, weight_bytes: int) -> int:
-    """Bytes of one frozen encoder's weights as training holds them (fp32 for `FP32_ENCODERS`)."""
-    return params * (4 if name in FP32_ENCODERS else weight_bytes)
+    """Bytes of one frozen encoder's weights as training holds them."""
+    return params * _encoder_dtype_bytes(name, weight_bytes)
 
 
 def _encoder_formula(enc: Mapping[str, int], weight_bytes: int) -> str:
     return " + ".join(
-        f"{name} {count / 1e9:.2f}B x {4 if name in FP32_ENCODERS else weight_bytes} B" for name, count in enc.items()
+        f"{name} {count / 1e9:.2f}B x {_encoder_dtype_bytes(name, weight_bytes)} B" for name, count in enc.items()
     )
 
 
