@@ -58,8 +58,12 @@ def test_broken_clip_is_skipped_and_reported(tiny_world: dict, tmp_path: Path) -
         ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3, policy="fail")[batch]
 
 
-def test_dataset_needs_probe_facts(tiny_world: dict, tmp_path: Path) -> None:
-    cfg, plan, entries, _ = _setup(tiny_world, tmp_path)
-    stripped = [dataclasses.replace(e, probe=None) for e in entries]
-    with pytest.raises(SampleError, match="validate-metadata --write-clean"):
-        ClipBatchDataset(stripped, plan, cfg.data.train_data_dir, seed=3)
+def test_planned_entry_without_probe_facts_is_a_failed_sample(tiny_world: dict, tmp_path: Path) -> None:
+    """`train` fills every entry's facts before planning; an entry still without them (its files could not
+    be read, yet a plan file keeps it) leaves its batch like any broken clip, with the reason."""
+    cfg, plan, entries, sampler = _setup(tiny_world, tmp_path)
+    batch = next(iter(sampler))
+    entries = list(entries)
+    entries[batch[0]] = dataclasses.replace(entries[batch[0]], probe=None)
+    out = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3)[batch]
+    assert [f.index for f in out["failures"]] == [batch[0]] and "no probe facts" in out["failures"][0].reason

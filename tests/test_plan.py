@@ -186,8 +186,10 @@ def test_entries_without_facts_are_probed(tmp_path: Path) -> None:
 
     make_demo_dataset(tmp_path / "demo", seed=0, num_clips=2)
     meta = tmp_path / "demo" / "metadata_control.json"
-    facts, notes = read_clip_facts(meta, tmp_path / "demo")
-    assert (facts.width > 0).all() and (facts.num_frames > 0).all() and "probed 2 entries" in notes[0]
+    facts, notes = read_clip_facts(meta)  # relative paths: joined to the metadata file's folder
+    assert (facts.width > 0).all() and (facts.num_frames > 0).all() and "4 files probed" in notes[0]
+    again, notes = read_clip_facts(meta)  # the probe cache beside the metadata answers
+    assert "nothing probed" in notes[0] and np.array_equal(again.num_frames, facts.num_frames)
 
 
 def test_cli_errors_are_usage_errors(tmp_path: Path) -> None:

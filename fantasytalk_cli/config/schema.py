@@ -24,7 +24,8 @@ class DataConfig(Section):
     """Where the training clips are and how they are read."""
 
     train_data_dir: Path | None = None
-    """Folder that relative `file_path` / `audio_path` entries of the metadata are joined to."""
+    """Folder that relative `file_path` / `audio_path` entries of the metadata are joined to
+    (default: the metadata file's folder)."""
     train_data_meta: Path | None = None
     """Metadata file: a JSON list (`metadata_control.json`), JSON Lines or CSV of clips
     (`file_path`, `audio_path`, `text`, `type`)."""
@@ -36,6 +37,13 @@ class DataConfig(Section):
     """Abort when more than this fraction of the samples seen so far failed to load (policy `skip`)."""
     bucket_plan: Path | None = None
     """Plan file written by `ftalk plan-buckets --write`; rebuilt with a warning when stale."""
+
+    def media_root(self) -> Path | None:
+        """The folder relative media paths are joined to: `train_data_dir`, else the metadata file's folder
+        (never the current directory, so a command gives the same answer wherever it is run)."""
+        if self.train_data_dir is not None:
+            return self.train_data_dir
+        return self.train_data_meta.parent if self.train_data_meta is not None else None
 
 
 class BucketConfig(Section):
@@ -165,6 +173,9 @@ class TrainConfig(Section):
     """Abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped)."""
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """Where scalars go."""
+    logging_steps: int = Field(10, ge=1)
+    """When the output is not a terminal (a job log, `> train.log`): print a plain line with loss, lr,
+    throughput, data wait and ETA every N optimizer steps and at the first step."""
 
 
 class CheckpointConfig(Section):

@@ -79,21 +79,16 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         self,
         entries: Sequence[MetadataEntry],
         plan: BucketPlan,
-        data_dir: Path | None,
+        media_root: Path | None,
         *,
         seed: int,
         policy: str = "skip",
     ) -> None:
         if len(entries) != plan.num_samples:
             raise SampleError(f"the plan covers {plan.num_samples} entries but the metadata has {len(entries)}")
-        missing = [e.index for e in entries if e.probe is None]
-        if missing:
-            raise SampleError(
-                f"metadata entries {missing[:5]} carry no probe facts: run `ftalk validate-metadata --write-clean`"
-            )
         self.entries = entries
         self.stride = plan.stride
-        self.data_dir = data_dir
+        self.media_root = media_root
         self.seed = seed
         self.policy = policy
 
@@ -104,7 +99,8 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         """Frames, audio and caption of entry `index` cropped to the batch's planned shape."""
         entry = self.entries[index]
         probe = entry.probe
-        assert probe is not None  # checked in __init__
+        if probe is None:  # the plan drops such entries; a plan file from another probe run may not have
+            raise SampleError(f"{entry.file_path}: no probe facts (its video or audio could not be read)")
         window = clip_window(
             probe.num_frames,
             probe.fps,
@@ -114,8 +110,8 @@ class ClipBatchDataset(torch.utils.data.Dataset):
             epoch=batch.epoch,
             index=index,
         )
-        video_path = resolve_media_path(self.data_dir, entry.file_path)
-        audio_path = resolve_media_path(self.data_dir, entry.audio_path)
+        video_path = resolve_media_path(self.media_root, entry.file_path)
+        audio_path = resolve_media_path(self.media_root, entry.audio_path)
         pixels = to_bucket(read_frames(video_path, window.frame_indices), batch.height, batch.width)
         try:
             audio = read_audio_for_frames(audio_path, window.start_frame, window.num_frames, window.stride, window.fps)

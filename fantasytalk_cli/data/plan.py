@@ -56,6 +56,7 @@ from fantasytalk_cli.data.metadata import (
     read_plan_facts,
 )
 from fantasytalk_cli.data.probe_facts import ProbeFacts
+from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
 from fantasytalk_cli.train.memory import GB, MemoryEstimate
 
 PLAN_FORMAT = "ftalk-bucket-plan"
@@ -110,72 +111,49 @@ _NO_FACTS_FIX = (
 )
 
 
-def _probe_one(raw: Mapping[str, Any], data_dir: Path | None) -> ProbeFacts | None:
-    """Probe one entry's video and audio with `fantasytalk_cli.data.probe`; None when it cannot be read."""
-    from fantasytalk_cli.data import probe as probe_mod
-    from fantasytalk_cli.data.metadata import resolve_media_path
-
-    try:
-        video = probe_mod.probe_video(resolve_media_path(data_dir, str(raw["file_path"])))
-        audio = probe_mod.probe_audio(resolve_media_path(data_dir, str(raw["audio_path"])))
-    except Exception:  # a missing or broken file: the entry is dropped as "bad facts" and counted
-        return None
-    if any(p[0].startswith("E") for p in video["problems"] + audio["problems"]):
-        return None
-    try:
-        return ProbeFacts(
-            width=int(video["width"]),
-            height=int(video["height"]),
-            num_frames=int(video["num_frames"]),
-            fps=float(video["fps"]),
-            audio_duration=audio["frames"] / audio["sample_rate"],
-            sample_rate=int(audio["sample_rate"]),
-            channels=int(audio["channels"]),
-        )
-    except (KeyError, ZeroDivisionError, TypeError, ValueError):
-        return None
-
-
 def read_clip_facts(
-    metadata_path: Path, data_dir: Path | None = None, *, probe_missing: bool = True
+    metadata_path: Path, media_root: Path | None = None, *, probe_missing: bool = True, workers: int = 0
 ) -> tuple[ClipFacts, list[str]]:
     """Stream the metadata file and collect each entry's stored probe facts into arrays (fast: no
-    `MetadataEntry` objects, see `read_plan_facts`). Entries without facts are probed when `probe_missing` (slow:
-    opens their files), else a `PlanError` says how to store them. Returns the facts and notes for the user."""
+    `MetadataEntry` objects, see `read_plan_facts`). Entries without facts (the raw `metadata_control.json`)
+    are read from the probe cache beside the metadata, or probed in parallel and cached, when `probe_missing`;
+    else a `PlanError` says how to store them. Relative media paths are joined to `media_root` (default: the
+    metadata file's folder). Entries whose files cannot be read are dropped as "bad facts". Returns the facts
+    and notes for the user."""
+    metadata_path = Path(metadata_path)
     try:
-        stored = read_plan_facts(Path(metadata_path))
+        stored = read_plan_facts(metadata_path)
     except MetadataError as exc:
         raise PlanError(str(exc)) from exc
     facts = ClipFacts(**stored.arrays())
     missing = stored.missing
-    notes: list[str] = []
-    if missing:
-        first = missing[0][0]
-        if not probe_missing:
-            raise PlanError(
-                f"{len(missing)} metadata entries (first: entry {first}) carry no probe facts; {_NO_FACTS_FIX}"
-            )
-        unreadable = 0
-        for index, raw in missing:
-            probed = _probe_one(raw, data_dir) if isinstance(raw, dict) and "file_path" in raw else None
-            if probed is None:
-                unreadable += 1
-                continue
+    if not missing:
+        return facts, []
+    if not probe_missing:
+        raise PlanError(
+            f"{len(missing)} metadata entries (first: entry {missing[0][0]}) carry no probe facts; {_NO_FACTS_FIX}"
+        )
+    wanted = [
+        (index, str(raw["file_path"]), str(raw["audio_path"]))
+        for index, raw in missing
+        if isinstance(raw, dict) and isinstance(raw.get("file_path"), str) and isinstance(raw.get("audio_path"), str)
+    ]
+    root = media_root if media_root is not None else metadata_path.parent
+    filled = probe_missing_facts(wanted, root, default_cache_path(metadata_path), workers=workers)
+    for index, probed in filled.facts.items():
+        if probed is not None:
             for name in PLAN_FACT_FIELDS:
                 getattr(facts, name)[index] = getattr(probed, name)
-        notes.append(
-            f"probed {len(missing)} entries without stored facts ({unreadable} unreadable, dropped as bad facts); "
-            f"to skip this, {_NO_FACTS_FIX}"
-        )
+    notes = [filled.note()]
+    if len(wanted) < len(missing):
+        notes.append(f"{len(missing) - len(wanted)} entries lack file_path/audio_path: dropped as bad facts")
     return facts, notes
 
 
 def facts_from_entries(entries: Sequence[MetadataEntry]) -> ClipFacts:
-    """Facts of loaded entries; a `PlanError` names the first entry without probe facts."""
-    lacking = [e.index for e in entries if e.probe is None]
-    if lacking:
-        raise PlanError(f"{len(lacking)} entries (first: entry {lacking[0]}) carry no probe facts; {_NO_FACTS_FIX}")
-    return ClipFacts.from_probes([e.probe for e in entries if e.probe is not None])
+    """Facts of loaded entries; an entry without probe facts gets zeros, which the plan drops as "bad facts"."""
+    none = ProbeFacts(0, 0, 0, 0.0, 0.0, 0, 0)
+    return ClipFacts.from_probes([e.probe or none for e in entries])
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -379,11 +357,19 @@ def _metadata_path(cfg: FtalkConfig, metadata_path: Path | None) -> Path:
 
 
 def plan_from_metadata(
-    cfg: FtalkConfig, metadata_path: Path | None = None, world_size: int = 1, *, probe_missing: bool = True
+    cfg: FtalkConfig,
+    metadata_path: Path | None = None,
+    world_size: int = 1,
+    *,
+    probe_missing: bool = True,
+    facts: ClipFacts | None = None,
 ) -> tuple[BucketPlan, ClipFacts, list[str]]:
-    """Read the metadata's probe facts and build the plan: (plan, facts, notes)."""
+    """Build the plan from `facts`, or from the metadata's probe facts (probing what lacks them):
+    (plan, facts, notes)."""
     path = _metadata_path(cfg, metadata_path)
-    facts, notes = read_clip_facts(path, cfg.data.train_data_dir, probe_missing=probe_missing)
+    notes: list[str] = []
+    if facts is None:
+        facts, notes = read_clip_facts(path, cfg.data.media_root(), probe_missing=probe_missing)
     plan = build_plan(
         facts, cfg.buckets, cfg.train, world_size, metadata_hash=metadata_hash(path), metadata_path=str(path)
     )
@@ -391,11 +377,16 @@ def plan_from_metadata(
 
 
 def load_plan_checked(
-    path: Path | None, cfg: FtalkConfig, metadata_path: Path | None = None, world_size: int | None = None
+    path: Path | None,
+    cfg: FtalkConfig,
+    metadata_path: Path | None = None,
+    world_size: int | None = None,
+    *,
+    facts: ClipFacts | None = None,
 ) -> tuple[BucketPlan, list[str]]:
     """The plan `ftalk train` uses: the file at `path` when it matches the config and the metadata, else a
-    fresh plan with a warning saying why (missing/unreadable file, changed config keys, changed metadata).
-    A different world size only warns: the per-sample assignment does not depend on it."""
+    fresh plan (from `facts` when given) with a warning saying why (missing/unreadable file, changed config
+    keys, changed metadata). A different world size only warns: the per-sample assignment does not depend on it."""
     meta = _metadata_path(cfg, metadata_path)
     warnings: list[str] = []
     plan: BucketPlan | None = None
@@ -422,7 +413,7 @@ def load_plan_checked(
             warnings.append(f"plan {path} is stale, the metadata file {meta} changed since it was planned: rebuilt")
             plan = None
     if plan is None:
-        plan, _, notes = plan_from_metadata(cfg, meta, world_size or 1)
+        plan, _, notes = plan_from_metadata(cfg, meta, world_size or 1, facts=facts)
         warnings.extend(notes)
     elif world_size is not None and world_size != plan.world_size:
         warnings.append(

@@ -20,9 +20,8 @@ import os
 import re
 import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,15 @@ from fantasytalk_cli.data.metadata import (
     parse_entry,
     resolve_media_path,
 )
-from fantasytalk_cli.data.probe import ProbeCache, ProbeJob, file_signature, probe_chunk
+from fantasytalk_cli.data.probe import ProbeCache, ProbeJob
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
+from fantasytalk_cli.data.probing import (
+    ProbeItem,
+    ProbePipeline,
+    available_cores,
+    default_cache_path,
+    probe_jobs,
+)
 
 MAX_TEXT_TOKENS = 512
 """The text encoder's context (umT5, Wan's `text_len`)."""
@@ -273,96 +279,13 @@ class TokenCounter:
 # ---------------------------------------------------------------------------------------------- entry state
 
 
-@dataclass
-class _Pending:
-    """One entry on its way through the pipeline."""
+@dataclass(kw_only=True)
+class _Pending(ProbeItem):
+    """One entry on its way through the pipeline, with what the in-process checks found."""
 
-    index: int
     raw: Any
     entry: MetadataEntry | None
     findings: list[Finding]
-    video_path: Path | None = None
-    audio_path: Path | None = None
-    video_sig: tuple[str, int, int] | None = None
-    audio_sig: tuple[str, int, int] | None = None
-    video: dict[str, Any] | None = None
-    audio: dict[str, Any] | None = None
-    waiting: int = 0
-
-
-class _Pipeline:
-    """Probes entries in chunks (worker processes, or inline with one worker), hands them back in input order.
-
-    At most `2 * workers` chunks are in flight, so memory does not grow with the file.
-    """
-
-    def __init__(self, workers: int, chunk_size: int, cache: ProbeCache | None) -> None:
-        self.workers = workers
-        self.chunk_size = max(1, chunk_size)
-        self.cache = cache
-        self.pending: deque[_Pending] = deque()
-        self.batch: list[tuple[_Pending, str, ProbeJob]] = []
-        self.inflight: deque[tuple[Future[list[dict[str, Any]]], list[tuple[_Pending, str, ProbeJob]]]] = deque()
-        self.pool: ProcessPoolExecutor | None = None
-        self.probed = 0
-
-    def __enter__(self) -> _Pipeline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def add(self, item: _Pending, jobs: list[tuple[str, ProbeJob]]) -> Iterator[_Pending]:
-        self.pending.append(item)
-        for slot, job in jobs:
-            item.waiting += 1
-            self.batch.append((item, slot, job))
-        if len(self.batch) >= self.chunk_size or len(self.pending) > 64 * self.chunk_size:
-            self._submit()
-        while len(self.inflight) > 2 * max(1, self.workers):
-            self._collect(self.inflight.popleft())
-        while self.inflight and self.inflight[0][0].done():
-            self._collect(self.inflight.popleft())
-        yield from self._ready()
-
-    def drain(self) -> Iterator[_Pending]:
-        self._submit()
-        while self.inflight:
-            self._collect(self.inflight.popleft())
-        yield from self._ready()
-
-    def _submit(self) -> None:
-        if not self.batch:
-            return
-        batch, self.batch = self.batch, []
-        jobs = [job for _, _, job in batch]
-        if self.workers <= 1:
-            future: Future[list[dict[str, Any]]] = Future()
-            future.set_result(probe_chunk(jobs))
-        else:
-            if self.pool is None:
-                import multiprocessing
-
-                method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
-            future = self.pool.submit(probe_chunk, jobs)
-        self.inflight.append((future, batch))
-
-    def _collect(self, done: tuple[Future[list[dict[str, Any]]], list[tuple[_Pending, str, ProbeJob]]]) -> None:
-        future, batch = done
-        results = future.result()
-        for (item, slot, _job), result in zip(batch, results, strict=True):
-            setattr(item, slot, result)
-            sig = item.video_sig if slot == "video" else item.audio_sig
-            if self.cache is not None and sig is not None:
-                self.cache.put(slot, sig, result)  # type: ignore[arg-type]
-            item.waiting -= 1
-            self.probed += 1
-
-    def _ready(self) -> Iterator[_Pending]:
-        while self.pending and self.pending[0].waiting == 0:
-            yield self.pending.popleft()
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -426,13 +349,14 @@ class _Tally:
 
 
 def _path_checks(
-    index: int, entry: MetadataEntry, data_dir: Path | None, real_data_dir: str | None
+    index: int, entry: MetadataEntry, media_root: Path | None, data_dir: Path | None, real_data_dir: str | None
 ) -> tuple[list[Finding], Path, Path]:
-    """E301/E302/I308 for the video and the audio path of one entry."""
+    """E301 for the video and the audio path of one entry (joined to `media_root`), and E302/I308 when the
+    user named a `data_dir` that relative paths must stay inside."""
     found: list[Finding] = []
     paths = []
     for what, written in (("video", entry.file_path), ("audio", entry.audio_path)):
-        path = resolve_media_path(data_dir, written)
+        path = resolve_media_path(media_root, written)
         paths.append(path)
         shown = str(path)
         if data_dir is not None and not Path(os.path.expanduser(written)).is_absolute():
@@ -495,15 +419,6 @@ def _probe_findings(index: int, result: dict[str, Any] | None, path: str) -> lis
 # ---------------------------------------------------------------------------------------------- the run
 
 
-CACHE_NAME = ".ftalk-probe-cache.jsonl"
-
-
-def default_cache_path(metadata: Path) -> Path:
-    """`.ftalk-probe-cache.jsonl` in the metadata file's folder: shared by the metadata files there, so
-    validating the `--write-clean` output written beside the input probes nothing again."""
-    return metadata.parent / CACHE_NAME
-
-
 def _check_outputs(metadata: Path, options: ValidateOptions) -> None:
     meta = os.path.realpath(metadata)
     for label, out in (("--json", options.json_path), ("--write-clean", options.clean_path)):
@@ -517,14 +432,6 @@ def _check_outputs(metadata: Path, options: ValidateOptions) -> None:
         raise ValidateUsageError("--json and --write-clean name the same file; pick two different paths")
     if options.workers < 0:
         raise ValidateUsageError(f"--workers must be 0 (one per core) or more, got {options.workers}")
-
-
-def _cores() -> int:
-    """CPU cores this process may use (the affinity mask where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def validate_metadata(
@@ -571,6 +478,7 @@ class _Run:
         self.progress = progress
         self.report = ValidationReport(metadata=metadata)
         self.tally = _Tally(self.report, options.top_n)
+        self.media_root = data.media_root()
         self.data_dir = Path(data.train_data_dir) if data.train_data_dir is not None else None
         self.real_data_dir = os.path.realpath(self.data_dir) if self.data_dir is not None else None
         self.cache = ProbeCache(options.cache_path or default_cache_path(metadata)) if options.use_cache else None
@@ -599,11 +507,11 @@ class _Run:
 
     def execute(self) -> ValidationReport:
         report, options = self.report, self.options
-        workers = options.workers or _cores()
+        workers = options.workers or available_cores()
         fatal = False
         try:
             self._open_outputs()
-            with _Pipeline(workers, options.chunk_size, self.cache) as pipeline:
+            with ProbePipeline(workers, options.chunk_size, self.cache) as pipeline:
                 try:
                     for index, raw in iter_raw_entries(self.metadata):
                         report.entries += 1
@@ -660,7 +568,9 @@ class _Run:
         item = _Pending(index=index, raw=raw, entry=entry, findings=findings)
         if entry is None:
             return item, []
-        path_findings, item.video_path, item.audio_path = _path_checks(index, entry, self.data_dir, self.real_data_dir)
+        path_findings, item.video_path, item.audio_path = _path_checks(
+            index, entry, self.media_root, self.data_dir, self.real_data_dir
+        )
         findings.extend(path_findings)
         findings.extend(_text_checks(index, entry.text, self.counter, str(item.video_path)))
         if any(f.code[0] == "E" for f in path_findings):
@@ -672,23 +582,7 @@ class _Run:
                 finding("E303", f"same video as entry {first} ({real_video})", index=index, path=real_video)
             )
             return item, []
-        jobs: list[tuple[str, ProbeJob]] = []
-        for kind, path in (("video", item.video_path), ("audio", item.audio_path)):
-            try:
-                sig: tuple[str, int, int] | None = file_signature(path)
-            except OSError:
-                sig = None
-            setattr(item, f"{kind}_sig", sig)
-            need_hash = kind == "video" and self.options.hash_duplicates
-            need_thorough = kind == "video" and self.options.thorough
-            cached = None
-            if self.cache is not None and sig is not None:
-                cached = self.cache.get(kind, sig, need_hash, need_thorough)  # type: ignore[arg-type]
-            if cached is not None:
-                setattr(item, kind, cached)
-            else:
-                job = ProbeJob(kind, str(path), thorough=self.options.thorough, want_hash=need_hash)  # type: ignore[arg-type]
-                jobs.append((kind, job))
+        jobs = probe_jobs(item, self.cache, thorough=self.options.thorough, want_hash=self.options.hash_duplicates)
         return item, jobs
 
     def _finish(self, item: _Pending) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +31,7 @@ from fantasytalk_cli.models.loaders import ShardedBuild
 log = logging.getLogger(__name__)
 
 WRAP_CLASS = "AudioAttentionBlock"
+T = TypeVar("T")
 
 
 class DistributedSetupError(RuntimeError):
@@ -165,6 +166,18 @@ def build_accelerator(
         ),
     )
     return accelerator, Strategy(name, fsdp_version, tuple(notes))
+
+
+def share_from_main(accelerator: Accelerator, value: T) -> T:
+    """`value` as the main process computed it, on every process (a collective: every rank calls it; the
+    others' `value` is ignored), so that no rank decides alone."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value if accelerator.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]  # type: ignore[return-value]
 
 
 def sharded_build(accelerator: Accelerator, strategy: Strategy) -> ShardedBuild | None:

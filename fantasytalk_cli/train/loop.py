@@ -3,10 +3,12 @@ the distributed set-up in `distributed`, the checkpoint files in `checkpoint`.""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,12 @@ from rich.table import Table
 
 from fantasytalk_cli import __version__
 from fantasytalk_cli.config.load import config_diff, config_hash, config_to_yaml
-from fantasytalk_cli.config.schema import FtalkConfig, TrainConfig
+from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import ClipBatchDataset
-from fantasytalk_cli.data.metadata import load_entries
-from fantasytalk_cli.data.plan import load_plan_checked
+from fantasytalk_cli.data.metadata import MetadataEntry, load_entries
+from fantasytalk_cli.data.plan import facts_from_entries, load_plan_checked
+from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.train.checkpoint import (
     CheckpointMeta,
@@ -34,7 +37,7 @@ from fantasytalk_cli.train.checkpoint import (
     resolve_resume,
     save_training_checkpoint,
 )
-from fantasytalk_cli.train.distributed import build_accelerator, plain_construction, sharded_build
+from fantasytalk_cli.train.distributed import build_accelerator, plain_construction, sharded_build, share_from_main
 from fantasytalk_cli.train.flow import FlowSchedule
 from fantasytalk_cli.train.model_setup import load_training_models
 from fantasytalk_cli.train.step import StepContext, training_step, zero_gradient_loss
@@ -170,14 +173,16 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
 
     # Data: metadata with probe facts, the plan `plan-buckets` showed, the sampler that follows it.
     if cfg.data.train_data_meta is None:
-        raise TrainingError(
-            "--train_data_meta is required (the metadata file, ideally `validate-metadata --write-clean`)"
-        )
-    entries = load_entries(cfg.data.train_data_meta)
+        raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
+    entries, facts_notes = _entries_with_facts(cfg.data, accelerator, say)
     plan, warnings = load_plan_checked(
-        cfg.data.bucket_plan, cfg, cfg.data.train_data_meta, world_size=accelerator.num_processes
+        cfg.data.bucket_plan,
+        cfg,
+        cfg.data.train_data_meta,
+        world_size=accelerator.num_processes,
+        facts=facts_from_entries(entries),
     )
-    for warning in warnings:
+    for warning in facts_notes + warnings:
         say(f"[yellow]plan:[/] {warning}")
     sampler = BucketBatchSampler(
         plan,
@@ -193,7 +198,7 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
         )
     # The dataset always hands failures back; the loop applies `bad_sample_policy` after sharing them
     # across ranks, so that `fail` stops every rank together instead of one raising while the others wait.
-    dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=train.seed or 0, policy="skip")
+    dataset = ClipBatchDataset(entries, plan, cfg.data.media_root(), seed=train.seed or 0, policy="skip")
     loader = torch.utils.data.DataLoader(
         dataset,
         sampler=sampler,
@@ -279,6 +284,9 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
     samples_seen = tokens_seen = 0
     last_saved = state.step  # nothing to save before the first step (or at the one resumed from)
     stopping = any_rank(stop.signal is not None)  # a signal during set-up: stop before the first step
+    # A terminal gets a live progress bar; a file (a job log, `> train.log`, SLURM) one plain line per
+    # `logging_steps` steps and the first, so that the log says how the run went without terminal codes.
+    plain_log = not console.is_terminal
     progress = Progress(
         TextColumn("[bold]step"),
         MofNCompleteColumn(),
@@ -286,8 +294,9 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
         console=console,
-        disable=not main,
+        disable=not main or plain_log,
     )
+    first_step, t_loop = state.step, time.perf_counter()
     with progress:
         task = progress.add_task("train", total=max_steps, completed=state.step, info="")
         while state.step < max_steps and not stopping:
@@ -391,6 +400,12 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
                         f"{logs['tokens_per_s']:.0f} tok/s  data wait {logs['data_wait_share']:.0%}"
                     )
                     progress.update(task, completed=state.step, info=info)
+                    done_here = state.step - first_step
+                    if plain_log and (
+                        done_here == 1 or state.step % train.logging_steps == 0 or state.step == max_steps
+                    ):
+                        eta = (time.perf_counter() - t_loop) / done_here * (max_steps - state.step)
+                        say(f"step {state.step}/{max_steps}  {info}  eta {_duration(eta)}", highlight=False)
 
                     stopping = any_rank(stop.signal is not None)
                     if state.step % ckpt.checkpointing_steps == 0 or stopping or state.step >= max_steps:
@@ -420,6 +435,35 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
     return summary
 
 
+def _entries_with_facts(
+    data: DataConfig, accelerator: Accelerator, say: Callable[..., None]
+) -> tuple[list[MetadataEntry], list[str]]:
+    """The metadata's entries, each with its probe facts: stored ones (`validate-metadata --write-clean`), else
+    from the probe cache beside the metadata, else probed now on the main process (in parallel, written to
+    that cache so the next run probes nothing) and shared with every rank, so that all plan the same."""
+    assert data.train_data_meta is not None
+    root = data.media_root()
+    where = (
+        "--train_data_dir"
+        if data.train_data_dir is not None
+        else "the metadata file's folder; --train_data_dir changes it"
+    )
+    say(f"metadata {data.train_data_meta}: relative media paths are joined to {root} ({where})")
+    entries = load_entries(data.train_data_meta)
+    lacking = [(e.index, e.file_path, e.audio_path) for e in entries if e.probe is None]
+    if not lacking:
+        return entries, []
+    filled: FilledFacts | None = None
+    if accelerator.is_main_process:
+        say(f"reading the probe facts of {len(lacking)} entries (validate-metadata --write-clean stores them)")
+        filled = probe_missing_facts(lacking, root, default_cache_path(data.train_data_meta))
+    filled = share_from_main(accelerator, filled)
+    assert filled is not None
+    for index, facts in filled.facts.items():
+        entries[index] = dataclasses.replace(entries[index], probe=facts)
+    return entries, [filled.note()]
+
+
 def _backward(accelerator: Accelerator, loss: torch.Tensor, *, skip_update: bool) -> None:
     """`accelerator.backward`; with `skip_update` at a window's end, DeepSpeed (whose engine steps inside
     backward there) takes it as a mid-window micro-step instead, so that window merges into the next."""
@@ -427,6 +471,13 @@ def _backward(accelerator: Accelerator, loss: torch.Tensor, *, skip_update: bool
         accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=False)
     else:
         accelerator.backward(loss)
+
+
+def _duration(seconds: float) -> str:
+    """`1:02:03` / `2:03` for an ETA."""
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _schedule_kwargs(cfg: FtalkConfig) -> dict[str, Any]:
