@@ -10,23 +10,56 @@ from typing import Annotated, Any, Literal, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from fantasytalk_cli import __version__
 from fantasytalk_cli.config import ConfigError, FtalkConfig, config_to_yaml, load_config
-from fantasytalk_cli.config.flags import expand_multi_value_flags, with_config_flags
+from fantasytalk_cli.config.flags import expand_multi_value_flags, normalize_flag, with_config_flags
 
 console = Console()
 err_console = Console(stderr=True)
 
+
+class PanelHelpCommand(TyperCommand):
+    """Plain help (one option per line, its help beside it or below a long name: nothing is ever cut, at
+    any terminal width), with the options grouped under their panel ("data settings", ...)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """`CHECKPOINT OUTPUT [METADATA]`: required arguments bare, optional ones in brackets (Typer writes
+        `{CHECKPOINT}`, a notation most users read as a placeholder set)."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.display_name_raw
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            default = "Arguments" if param.param_type_name == "argument" else "Options"
+            groups.setdefault(getattr(param, "rich_help_panel", None) or default, []).append(record)
+        for name, rows in groups.items():
+            with formatter.section(name):
+                formatter.write_dl(rows)
+
+
 app = typer.Typer(
     name="ftalk",
-    help="Train the FantasyTalking audio adapter on your own talking clips: validate, plan, train, convert.",
-    rich_markup_mode="rich",
+    help="Train the FantasyTalking audio adapter on your own talking clips: validate, plan, train, convert. "
+    "Flags may be spelled with underscores (as in the reference trainer) or dashes.",
+    rich_markup_mode=None,
+    context_settings={"token_normalize_func": normalize_flag},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=True)
+config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 
 EXIT_PROBLEMS = 1
@@ -40,6 +73,45 @@ ConfigOpt = Annotated[
         help="YAML run config (sections data, buckets, model, train, checkpoint, dist); flags override it.",
     ),
 ]
+
+
+TRAIN_SECTIONS = ("data", "buckets", "model", "train", "checkpoint", "dist")
+PLAN_FIELDS = (
+    "train.train_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.seed",
+    "train.mixed_precision",
+    "model.pretrained_model_name_or_path",
+    "model.config_path",
+    "model.low_vram",
+    "model.gradient_checkpointing",
+    "model.vae_mini_batch",
+    "dist.strategy",
+)
+"""What planning reads besides data and buckets: the batch and seed of the plan, the memory estimate's inputs."""
+ACCEPTS_ALL = (
+    "Every `ftalk train` flag is accepted too (those not listed are ignored here), so the training "
+    "argument list serves this command unchanged."
+)
+
+MetadataArg = Annotated[
+    Optional[Path],  # noqa: UP045 (Typer needs Optional)
+    typer.Argument(
+        metavar="METADATA",
+        help="Metadata file (the seed's metadata_control.json, JSON Lines or CSV); the same as --train_data_meta.",
+        show_default=False,
+    ),
+]
+
+
+def with_metadata(flags: dict[str, Any], metadata: Path | None) -> dict[str, Any]:
+    """Put the positional METADATA into the flags; given twice with different values is a usage error."""
+    if metadata is None:
+        return flags
+    given = flags.get("train_data_meta")
+    if given is not None and Path(given) != metadata:
+        fail(ValueError(f"METADATA {metadata} and --train_data_meta {given} differ: give one"), EXIT_USAGE)
+    return {**flags, "train_data_meta": metadata}
 
 
 def _version(value: bool) -> None:
@@ -71,17 +143,18 @@ def resolve_config(config: Path | None, flags: dict[str, Any]) -> FtalkConfig:
         fail(exc, EXIT_USAGE)
 
 
-@config_app.command("show")
-@with_config_flags("data", "buckets", "model", "train", "checkpoint", "dist")
+@config_app.command("show", cls=PanelHelpCommand)
+@with_config_flags(*TRAIN_SECTIONS)
 def config_show(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Print the resolved configuration (defaults < --config YAML < flags) as YAML."""
     cfg = resolve_config(config, flags)
     typer.echo(config_to_yaml(cfg), nl=False)
 
 
-@app.command("validate-metadata")
-@with_config_flags("data", "buckets", "model", "train", "checkpoint", "dist")
+@app.command("validate-metadata", epilog=ACCEPTS_ALL, cls=PanelHelpCommand)
+@with_config_flags("data", "buckets", "model.pretrained_model_name_or_path")
 def validate_metadata(
+    metadata: MetadataArg = None,
     config: ConfigOpt = None,
     json_path: Annotated[
         Optional[Path],  # noqa: UP045 (Typer needs Optional)
@@ -134,7 +207,7 @@ def validate_metadata(
     from fantasytalk_cli.data.validate import ValidateOptions, ValidateUsageError
     from fantasytalk_cli.data.validate import validate_metadata as run_validation
 
-    cfg = resolve_config(config, flags)
+    cfg = resolve_config(config, with_metadata(flags, metadata))
     options = ValidateOptions(
         json_path=json_path,
         clean_path=write_clean,
@@ -165,9 +238,10 @@ def validate_metadata(
         raise typer.Exit(EXIT_PROBLEMS)
 
 
-@app.command("plan-buckets")
-@with_config_flags("data", "buckets", "model", "train", "checkpoint", "dist")
+@app.command("plan-buckets", epilog=ACCEPTS_ALL, cls=PanelHelpCommand)
+@with_config_flags("data", "buckets", *PLAN_FIELDS)
 def plan_buckets(
+    metadata: MetadataArg = None,
     config: ConfigOpt = None,
     json_path: Annotated[
         Optional[Path],  # noqa: UP045 (Typer needs Optional)
@@ -179,7 +253,7 @@ def plan_buckets(
     ] = None,
     world_size: Annotated[
         Optional[int],  # noqa: UP045 (Typer needs Optional)
-        typer.Option("--world-size", "--world_size", min=1, help="Training processes (default: WORLD_SIZE or 1)."),
+        typer.Option("--world_size", min=1, help="Training processes (default: WORLD_SIZE or 1)."),
     ] = None,
     gpus: Annotated[
         Optional[int],  # noqa: UP045 (Typer needs Optional)
@@ -187,7 +261,7 @@ def plan_buckets(
     ] = None,
     gpu_memory: Annotated[
         Optional[float],  # noqa: UP045 (Typer needs Optional)
-        typer.Option("--gpu-memory", "--gpu_memory", min=1, help="GB per GPU: flag buckets at risk of running out."),
+        typer.Option("--gpu_memory", min=1, help="GB per GPU: flag buckets at risk of running out."),
     ] = None,
     *,
     flags: dict[str, Any],
@@ -195,7 +269,7 @@ def plan_buckets(
     """Show the training plan: buckets, frames, tokens, steps, memory, and what is dropped and why."""
     from fantasytalk_cli.data.plan import PlanError, make_plan_report, render_plan_report
 
-    cfg = resolve_config(config, flags)
+    cfg = resolve_config(config, with_metadata(flags, metadata))
     try:
         report = make_plan_report(
             cfg, world_size=world_size, gpus=gpus, gpu_memory_gb=gpu_memory, write_path=write, json_path=json_path
@@ -207,8 +281,8 @@ def plan_buckets(
         raise typer.Exit(EXIT_PROBLEMS)
 
 
-@app.command("train")
-@with_config_flags("data", "buckets", "model", "train", "checkpoint", "dist")
+@app.command("train", cls=PanelHelpCommand)
+@with_config_flags(*TRAIN_SECTIONS)
 def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Train the audio adapter (single process, or under `accelerate launch -m fantasytalk_cli train`)."""
     cfg = resolve_config(config, flags)
@@ -221,17 +295,16 @@ def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     console.print(render_summary(summary))
 
 
-@app.command("convert-zero")
+@app.command("convert-zero", cls=PanelHelpCommand)
 def convert_zero(
     checkpoint: Annotated[
-        Path, typer.Argument(help="A checkpoint-N folder, or the run folder (its newest checkpoint).")
+        Path,
+        typer.Argument(metavar="CHECKPOINT", help="A checkpoint-N folder, or the run folder (its newest checkpoint)."),
     ],
-    output: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Output folder (written atomically).")],
     max_shard_size: Annotated[
         str,
-        typer.Option(
-            "--max_shard_size", "--max-shard-size", help="Largest shard: KB/MB/GB decimal (1GB = 10^9), KiB/MiB/GiB."
-        ),
+        typer.Option("--max_shard_size", help="Largest shard: KB/MB/GB decimal (1GB = 10^9), KiB/MiB/GiB."),
     ] = "10GB",
     dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="Output precision.")] = "bf16",
     what: Annotated[
@@ -250,7 +323,6 @@ def convert_zero(
         Optional[Path],  # noqa: UP045 (Typer needs Optional)
         typer.Option(
             "--pretrained_model_name_or_path",
-            "--pretrained-model-name-or-path",
             help="Base model folder for --what transformer (default: the one the checkpoint's meta.json records).",
         ),
     ] = None,
@@ -260,13 +332,11 @@ def convert_zero(
     ] = None,
     exclude_frozen_parameters: Annotated[
         bool,
-        typer.Option("--exclude_frozen_parameters", "--exclude-frozen-parameters", help="Leave frozen parameters out."),
+        typer.Option("--exclude_frozen_parameters", help="Leave frozen parameters out."),
     ] = False,
     safe_serialization: Annotated[
         bool,
-        typer.Option(
-            "--safe_serialization", "--safe-serialization", help="Accepted for the seed's scripts: always safetensors."
-        ),
+        typer.Option("--safe_serialization", help="Accepted for the seed's scripts: always safetensors."),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT folder.")] = False,
 ) -> None:
@@ -294,11 +364,13 @@ def convert_zero(
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
-@app.command("make-demo-data")
+@app.command("make-demo-data", cls=PanelHelpCommand)
 def make_demo_data(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write train/, wav/ and metadata_control.json into.")],
+    out_dir: Annotated[
+        Path, typer.Argument(metavar="OUT_DIR", help="Folder to write train/, wav/ and metadata_control.json into.")
+    ],
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same dataset.")] = 0,
-    num_clips: Annotated[int, typer.Option("--num-clips", "--num_clips", min=1, help="Number of clips.")] = 12,
+    num_clips: Annotated[int, typer.Option("--num_clips", min=1, help="Number of clips.")] = 12,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in OUT_DIR.")] = False,
 ) -> None:
     """Write a small synthetic talking-clip dataset in the seed's layout (the demo and test data)."""
@@ -311,9 +383,11 @@ def make_demo_data(
     console.print(report.summary())
 
 
-@app.command("make-tiny-model")
+@app.command("make-tiny-model", cls=PanelHelpCommand)
 def make_tiny_model(
-    out_dir: Annotated[Path, typer.Argument(help="Base model folder to write (written atomically).")],
+    out_dir: Annotated[
+        Path, typer.Argument(metavar="OUT_DIR", help="Base model folder to write (written atomically).")
+    ],
     layout: Annotated[
         Literal["original", "diffusers"],
         typer.Option(help="original = the Wan2.1 release layout; diffusers = the -Diffusers layout."),
@@ -332,7 +406,7 @@ def make_tiny_model(
     console.print(report.summary(), highlight=False)
 
 
-@app.command("demo")
+@app.command("demo", cls=PanelHelpCommand)
 def demo(
     work_dir: Annotated[Path, typer.Option(help="Folder for the demo's model, data and run (replaced).")] = Path(
         ".ftalk-demo"

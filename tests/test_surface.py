@@ -104,3 +104,60 @@ def test_shipped_accelerate_fsdp_config_is_the_tested_one() -> None:
     tested = {k: v for k, v in STRATEGIES["fsdp2"].items() if k != "FSDP_BACKWARD_PREFETCH"}  # FSDP1 only
     assert {k: env.get(k) for k in tested} == tested
     assert env["FSDP_USE_ORIG_PARAMS"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def _help(*command: str, columns: int = 80) -> str:
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": str(columns)}, terminal_width=columns)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _listed_flags(text: str) -> set[str]:
+    return set(re.findall(r"(?m)^  (?:-\w, )?(--[\w-]+)", text))  # option lines: indented by two
+
+
+@pytest.mark.parametrize("command", [*COMMANDS[:-1], "config show"])
+def test_help_at_80_columns_cuts_no_flag_name(command: str) -> None:
+    """Every flag a command lists appears whole (no `…`, no line over 80 columns); at 80 columns the
+    listed flags are the same as at 200."""
+    narrow = _help(*command.split())
+    assert "…" not in narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert _listed_flags(narrow) == _listed_flags(_help(*command.split(), columns=200))
+
+
+def test_validate_and_plan_help_list_only_what_they_read() -> None:
+    from fantasytalk_cli.config.schema import CheckpointConfig, TrainConfig
+
+    validate, plan, train = _help("validate-metadata"), _help("plan-buckets"), _help("train")
+    training_only = {f"--{name}" for name in (*TrainConfig.model_fields, *CheckpointConfig.model_fields)}
+    assert not training_only & _listed_flags(validate), "validate-metadata --help lists training flags"
+    assert "--learning_rate" not in validate and "--video_sample_size" in validate
+    assert "--pretrained_model_name_or_path" in validate  # the tokenizer comes from the model folder
+    assert "--learning_rate" not in plan and "--train_batch_size" in plan and "--low_vram" in plan
+    assert training_only <= _listed_flags(train)
+    assert len(validate.splitlines()) < len(train.splitlines()) // 2 + 20
+    for text in (validate, plan):
+        assert "[OPTIONS] [METADATA]" in text.splitlines()[0]
+    assert _help("convert-zero").splitlines()[0].endswith("[OPTIONS] CHECKPOINT OUTPUT")
+
+
+def test_flags_take_dashes_or_underscores_and_no_prefix(tmp_path: Path) -> None:
+    from fantasytalk_cli.cli import main
+
+    def show(*argv: str) -> str:
+        result = CliRunner().invoke(app, ["config", "show", *argv])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    dashed = show("--video-sample-size=48", "--gradient-checkpointing", "--lr-scheduler", "constant_with_warmup")
+    underscored = show("--video_sample_size", "48", "--gradient_checkpointing", "--lr_scheduler=constant_with_warmup")
+    assert dashed == underscored and "video_sample_size: 48" in dashed and "gradient_checkpointing: true" in dashed
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("buckets: {enable_bucket: true}\n")
+    assert "enable_bucket: true" in show("-c", str(run_yaml))
+    for negated in ("--no-enable_bucket", "--no-enable-bucket"):  # a flag turns a YAML `true` off
+        assert "enable_bucket: false" in show("-c", str(run_yaml), negated)
+    with pytest.raises(SystemExit) as exc:
+        main(["config", "show", "--gradient_checkpointing", "--no-gradient_checkpointing"])
+    assert exc.value.code == 2

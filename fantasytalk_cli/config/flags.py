@@ -1,8 +1,10 @@
 """Command-line flags generated from the config schema, so a field and its flag never drift apart.
 
-Each leaf field `name` of the chosen sections becomes `--name` and `--name-with-dashes` (booleans also
-get `--no-...`), its docstring the help text, its section the help panel. Flags left out stay `None`
-and do not override the YAML file.
+Each leaf field `name` becomes `--name` (booleans also get a hidden `--no-name`), its docstring the help
+text, its section the help panel. The app normalises dashes to underscores in option names
+(`normalize_flag`), so `--name-with-dashes` works too. Every command accepts every field (one argument
+list serves validate, plan and train); its `--help` lists the sections it reads. Flags left out stay
+`None` and do not override the YAML file.
 """
 
 from __future__ import annotations
@@ -80,25 +82,35 @@ def expand_multi_value_flags(argv: list[str], multi: set[str] | None = None) -> 
     return out
 
 
-def _parameters(sections: Sequence[str]) -> list[inspect.Parameter]:
+NEGATED = "no_"
+"""Prefix of the hidden parameter that carries a boolean flag's `--no-name` form."""
+
+
+def normalize_flag(token: str) -> str:
+    """Click's `token_normalize_func` for the app: `--video-sample-size` and `--video_sample_size` are one
+    flag (option names only; values are never touched), so the dashed alias needs no line in `--help`."""
+    return token.replace("-", "_")
+
+
+def _shown(section: str, name: str, shown: Sequence[str]) -> bool:
+    return section in shown or f"{section}.{name}" in shown
+
+
+def _parameters(shown: Sequence[str]) -> list[inspect.Parameter]:
+    """One keyword parameter per config field of every section (so one argument list serves every command);
+    those not in `shown` (section names or `section.field`) are accepted but hidden from `--help`."""
     params = []
-    for section in sections:
-        for name, field in SECTIONS[section].model_fields.items():
+    for section, model in SECTIONS.items():
+        for name, field in model.model_fields.items():
             typ, note = _option_type(field.annotation)
-            dashed = name.replace("_", "-")
-            if typ is bool:
-                decls = [f"--{name}/--no-{name}"]
-                if dashed != name:
-                    decls.append(f"--{dashed}/--no-{dashed}")
-            else:
-                decls = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
+            hidden = not _shown(section, name, shown)
             default = field.get_default(call_default_factory=True)
-            shown = "" if default is None else f" (default: {default})"
             option = typer.Option(
-                *decls,
-                help=(field.description or "") + note + shown,
+                f"--{name}",
+                help=(field.description or "") + note + ("" if default is None else f" (default: {default})"),
                 rich_help_panel=f"{section} settings",
                 show_default=False,
+                hidden=hidden,
             )
             params.append(
                 inspect.Parameter(
@@ -108,15 +120,46 @@ def _parameters(sections: Sequence[str]) -> list[inspect.Parameter]:
                     annotation=Annotated[Optional[typ], option],  # noqa: UP045 (Typer needs Optional)
                 )
             )
+            if typ is bool:  # `--no-name` overrides a YAML `true`; hidden: the help names it once, above
+                negated = typer.Option(f"--no-{name}", help=f"Set {name} to false.", hidden=True)
+                params.append(
+                    inspect.Parameter(
+                        NEGATED + name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        default=False,
+                        annotation=Annotated[bool, negated],
+                    )
+                )
     return params
 
 
-def with_config_flags(*sections: str) -> Callable[[F], F]:
-    """Give a command one flag per config field of `sections`; it receives the given ones as `flags`."""
+class FlagConflictError(ValueError):
+    """A boolean flag was given both as `--name` and `--no-name`."""
+
+
+def _collect(kwargs: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """Pop the generated flags out of `kwargs`: the given ones as `{field: value}`."""
+    flags: dict[str, Any] = {}
+    for name in names:
+        value = kwargs.pop(name, None)
+        negated = kwargs.pop(NEGATED + name, False)
+        if negated:
+            if value:
+                raise FlagConflictError(f"--{name} and --no-{name} were both given: keep one")
+            value = False
+        if value is not None:
+            flags[name] = value
+    return flags
+
+
+def with_config_flags(*shown: str) -> Callable[[F], F]:
+    """Give a command one flag per config field (of every section, so the whole training argument list is
+    accepted); `--help` lists those of `shown` (section names, or `section.field`). The command receives the
+    given flags as `flags`, or exits 2 on `--name --no-name`."""
 
     def decorate(func: F) -> F:
-        generated = _parameters(sections)
-        names = {p.name for p in generated}
+        generated = _parameters(shown)
+        names = {name for model in SECTIONS.values() for name in model.model_fields}
         hints = typing.get_type_hints(func, include_extras=True)  # resolve string annotations
         own = [
             p.replace(annotation=hints.get(p.name, p.annotation))
@@ -126,8 +169,11 @@ def with_config_flags(*sections: str) -> Callable[[F], F]:
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            flags = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-            return func(*args, flags={k: v for k, v in flags.items() if v is not None}, **kwargs)
+            try:
+                flags = _collect(kwargs, names)
+            except FlagConflictError as exc:
+                raise typer.BadParameter(str(exc)) from exc
+            return func(*args, flags=flags, **kwargs)
 
         params = own + generated
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
