@@ -131,7 +131,7 @@ def _root(
 
 def fail(exc: Exception, code: int) -> NoReturn:
     """Print a library error's message (it names the file, the key and the fix) and exit with `code`."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line in a log
     raise typer.Exit(code) from exc
 
 
@@ -292,7 +292,8 @@ def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
         summary = run_training(cfg, console)
     except TRAIN_ERRORS as exc:
         fail(exc, EXIT_PROBLEMS)
-    console.print(render_summary(summary))
+    if summary.main:
+        console.print(render_summary(summary))
 
 
 @app.command("convert-zero", cls=PanelHelpCommand)

@@ -122,12 +122,60 @@ def detect_strategy(dist: DistConfig) -> str:
     return "ddp"
 
 
+def launched_world_size() -> int:
+    """Processes the launcher started (`WORLD_SIZE`, set by `accelerate launch --multi_gpu`, torchrun,
+    DeepSpeed's launcher; 1 without one)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as exc:
+        raise DistributedSetupError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from exc
+
+
+def _device_available() -> bool:
+    """A device that multi-process DeepSpeed / FSDP can run on: a GPU (or XPU/NPU), or the device named in
+    accelerate's own `ACCELERATE_TORCH_DEVICE` (whoever sets it has chosen the device for accelerate)."""
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    return (
+        torch.cuda.is_available() or is_xpu_available() or is_npu_available() or "ACCELERATE_TORCH_DEVICE" in os.environ
+    )
+
+
+CPU_COMMANDS = (
+    "on a machine without GPUs ftalk runs one process (`ftalk train ...`) or DDP over gloo "
+    "(`accelerate launch --multi_gpu --num_processes N -m fantasytalk_cli train ...`)"
+)
+
+
+def check_world(launched: int, running: int, strategy: str) -> None:
+    """Refuse a run whose accelerator does not hold the processes the launcher started: each would train
+    alone and race the others in the same run folder."""
+    if launched != running:
+        raise DistributedSetupError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate set up "
+            f"{running} for {strategy}: the processes would train independently and overwrite each other's "
+            f"checkpoints. Nothing was written. {CPU_COMMANDS[0].upper() + CPU_COMMANDS[1:]}; with GPUs, check "
+            "that every process sees one (`nvidia-smi`, CUDA_VISIBLE_DEVICES)"
+        )
+
+
 def build_accelerator(
     dist: DistConfig, train: TrainConfig, checkpoint: CheckpointConfig, log_with: str | None
 ) -> tuple[Accelerator, Strategy]:
-    """The run's `Accelerator`, configured for the detected strategy."""
+    """The run's `Accelerator`, configured for the detected strategy. Several launched processes on a
+    machine without GPUs run DDP over gloo (accelerate's CPU mode); DeepSpeed and FSDP there are refused,
+    and so is any launch whose process count accelerate does not match, before the run folder is touched."""
     name = detect_strategy(dist)
     notes: list[str] = []
+    launched = launched_world_size()
+    on_cpu = launched > 1 and not _device_available()
+    if on_cpu and name != "ddp":
+        raise DistributedSetupError(
+            f"{launched} processes were launched for {name} on a machine without GPUs: DeepSpeed and FSDP need "
+            f"GPUs. Nothing was written; {CPU_COMMANDS}"
+        )
+    if on_cpu:
+        notes.append(f"no GPU: {launched} processes train with DDP on the CPU over gloo")
     ds_plugin = None
     fsdp_plugin = None
     fsdp_version = 0
@@ -156,6 +204,7 @@ def build_accelerator(
             fsdp_plugin.transformer_cls_names_to_wrap = [WRAP_CLASS]
             notes.append(f"FSDP: wrapping each {WRAP_CLASS}")
     accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=train.mixed_precision,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         deepspeed_plugin=ds_plugin,
@@ -165,6 +214,7 @@ def build_accelerator(
             project_dir=str(checkpoint.output_dir), logging_dir=str(checkpoint.output_dir / "logs")
         ),
     )
+    check_world(launched, accelerator.num_processes, name)
     return accelerator, Strategy(name, fsdp_version, tuple(notes))
 
 

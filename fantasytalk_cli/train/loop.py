@@ -91,6 +91,8 @@ class TrainSummary:
     outliers: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    main: bool = True
+    """Whether this process is the main one (only it prints the summary)."""
 
 
 class _StopFlag:
@@ -256,11 +258,12 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
     )
     if train.report_to != "none":
         accelerator.init_trackers("ftalk", config=_flat_config(cfg))
-    summary = TrainSummary(out, state.step, state.epoch, notes=list(models.notes))
+    summary = TrainSummary(out, state.step, state.epoch, notes=list(models.notes), main=main)
     if main:
         say(
             f"training {max_steps} steps ({steps_per_epoch} per epoch), strategy {strategy.name}, "
-            f"{accelerator.num_processes} process(es), {models.trainable_parameters:,} trainable parameters"
+            f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+            f"{models.trainable_parameters:,} trainable parameters"
         )
 
     def save() -> None:
