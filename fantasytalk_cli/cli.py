@@ -409,18 +409,25 @@ def make_tiny_model(
 
 @app.command("demo", cls=PanelHelpCommand)
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Folder for the demo's model, data and run (replaced).")] = Path(
-        ".ftalk-demo"
-    ),
+    work_dir: Annotated[
+        Path, typer.Option(help="Folder for the demo's model, data and run (new, empty, or an earlier demo's).")
+    ] = Path(".ftalk-demo"),
     seed: Annotated[int, typer.Option(help="Seed of the demo model, data and training.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace WORK_DIR when an earlier `ftalk demo` made it (nothing else is replaced).")
+    ] = False,
 ) -> None:
     """Run the whole pipeline on the embedded tiny model and synthetic clips, on the CPU."""
-    from fantasytalk_cli.demo import run_demo
+    from fantasytalk_cli.demo import DemoError, run_demo
 
-    result = run_demo(work_dir, seed=seed, console=console)
+    try:
+        result = run_demo(work_dir, seed=seed, console=console, overwrite=overwrite)
+    except DemoError as exc:
+        fail(exc, EXIT_USAGE)
     for name, seconds, detail in result.steps:
-        console.print(f"[bold green]done[/] {name:<18} {seconds:6.1f} s  {detail}")
-    console.print(f"demo finished in {sum(s for _, s, _ in result.steps):.0f} s; everything is in {work_dir}")
+        console.print(f"[bold green]done[/] {name:<18} {seconds:6.1f} s  {detail}", soft_wrap=True, highlight=False)
+    for line in result.report():
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

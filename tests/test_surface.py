@@ -59,6 +59,27 @@ def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "run" / "checkpoint-20" / "meta.json").is_file()
     assert (tmp_path / "demo" / "adapter" / "fantasytalking_model.ckpt").is_file()
     assert (tmp_path / "demo" / "run" / "logs").is_dir()  # TensorBoard scalars
+    # What happened and what next, one line per path (a piped log keeps each path whole)
+    assert re.search(
+        r"(?m)^loss on a fixed evaluation batch .*: \d+\.\d+ before training -> \d+\.\d+ after$", proc.stdout
+    )
+    assert f"converted adapter:  {tmp_path / 'demo' / 'adapter' / 'fantasytalking_model.ckpt'}\n" in proc.stdout
+    assert f"checkpoint:         {tmp_path / 'demo' / 'run' / 'checkpoint-20'}\n" in proc.stdout
+    assert "\n  ftalk validate-metadata " in proc.stdout  # the next commands to try
+    again = subprocess.run(  # the README's demo command again: it replaces its own folder
+        [*demo, "--work-dir", str(tmp_path / "demo")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, ["demo", "--work-dir", str(mine), *extra])
+        assert result.exit_code == 2 and "not made by `ftalk demo`" in result.output
+    assert (mine / "precious.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
 
 
 def readme_ftalk_args() -> list[str]:

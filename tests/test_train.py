@@ -24,44 +24,9 @@ QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (kept for the sessio
 
 def _eval_loss(world: dict[str, Path], weights: dict[str, torch.Tensor] | None, cfg_overrides: dict) -> float:
     """Loss on a fixed batch with fixed noise and timesteps (no condition dropout)."""
-    from fantasytalk_cli.data.dataset import ClipBatchDataset
-    from fantasytalk_cli.data.metadata import load_entries
-    from fantasytalk_cli.data.plan import plan_from_metadata
-    from fantasytalk_cli.data.sampler import BucketBatchSampler
-    from fantasytalk_cli.train.flow import FlowSchedule
-    from fantasytalk_cli.train.model_setup import load_training_models
-    from fantasytalk_cli.train.step import StepContext, training_step
+    from fantasytalk_cli.train.evaluate import fixed_batch_loss
 
-    cfg = world_config(world, world["root"] / "unused", **cfg_overrides)
-    cfg = cfg.model_copy(
-        update={
-            "train": cfg.train.model_copy(update={"text_dropout": 0.0, "image_dropout": 0.0, "train_batch_size": 2})
-        }
-    )
-    models = load_training_models(cfg.model, cfg.train, device=torch.device("cpu"), uniform_dtype=False)
-    if weights is not None:
-        models.transformer.load_state_dict(weights, strict=False)
-    plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta)
-    sampler = BucketBatchSampler(plan, batch_size=2, seed=123)
-    dataset = ClipBatchDataset(load_entries(cfg.data.train_data_meta), plan, cfg.data.train_data_dir, seed=123)
-    ctx = StepContext(
-        train=cfg.train,
-        model_cfg=cfg.model,
-        sigmas=FlowSchedule().sigmas(),
-        rank=0,
-        world_size=1,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        autocast=lambda: torch.autocast("cpu", enabled=False),
-    )
-    losses = []
-    with torch.no_grad():
-        for number, batch in enumerate(sampler):
-            if number == 2:
-                break
-            out = training_step(models.transformer.eval(), models.encoders, models.wav2vec, dataset[batch], ctx, 10**6)
-            losses.append(out.loss.item())
-    return sum(losses) / len(losses)
+    return fixed_batch_loss(world_config(world, world["root"] / "unused", **cfg_overrides), weights)
 
 
 @pytest.mark.slow
