@@ -266,3 +266,19 @@ def test_example_config_trains_scaled_down_by_flags(tiny_world: dict, tmp_path: 
     cmd = ["ftalk", "train", "--config", "examples/fantasytalking_512.yaml", *SCALE_DOWN]
     run_bash(shlex.join(cmd), user)
     assert (user / "output_dir/checkpoint-2/meta.json").is_file()
+
+
+def test_clean_file_in_another_folder_keeps_its_clips(tmp_path: Path) -> None:
+    """Without --train_data_dir, paths are read against the metadata's folder: a clean file written elsewhere
+    gets paths relative to its own folder, so validating (or training on) it finds every clip."""
+    meta = raw_dataset(tmp_path / "data", num_clips=2)
+    clean = tmp_path / "elsewhere" / "clean.json"
+    clean.parent.mkdir()
+    small = [f"--{k}={v}" for k, v in SMALL_BUCKETS.items() if not isinstance(v, bool)]
+    first = CliRunner().invoke(
+        app, ["validate-metadata", str(meta), "--write-clean", str(clean), "--workers=1", *small]
+    )
+    assert first.exit_code == 0, first.output
+    assert '"../data/train/' in clean.read_text()
+    again = CliRunner().invoke(app, ["validate-metadata", str(clean), "--workers=1", *small])
+    assert again.exit_code == 0 and "E301" not in again.output, again.output

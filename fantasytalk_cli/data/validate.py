@@ -479,6 +479,11 @@ class _Run:
         self.report = ValidationReport(metadata=metadata)
         self.tally = _Tally(self.report, options.top_n)
         self.media_root = data.media_root()
+        # Without --train_data_dir, relative paths are read against the metadata file's folder: a clean file
+        # written into another folder gets paths relative to its own folder, so it trains as the input would.
+        clean_dir = Path(os.path.abspath(options.clean_path)).parent if options.clean_path is not None else None
+        same_dir = clean_dir is None or clean_dir == Path(os.path.abspath(metadata)).parent
+        self.rebase_to: Path | None = None if data.train_data_dir is not None or same_dir else clean_dir
         self.data_dir = Path(data.train_data_dir) if data.train_data_dir is not None else None
         self.real_data_dir = os.path.realpath(self.data_dir) if self.data_dir is not None else None
         self.cache = ProbeCache(options.cache_path or default_cache_path(metadata)) if options.use_cache else None
@@ -551,6 +556,12 @@ class _Run:
             self.json_out.close(report.file_findings, report.summary_dict())
             report.json_path = options.json_path
         return report
+
+    def _rebased(self, written: str) -> str:
+        """A relative media path of the input, relative to the clean file's folder instead."""
+        if Path(os.path.expanduser(written)).is_absolute() or self.rebase_to is None:
+            return written
+        return os.path.relpath(os.path.abspath(resolve_media_path(self.media_root, written)), self.rebase_to)
 
     def _head(self) -> dict[str, Any]:
         meta = self.metadata
@@ -628,6 +639,10 @@ class _Run:
         if not has_error and item.entry is not None and self.clean_out is not None:
             clean = item.entry.to_dict()
             clean[PROBE_KEY] = ProbeFacts(**facts).to_dict()
+            if self.rebase_to is not None:
+                clean.update(
+                    file_path=self._rebased(item.entry.file_path), audio_path=self._rebased(item.entry.audio_path)
+                )
             self.clean_out.write(clean)
         self.report.clean += not has_error
         self.tally.add(index, shown or f"entry {index}", findings)
