@@ -4,20 +4,24 @@ error."""
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, Optional
+from typing import Annotated, Any, Literal, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
 from fantasytalk_cli import __version__
-from fantasytalk_cli.config import ConfigError, FtalkConfig, config_to_yaml, load_config
+from fantasytalk_cli.config import FtalkConfig, config_to_yaml, load_config
 from fantasytalk_cli.config.flags import expand_multi_value_flags, normalize_flag, with_config_flags
+from fantasytalk_cli.errors import FtalkError, FtalkUsageError
 
 console = Console()
 err_console = Console(stderr=True)
+F = TypeVar("F", bound=Any)
 
 
 class PanelHelpCommand(TyperCommand):
@@ -110,7 +114,7 @@ def with_metadata(flags: dict[str, Any], metadata: Path | None) -> dict[str, Any
         return flags
     given = flags.get("train_data_meta")
     if given is not None and Path(given) != metadata:
-        fail(ValueError(f"METADATA {metadata} and --train_data_meta {given} differ: give one"), EXIT_USAGE)
+        raise FtalkUsageError(f"METADATA {metadata} and --train_data_meta {given} differ: give one")
     return {**flags, "train_data_meta": metadata}
 
 
@@ -120,30 +124,53 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+DEBUG = {"on": os.environ.get("FTALK_DEBUG", "") not in ("", "0")}
+"""`--debug` / `FTALK_DEBUG=1`: errors also print their traceback."""
+
+
 @app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print the traceback of an error too (or set FTALK_DEBUG=1).")
+    ] = False,
 ) -> None:
     """ftalk: the FantasyTalking training toolkit."""
+    if debug:
+        DEBUG["on"] = True
 
 
-def fail(exc: Exception, code: int) -> NoReturn:
-    """Print a library error's message (it names the file, the key and the fix) and exit with `code`."""
+def fail(exc: Exception, code: int | None = None) -> NoReturn:
+    """Print a library error's message (it names the file, the key and the fix) and exit with `code` (default:
+    the error's own exit code, else 1); the traceback only with --debug."""
+    if DEBUG["on"]:
+        err_console.print_exception(show_locals=False)
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line in a log
-    raise typer.Exit(code) from exc
+    raise typer.Exit(code if code is not None else getattr(exc, "exit_code", EXIT_PROBLEMS)) from exc
+
+
+def reports_errors(func: F) -> F:
+    """Every `FtalkError` a command meets ends as its message and exit code, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FtalkError as exc:
+            fail(exc)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def resolve_config(config: Path | None, flags: dict[str, Any]) -> FtalkConfig:
     """Load the config or exit 2 with the message naming the bad key."""
-    try:
-        return load_config(config, flags)
-    except ConfigError as exc:
-        fail(exc, EXIT_USAGE)
+    return load_config(config, flags)
 
 
 @config_app.command("show", cls=PanelHelpCommand)
+@reports_errors
 @with_config_flags(*TRAIN_SECTIONS)
 def config_show(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Print the resolved configuration (defaults < --config YAML < flags) as YAML."""
@@ -152,6 +179,7 @@ def config_show(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
 
 
 @app.command("validate-metadata", epilog=ACCEPTS_ALL, cls=PanelHelpCommand)
+@reports_errors
 @with_config_flags("data", "buckets", "model.pretrained_model_name_or_path")
 def validate_metadata(
     metadata: MetadataArg = None,
@@ -204,7 +232,7 @@ def validate_metadata(
     """Check every clip, audio file and caption of the metadata before a GPU hour is spent."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fantasytalk_cli.data.validate import ValidateOptions, ValidateUsageError
+    from fantasytalk_cli.data.validate import ValidateOptions
     from fantasytalk_cli.data.validate import validate_metadata as run_validation
 
     cfg = resolve_config(config, with_metadata(flags, metadata))
@@ -223,22 +251,20 @@ def validate_metadata(
     columns = (TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("validate", total=None)
-        try:
-            report = run_validation(
-                cfg.data,
-                cfg.buckets,
-                options,
-                model_dir=cfg.model.pretrained_model_name_or_path,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
-        except ValidateUsageError as exc:
-            fail(exc, EXIT_USAGE)
+        report = run_validation(
+            cfg.data,
+            cfg.buckets,
+            options,
+            model_dir=cfg.model.pretrained_model_name_or_path,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     console.print(report.summary())
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command("plan-buckets", epilog=ACCEPTS_ALL, cls=PanelHelpCommand)
+@reports_errors
 @with_config_flags("data", "buckets", *PLAN_FIELDS)
 def plan_buckets(
     metadata: MetadataArg = None,
@@ -282,21 +308,20 @@ def plan_buckets(
 
 
 @app.command("train", cls=PanelHelpCommand)
+@reports_errors
 @with_config_flags(*TRAIN_SECTIONS)
 def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Train the audio adapter (single process, or under `accelerate launch -m fantasytalk_cli train`)."""
     cfg = resolve_config(config, flags)
-    from fantasytalk_cli.train.loop import TRAIN_ERRORS, render_summary, run_training
+    from fantasytalk_cli.train.loop import render_summary, run_training
 
-    try:
-        summary = run_training(cfg, console)
-    except TRAIN_ERRORS as exc:
-        fail(exc, EXIT_PROBLEMS)
+    summary = run_training(cfg, console)
     if summary.main:
         console.print(render_summary(summary))
 
 
 @app.command("convert-zero", cls=PanelHelpCommand)
+@reports_errors
 def convert_zero(
     checkpoint: Annotated[
         Path,
@@ -342,7 +367,7 @@ def convert_zero(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT folder.")] = False,
 ) -> None:
     """Convert a ZeRO/FSDP/plain checkpoint into safetensors files inference tools load."""
-    from fantasytalk_cli.convert.zero import ConversionError, ConversionUsageError, ConvertOptions, convert_checkpoint
+    from fantasytalk_cli.convert.zero import ConvertOptions, convert_checkpoint
 
     options = ConvertOptions(
         what=what,
@@ -354,18 +379,14 @@ def convert_zero(
         exclude_frozen_parameters=exclude_frozen_parameters,
         overwrite=overwrite,
     )
-    try:
-        report = convert_checkpoint(checkpoint, output, options)
-    except ConversionUsageError as exc:
-        fail(exc, EXIT_USAGE)
-    except ConversionError as exc:
-        fail(exc, EXIT_PROBLEMS)
+    report = convert_checkpoint(checkpoint, output, options)
     console.print(report.summary(), highlight=False)
     for warning in report.warnings:
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("make-demo-data", cls=PanelHelpCommand)
+@reports_errors
 def make_demo_data(
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT_DIR", help="Folder to write train/, wav/ and metadata_control.json into.")
@@ -375,16 +396,14 @@ def make_demo_data(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in OUT_DIR.")] = False,
 ) -> None:
     """Write a small synthetic talking-clip dataset in the seed's layout (the demo and test data)."""
-    from fantasytalk_cli.data.synthetic import DemoDataError, make_demo_dataset
+    from fantasytalk_cli.data.synthetic import make_demo_dataset
 
-    try:
-        report = make_demo_dataset(out_dir, seed=seed, num_clips=num_clips, overwrite=overwrite)
-    except DemoDataError as exc:
-        fail(exc, EXIT_USAGE)
+    report = make_demo_dataset(out_dir, seed=seed, num_clips=num_clips, overwrite=overwrite)
     console.print(report.summary())
 
 
 @app.command("make-tiny-model", cls=PanelHelpCommand)
+@reports_errors
 def make_tiny_model(
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT_DIR", help="Base model folder to write (written atomically).")
@@ -397,17 +416,14 @@ def make_tiny_model(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT_DIR.")] = False,
 ) -> None:
     """Write a tiny random-weight base model (+ wav2vec2 and adapter) in the real file layout, for tests and demos."""
-    from fantasytalk_cli.models.tiny import TinyModelError
     from fantasytalk_cli.models.tiny import make_tiny_model as write_tiny_model
 
-    try:
-        report = write_tiny_model(out_dir, layout=layout, seed=seed, overwrite=overwrite)
-    except TinyModelError as exc:
-        fail(exc, EXIT_USAGE)
+    report = write_tiny_model(out_dir, layout=layout, seed=seed, overwrite=overwrite)
     console.print(report.summary(), highlight=False)
 
 
 @app.command("demo", cls=PanelHelpCommand)
+@reports_errors
 def demo(
     work_dir: Annotated[
         Path, typer.Option(help="Folder for the demo's model, data and run (new, empty, or an earlier demo's).")
@@ -418,12 +434,9 @@ def demo(
     ] = False,
 ) -> None:
     """Run the whole pipeline on the embedded tiny model and synthetic clips, on the CPU."""
-    from fantasytalk_cli.demo import DemoError, run_demo
+    from fantasytalk_cli.demo import run_demo
 
-    try:
-        result = run_demo(work_dir, seed=seed, console=console, overwrite=overwrite)
-    except DemoError as exc:
-        fail(exc, EXIT_USAGE)
+    result = run_demo(work_dir, seed=seed, console=console, overwrite=overwrite)
     for name, seconds, detail in result.steps:
         console.print(f"[bold green]done[/] {name:<18} {seconds:6.1f} s  {detail}", soft_wrap=True, highlight=False)
     for line in result.report():

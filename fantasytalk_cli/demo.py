@@ -22,6 +22,7 @@ from fantasytalk_cli.config import FtalkConfig, load_config
 from fantasytalk_cli.data.plan import plan_from_metadata
 from fantasytalk_cli.data.synthetic import make_demo_dataset
 from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
+from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.models.tiny import make_tiny_model
 
 DEMO_FLAGS: dict[str, Any] = {
@@ -40,7 +41,7 @@ DEMO_FLAGS: dict[str, Any] = {
 """The demo's run: the seed's recipe shrunk to the tiny world (fp32, because CPUs lack fast bf16)."""
 
 
-class DemoError(RuntimeError):
+class DemoError(FtalkUsageError):
     """A demo step failed; the message names it."""
 
 

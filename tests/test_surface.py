@@ -182,3 +182,21 @@ def test_flags_take_dashes_or_underscores_and_no_prefix(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["config", "show", "--gradient_checkpointing", "--no-gradient_checkpointing"])
     assert exc.value.code == 2
+
+
+def test_errors_have_one_root_and_no_traceback_unless_debug(tmp_path: Path) -> None:
+    import fantasytalk_cli.cli as cli
+    from fantasytalk_cli.config.load import ConfigError
+    from fantasytalk_cli.data.plan import PlanError
+    from fantasytalk_cli.errors import FtalkError
+    from fantasytalk_cli.train.checkpoint import CheckpointError
+
+    assert all(issubclass(e, FtalkError) for e in (ConfigError, PlanError, CheckpointError))
+    argv = ["train", "--output_dir", str(tmp_path / "run")]  # no metadata: a TrainingError
+    quiet = CliRunner().invoke(app, argv)
+    assert quiet.exit_code == 1 and "error:" in quiet.output and "Traceback" not in quiet.output
+    try:
+        loud = CliRunner().invoke(app, ["--debug", *argv])
+    finally:
+        cli.DEBUG["on"] = False
+    assert loud.exit_code == 1 and "Traceback" in loud.output and "train_data_meta" in loud.output

@@ -21,6 +21,7 @@ import typer
 from pydantic import BaseModel
 
 from fantasytalk_cli.config.schema import SECTIONS
+from fantasytalk_cli.errors import FtalkUsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,7 +134,7 @@ def _parameters(shown: Sequence[str]) -> list[inspect.Parameter]:
     return params
 
 
-class FlagConflictError(ValueError):
+class FlagConflictError(FtalkUsageError, ValueError):
     """A boolean flag was given both as `--name` and `--no-name`."""
 
 

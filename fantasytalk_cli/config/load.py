@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from fantasytalk_cli.config.schema import SECTIONS, FtalkConfig
+from fantasytalk_cli.errors import FtalkUsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(FtalkUsageError, ValueError):
     """A configuration source is unreadable or holds a bad key or value."""
 
 

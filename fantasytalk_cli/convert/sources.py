@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
 from fantasytalk_cli.train.checkpoint import CHECKPOINT_RE, LATEST_NAME, META_NAME, STATE_DIR, WEIGHTS_NAME
 
@@ -42,11 +43,13 @@ DCP_READ_BYTES = 256 * 2**20
 """Tensors read per ``torch.distributed.checkpoint`` call (a single larger tensor is read alone)."""
 
 
-class ConversionError(RuntimeError):
+class ConversionError(FtalkError, RuntimeError):
     """The checkpoint cannot be converted: a file is missing, truncated or not what its kind needs."""
 
 
 class ConversionUsageError(ConversionError):
+    exit_code = 2
+
     """The request itself is wrong: no such folder, an output that exists, contradictory options."""
 
 

@@ -24,10 +24,11 @@ from fantasytalk_cli.data.buckets import clip_window, cover_crop
 from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
 from fantasytalk_cli.data.plan import BucketPlan
 from fantasytalk_cli.data.sampler import PlannedBatch
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.audio import read_audio_for_frames
 
 
-class SampleError(RuntimeError):
+class SampleError(FtalkError, RuntimeError):
     """A clip of the metadata cannot be turned into a training sample."""
 
 

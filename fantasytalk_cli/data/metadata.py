@@ -36,6 +36,7 @@ import numpy as np
 
 from fantasytalk_cli.data.findings import CODES, Finding, finding
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
+from fantasytalk_cli.errors import FtalkError
 
 Format = Literal["json", "jsonl", "csv"]
 
@@ -47,7 +48,7 @@ _PROBE_FIELDS = {f.name: f.type for f in fields(ProbeFacts)}
 _LENIENT_CODES = {"W206", "I208"}  # problems load_entries tolerates: extra fields, missing type
 
 
-class MetadataError(ValueError):
+class MetadataError(FtalkError, ValueError):
     """A metadata file problem: names the file, the position (line/column or entry) and the fix."""
 
     def __init__(

@@ -57,6 +57,7 @@ from fantasytalk_cli.data.metadata import (
 )
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.train.memory import GB, MemoryEstimate
 
 PLAN_FORMAT = "ftalk-bucket-plan"
@@ -65,7 +66,7 @@ PLAN_TRAIN_FIELDS = ("train_batch_size", "seed")
 """Train fields a plan depends on (besides the whole `buckets` section)."""
 
 
-class PlanError(ValueError):
+class PlanError(FtalkError, ValueError):
     """The plan cannot be built or read; the message says why and what to do."""
 
 

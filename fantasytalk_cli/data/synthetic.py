@@ -22,6 +22,7 @@ import numpy as np
 import soundfile as sf
 
 from fantasytalk_cli.data.probe_facts import ProbeFacts
+from fantasytalk_cli.errors import FtalkUsageError
 
 METADATA_NAME = "metadata_control.json"
 """File name of the seed's metadata list inside a dataset folder."""
@@ -53,7 +54,7 @@ _SUBJECTS = ("A person", "A man", "A woman", "A presenter", "A young adult", "An
 _VERBS = ("talks to the camera", "speaks calmly", "explains something", "says a few sentences", "is talking")
 
 
-class DemoDataError(Exception):
+class DemoDataError(FtalkUsageError):
     """The demo dataset cannot be written where asked (the message says what to do instead)."""
 
 

@@ -50,6 +50,7 @@ from fantasytalk_cli.data.probing import (
     default_cache_path,
     probe_jobs,
 )
+from fantasytalk_cli.errors import FtalkUsageError
 
 MAX_TEXT_TOKENS = 512
 """The text encoder's context (umT5, Wan's `text_len`)."""
@@ -62,7 +63,7 @@ WORDS_TO_TOKENS = 1.3
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
-class ValidateUsageError(ValueError):
+class ValidateUsageError(FtalkUsageError, ValueError):
     """The validation cannot run as asked (missing metadata option, output over the input, bad tokenizer)."""
 
 

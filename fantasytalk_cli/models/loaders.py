@@ -31,6 +31,7 @@ from safetensors import safe_open
 from torch import nn
 
 from fantasytalk_cli.config.wan_yaml import WanModelYaml, load_wan_yaml
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.state_dict_adapters import (
     AdapterFileAdapter,
     ClipVisionAdapter,
@@ -87,7 +88,7 @@ WAN_DIT_DEFAULTS: dict[str, Any] = {
 """Wan's ``WanModel`` constructor defaults: what an original ``config.json`` leaves out means these."""
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(FtalkError):
     """A model file is missing, unreadable, or does not match the model; the message names the file and keys."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
+from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.models.dims import AUDIO_CONFIG_KEYS, TINY_CONFIG, wan_config
 from fantasytalk_cli.models.loaders import DIT_SHARD_PREFIX, WAN_CLIP_HEADS, build_empty, build_text_encoder
 from fantasytalk_cli.models.state_dict_adapters import (
@@ -111,7 +112,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-class TinyModelError(Exception):
+class TinyModelError(FtalkUsageError):
     """The tiny model folder cannot be written (exists without ``overwrite``, bad layout)."""
 
 

@@ -36,6 +36,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.loaders import adapter_to_format
 from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
 from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
@@ -49,7 +50,7 @@ LATEST_NAME = "latest"
 META_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FtalkError, RuntimeError):
     """A checkpoint to resume from is missing, incomplete or unreadable."""
 
 

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, ProjectConfiguration
 
 from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.loaders import ShardedBuild
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ WRAP_CLASS = "AudioAttentionBlock"
 T = TypeVar("T")
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(FtalkError, RuntimeError):
     """The launcher flags and the config ask for incompatible things."""
 
 

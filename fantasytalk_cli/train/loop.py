@@ -30,6 +30,7 @@ from fantasytalk_cli.data.metadata import MetadataEntry, load_entries
 from fantasytalk_cli.data.plan import facts_from_entries, load_plan_checked
 from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.data.sampler import BucketBatchSampler
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.train.checkpoint import (
     CheckpointMeta,
     install_state_hooks,
@@ -43,7 +44,7 @@ from fantasytalk_cli.train.model_setup import load_training_models
 from fantasytalk_cli.train.step import StepContext, training_step, zero_gradient_loss
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FtalkError, RuntimeError):
     """Training cannot go on; the message says why and what to do."""
 
 
@@ -509,33 +510,6 @@ def _versions() -> dict[str, str]:
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def _train_errors() -> tuple[type[BaseException], ...]:
-    from fantasytalk_cli.config.load import ConfigError
-    from fantasytalk_cli.data.dataset import SampleError
-    from fantasytalk_cli.data.metadata import MetadataError
-    from fantasytalk_cli.data.plan import PlanError
-    from fantasytalk_cli.models.loaders import ModelLoadError
-    from fantasytalk_cli.train.checkpoint import CheckpointError
-    from fantasytalk_cli.train.distributed import DistributedSetupError
-    from fantasytalk_cli.train.model_setup import ModelSetupError
-
-    return (
-        TrainingError,
-        ConfigError,
-        SampleError,
-        MetadataError,
-        PlanError,
-        ModelLoadError,
-        CheckpointError,
-        DistributedSetupError,
-        ModelSetupError,
-    )
-
-
-TRAIN_ERRORS = _train_errors()
-"""Errors with a user-facing message (the CLI prints them and exits 1, no traceback)."""
 
 
 def _entries(indices: list[int]) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
 from fantasytalk_cli.models.loaders import (
@@ -30,7 +31,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WAV2VEC_DIR = "wav2vec2-base-960h"
 
 
-class ModelSetupError(RuntimeError):
+class ModelSetupError(FtalkError, RuntimeError):
     """The model config points at something that cannot be loaded for training."""
 
 
