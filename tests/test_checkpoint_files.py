@@ -70,7 +70,7 @@ def test_resave_same_step_replaces_only_when_complete(tmp_path: Path) -> None:
 def test_resolve_resume_errors(tmp_path: Path) -> None:
     assert resolve_resume(tmp_path, None) is None
     assert resolve_resume(tmp_path, "latest") is None  # nothing yet: fresh start
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint folder at"):
         resolve_resume(tmp_path, "checkpoint-9")
     (tmp_path / "checkpoint-9").mkdir()
     with pytest.raises(CheckpointError, match="not a complete ftalk checkpoint"):

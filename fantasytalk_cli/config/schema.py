@@ -188,7 +188,13 @@ class CheckpointConfig(Section):
     checkpoints_total_limit: int | None = Field(None, ge=1)
     """Keep at most this many checkpoints (oldest pruned after a successful save)."""
     resume_from_checkpoint: str | None = None
-    """`latest` or a checkpoint folder to resume from."""
+    """`latest` or a checkpoint folder to resume from (`latest` on a folder without checkpoints starts anew)."""
+    allow_unverified_resume: bool = False
+    """Resume from a checkpoint whose manifest does not verify, or that lacks its RNG state, saying which
+    guarantee is lost (default: refuse, or with `latest` fall back to the newest checkpoint that verifies)."""
+    overwrite_output_dir: bool = False
+    """Start a new run in a folder that holds another run's checkpoints: that run's files are moved into
+    `replaced-<time>/` inside it (nothing is deleted; other files stay)."""
 
 
 class DistConfig(Section):

@@ -6,7 +6,9 @@ Layout of one checkpoint::
       meta.json                        step, epoch, config hash + the resolved config, versions
       trainable.safetensors            the trainable weights (fp32, our parameter names)
       fantasytalking_model.ckpt        the same adapter in the released FantasyTalking format
-      accelerate/                      accelerate state: optimizer (+ trainable model) shards, scheduler, RNG, sampler
+      run_state.json                   the loop's counters and the sampler's position (JSON: nothing to unpickle)
+      accelerate/                      accelerate state: optimizer (+ trainable model) shards, scheduler, RNG
+      manifest.json                    every file's size and sha256, written last (resume verifies it first)
 
 The frozen base is never written (REFERENCE.md section 5: only 0.84B of the 14B parameters train; the base
 comes from the base model on resume): ZeRO through DeepSpeed's `exclude_frozen_parameters`, FSDP through
@@ -21,9 +23,11 @@ and `latest` intact; leftover `.tmp` folders are ignored and cleaned on the next
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -40,6 +44,8 @@ from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.loaders import adapter_to_format
 from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
 from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
+from fantasytalk_cli.train.manifest import checkpoint_size, verify_manifest, write_manifest
+from fantasytalk_cli.train.safe_pickle import DCP_METADATA_GLOBALS, TENSOR_STATE_GLOBALS, check_pickle_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 META_NAME = "meta.json"
@@ -47,6 +53,7 @@ WEIGHTS_NAME = "trainable.safetensors"
 ADAPTER_CKPT_NAME = "fantasytalking_model.ckpt"
 STATE_DIR = "accelerate"
 LATEST_NAME = "latest"
+RUN_STATE_NAME = "run_state.json"
 META_VERSION = 1
 
 
@@ -132,10 +139,13 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
     if resume_from == "latest":
         return latest_checkpoint(output_dir)  # nothing yet: start fresh, as the reference does
     path = Path(resume_from)
+    looked = [path]
     if not path.is_absolute() and not path.exists():
         path = output_dir / resume_from
+        looked.append(path)
     if not path.is_dir():
-        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder ({path})")
+        where = " or ".join(map(str, looked))
+        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: no checkpoint folder at {where}")
     CheckpointMeta.read(path)  # complete?
     return path
 
@@ -207,46 +217,181 @@ def save_training_checkpoint(
     output_dir: Path,
     meta: CheckpointMeta,
     total_limit: int | None,
+    run_state: dict[str, Any],
 ) -> Path:
-    """Write `checkpoint-<step>/` atomically; returns its final path (on every rank)."""
+    """Write `checkpoint-<step>/` atomically; returns its final path (on every rank). `run_state` (the loop's
+    counters and sampler position, JSON data) goes to `run_state.json`. A file-system failure on any rank
+    (a full disk, a folder made read-only) removes the partial temporary folder, keeps the previous
+    checkpoint and `latest`, and raises `CheckpointError` with the cause on every rank."""
     tmp = temp_checkpoint_dir(output_dir, meta.step)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if strategy.name in ("zero2", "zero3"):
-        accelerator.save_state(str(tmp / STATE_DIR), exclude_frozen_parameters=True)
-    elif strategy.name == "fsdp":
-        with fsdp_trainable_only(model):
-            accelerator.save_state(str(tmp / STATE_DIR))
-    else:
-        accelerator.save_state(str(tmp / STATE_DIR))
-    weights = gather_trainable_state(accelerator, model, strategy)
     final = checkpoint_dir(output_dir, meta.step)
-    if accelerator.is_main_process:
-        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(meta.step)})
-        adapter = {k: v for k, v in weights.items() if is_adapter_name(k)}
-        if adapter and len(adapter) == len(weights):
-            released = adapter_to_format({k: v.to(torch.bfloat16) for k, v in adapter.items()}, "fantasytalking")
-            torch.save(released, tmp / ADAPTER_CKPT_NAME)
-        meta.write(tmp)
-        finalize_checkpoint(output_dir, meta.step)
+    main = accelerator.is_main_process
+    failure: Exception | None = None
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            failure = exc
+    _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
+    try:
+        if strategy.name in ("zero2", "zero3"):
+            accelerator.save_state(str(tmp / STATE_DIR), exclude_frozen_parameters=True)
+        elif strategy.name == "fsdp":
+            with fsdp_trainable_only(model):
+                accelerator.save_state(str(tmp / STATE_DIR))
+        else:
+            accelerator.save_state(str(tmp / STATE_DIR))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        failure = exc
+    _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
+    weights = gather_trainable_state(accelerator, model, strategy)
+    accelerator.wait_for_everyone()  # every rank's files are written before the manifest lists them
+    if main:
+        try:
+            save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(meta.step)})
+            adapter = {k: v for k, v in weights.items() if is_adapter_name(k)}
+            if adapter and len(adapter) == len(weights):
+                released = adapter_to_format({k: v.to(torch.bfloat16) for k, v in adapter.items()}, "fantasytalking")
+                torch.save(released, tmp / ADAPTER_CKPT_NAME)
+            write_text_atomic(tmp / RUN_STATE_NAME, json.dumps(run_state, sort_keys=True))
+            meta.write(tmp)
+            write_manifest(tmp)
+            finalize_checkpoint(output_dir, meta.step)
+        except (OSError, RuntimeError) as exc:
+            failure = exc
+    _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
+    if main:
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
 
 
+def _stop_if_failed(
+    accelerator: Accelerator, model: torch.nn.Module, failure: Exception | None, output_dir: Path, step: int
+) -> None:
+    """A collective: when any rank failed to write, every rank removes nothing but the temporary folder
+    (main) and raises the same kind of error, so none waits forever for the others."""
+    flag = torch.tensor(float(failure is not None), device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum").item() == 0:
+        return
+    tmp = temp_checkpoint_dir(output_dir, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_checkpoint(output_dir)
+    kept = f"the previous checkpoint {previous} and `latest` are kept" if previous else "no earlier checkpoint exists"
+    cause = "another process failed to write its part"
+    if isinstance(failure, OSError):
+        cause = f"{failure.strerror or failure}" + (f" ({failure.filename})" if failure.filename else "")
+    elif failure is not None:
+        cause = f"{type(failure).__name__}: {failure}"
+    message = f"could not save checkpoint-{step} in {output_dir}: {cause}. The partial {tmp.name} was removed; {kept}."
+    trainable = sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if p.requires_grad)
+    # fp32 weights + AdamW's two fp32 moments + the bf16 release copy, or what the last checkpoint took
+    need = checkpoint_size(previous) if previous else trainable * 14
+    free = shutil.disk_usage(_existing(output_dir)).free
+    full = isinstance(failure, OSError) and failure.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or free < 2 * need:
+        message += (
+            f" The disk looks full: a checkpoint needs about {need / 1e6:,.2f} MB and {free / 1e6:,.2f} MB are free "
+            "there. Free space, or move --output_dir to a larger disk and resume with --resume_from_checkpoint"
+        )
+    raise CheckpointError(message)
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def pick_resume(
+    output_dir: Path, requested: str | None, candidate: Path | None, allow_unverified: bool
+) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, verified against its manifest (main process; reads every byte).
+    With `latest`, a damaged newest checkpoint falls back to the newest one that verifies, saying so; a named
+    one that fails is an error naming the file; `allow_unverified` resumes anyway with a warning."""
+    if candidate is None:
+        return None, []
+    problem = verify_manifest(candidate)
+    if problem is None:
+        return candidate, []
+    if allow_unverified:
+        return candidate, [f"{problem}; resuming from it anyway (--allow_unverified_resume)"]
+    if requested == "latest":
+        step = int(CHECKPOINT_RE.match(candidate.name).group(1)) if CHECKPOINT_RE.match(candidate.name) else None
+        for older_step, older in reversed(list_checkpoints(output_dir)):
+            if (step is None or older_step < step) and verify_manifest(older) is None:
+                return older, [f"{problem}; resuming from {older}, the newest checkpoint that verifies"]
+    raise CheckpointError(
+        f"cannot resume: {problem}. Resume from an earlier checkpoint (--resume_from_checkpoint "
+        f"{output_dir}/checkpoint-N), or pass --allow_unverified_resume to load it as it is"
+    )
+
+
 def load_training_checkpoint(
-    accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy, folder: Path
-) -> CheckpointMeta:
-    """Restore model, optimizer, scheduler, RNG and registered objects (sampler, counters)."""
+    accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy, folder: Path, allow_unverified: bool = False
+) -> tuple[CheckpointMeta, dict[str, Any], list[str]]:
+    """Restore model, optimizer, scheduler and RNG; returns the meta, the loop's run state (`run_state.json`)
+    and notes. Every pickle that loading would read is checked first (`safe_pickle`): nothing in a checkpoint
+    runs code, except DeepSpeed's own engine files (pickles by design, said in the notes)."""
     meta = CheckpointMeta.read(folder)
+    notes: list[str] = []
     if meta.world_size != accelerator.num_processes and strategy.name != "ddp":
         raise CheckpointError(
             f"{folder} was written by {meta.world_size} processes ({meta.strategy}); this run has "
             f"{accelerator.num_processes}: sharded optimizer state cannot be re-split, resume with the same count"
         )
     state = folder / STATE_DIR
+    check_state_pickles(state, strategy)
+    if strategy.name in ("zero2", "zero3"):
+        notes.append(
+            f"DeepSpeed reads its engine files in {state} with pickle, which can run code: resume only from "
+            "checkpoints you or a source you trust wrote"
+        )
+    rng = state / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.is_file():
+        if not allow_unverified:
+            raise CheckpointError(
+                f"{rng} is missing: the resumed run would draw other noise, timesteps and dropout than an "
+                "uninterrupted one. Resume from another checkpoint, or accept that with --allow_unverified_resume"
+            )
+        notes.append(f"{rng} is missing: noise, timesteps and dropout will differ from an uninterrupted run")
+    try:
+        run_state = json.loads((folder / RUN_STATE_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{folder / RUN_STATE_NAME} cannot be read ({exc}): resume from another checkpoint"
+        ) from exc
+    try:
+        _load_state(accelerator, model, strategy, folder, state)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(
+            f"{state}: loading the optimizer, scheduler or model state failed ({type(exc).__name__}: {exc}); "
+            "resume from another checkpoint"
+        ) from exc
+    return meta, run_state, notes
+
+
+def check_state_pickles(state: Path, strategy: Strategy) -> None:
+    """Every pickle accelerate (or torch's distributed checkpoint) would read from `state`, checked against
+    the allow-lists; DeepSpeed's own `.pt` engine files are left to DeepSpeed (see the resume note)."""
+    if not state.is_dir():
+        raise CheckpointError(f"{state} is missing: the checkpoint holds no optimizer or RNG state")
+    for path in sorted(state.rglob("*")):
+        if path.suffix in (".pkl", ".bin"):
+            check_pickle_file(path, TENSOR_STATE_GLOBALS)
+        elif path.name == ".metadata":
+            check_pickle_file(path, DCP_METADATA_GLOBALS)
+        elif path.suffix == ".pt" and strategy.name not in ("zero2", "zero3"):
+            check_pickle_file(path, TENSOR_STATE_GLOBALS)
+
+
+def _load_state(
+    accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy, folder: Path, state: Path
+) -> None:
     if strategy.name in ("zero2", "zero3"):
         # not strict: the frozen weights were excluded at save; that every trainable one is there is checked
         module = accelerator.unwrap_model(model)
@@ -263,7 +408,6 @@ def load_training_checkpoint(
     else:
         accelerator.load_state(str(state))
         _restore_plain_trainable(accelerator, model, folder)
-    return meta
 
 
 def _restore_plain_trainable(accelerator: Accelerator, model: torch.nn.Module, folder: Path) -> None:

@@ -35,12 +35,14 @@ from fantasytalk_cli.train.checkpoint import (
     CheckpointMeta,
     install_state_hooks,
     load_training_checkpoint,
-    resolve_resume,
+    pick_resume,
     save_training_checkpoint,
+    write_text_atomic,
 )
 from fantasytalk_cli.train.distributed import build_accelerator, plain_construction, sharded_build, share_from_main
 from fantasytalk_cli.train.flow import FlowSchedule
 from fantasytalk_cli.train.model_setup import load_training_models
+from fantasytalk_cli.train.preflight import check_model_paths, plan_run_folder, set_aside_previous_run
 from fantasytalk_cli.train.step import StepContext, training_step, zero_gradient_loss
 
 
@@ -50,7 +52,7 @@ class TrainingError(FtalkError, RuntimeError):
 
 @dataclass
 class RunState:
-    """Counters that checkpoints carry besides model and optimizer (registered with accelerate)."""
+    """Counters that checkpoints carry besides model and optimizer (`run_state.json`: plain JSON)."""
 
     sampler: BucketBatchSampler
     step: int = 0
@@ -154,6 +156,11 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
 def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
     t_start = time.perf_counter()
     train, ckpt = cfg.train, cfg.checkpoint
+    # Every check that needs no model first: a mistake costs seconds and writes nothing.
+    if cfg.data.train_data_meta is None:
+        raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
+    folder = plan_run_folder(ckpt, ckpt.overwrite_output_dir)
+    check_model_paths(cfg.model)
     accelerator, strategy = build_accelerator(cfg.dist, train, ckpt, train.report_to)
     main = accelerator.is_main_process
     # soft_wrap: one log line stays one line in a piped log (paths are never broken for grep)
@@ -168,15 +175,11 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
         say(f"[yellow]note:[/] {note}")
     set_seed(train.seed or 0)
 
-    # Run folder: the resolved config goes in first, so a run is always explainable.
+    for note in folder.notes:
+        say(f"[yellow]note:[/] {note}")
     out = ckpt.output_dir
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
 
     # Data: metadata with probe facts, the plan `plan-buckets` showed, the sampler that follows it.
-    if cfg.data.train_data_meta is None:
-        raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
     entries, facts_notes = _entries_with_facts(cfg.data, accelerator, say)
     plan, warnings = load_plan_checked(
         cfg.data.bucket_plan,
@@ -234,17 +237,34 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
     if strategy.name == "ddp":
         install_state_hooks(accelerator)
     state = RunState(sampler)
-    accelerator.register_for_checkpointing(state)
 
-    # Resume: everything restored, a changed config reported key by key.
-    resume = resolve_resume(out, ckpt.resume_from_checkpoint)
+    # Resume: the checkpoint verified (main process) and everything restored, a changed config reported key by key.
+    picked = (
+        pick_resume(out, ckpt.resume_from_checkpoint, folder.resume, ckpt.allow_unverified_resume) if main else None
+    )
+    resume, resume_notes = share_from_main(accelerator, picked) or (None, [])
+    for note in resume_notes:
+        say(f"[yellow]resume:[/] {note}")
     if resume is not None:
-        meta = load_training_checkpoint(accelerator, transformer, strategy, resume)
+        meta, run_state, load_notes = load_training_checkpoint(
+            accelerator, transformer, strategy, resume, ckpt.allow_unverified_resume
+        )
+        state.load_state_dict(run_state)
+        for note in load_notes:
+            say(f"[yellow]resume:[/] {note}")
         current = cfg.model_dump(mode="json")
         changed = [line for line in config_diff(meta.config, current) if not line.startswith("checkpoint.")]
         say(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.consumed})")
         for line in changed:
             say(f"[yellow]config changed since the checkpoint:[/] {line}")
+
+    # Run folder: written only now that the run can start (a run that fails to set up leaves none behind);
+    # the resolved config goes in first, so a run is always explainable.
+    if main:
+        set_aside_previous_run(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", config_to_yaml(cfg))
+    accelerator.wait_for_everyone()
 
     schedule = FlowSchedule(**_schedule_kwargs(cfg))
     ctx = StepContext(
@@ -278,7 +298,9 @@ def _train(cfg: FtalkConfig, console: Console, stop: _StopFlag) -> TrainSummary:
             versions=_versions(),
         )
         summary.checkpoints.append(
-            save_training_checkpoint(accelerator, transformer, strategy, out, meta, ckpt.checkpoints_total_limit)
+            save_training_checkpoint(
+                accelerator, transformer, strategy, out, meta, ckpt.checkpoints_total_limit, state.state_dict()
+            )
         )
         say(f"saved {summary.checkpoints[-1]}")
 

@@ -71,7 +71,7 @@ def main(out: Path, base: Path) -> None:
         strategy=strategy.name,
         world_size=world,
     )
-    save_training_checkpoint(accelerator, model, strategy, run_dir, meta, None)
+    save_training_checkpoint(accelerator, model, strategy, run_dir, meta, None, {"step": 2})
     accelerator.save_state(str(out / "reference" / f"checkpoint-{STEPS}"))
     if accelerator.is_main_process:
         info = {"strategy": strategy.name, "fsdp_version": strategy.fsdp_version, "world": world}

@@ -1,0 +1,136 @@
+"""What `ftalk train` checks before anything slow (data probing, model load, distributed set-up of
+ZeRO-3): every check that needs no model, so that a mistake costs seconds, not a queued GPU job, and a
+run that cannot start leaves no run folder behind.
+
+- the run folder: writable, and not the folder of another run that would be overwritten;
+- the resume request: a named checkpoint exists, `latest` on an empty folder says it starts anew;
+- the model paths: the base folder, the adapter file, the model config, the wav2vec2 folder exist.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fantasytalk_cli.config.schema import CheckpointConfig, ModelConfig
+from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.train.checkpoint import CHECKPOINT_RE, LATEST_NAME, list_checkpoints, resolve_resume
+from fantasytalk_cli.train.model_setup import find_wav2vec
+
+RUN_FILES = ("config.yaml", LATEST_NAME, "logs")
+"""What ftalk writes into a run folder besides `checkpoint-N/` (and the `.checkpoint-N.tmp` of a save)."""
+
+
+class RunFolderError(FtalkError):
+    """The run folder cannot be used as asked: exit 2, nothing written."""
+
+    exit_code = 2
+
+
+@dataclass
+class RunFolderPlan:
+    """What the start-up checks decided about the run folder."""
+
+    output_dir: Path
+    resume: Path | None = None
+    """The checkpoint folder to resume from (None: a new run)."""
+    notes: list[str] = field(default_factory=list)
+    set_aside: list[Path] = field(default_factory=list)
+    """A previous run's files to move into `replaced_dir` when the run starts (`--overwrite_output_dir`)."""
+    replaced_dir: Path | None = None
+
+
+def _nearest_existing(path: Path) -> Path:
+    current = path.absolute()
+    while not current.exists():
+        current = current.parent
+    return current
+
+
+def check_writable(output_dir: Path) -> None:
+    """`output_dir` is (or can be made as) a folder this process may write into; else a message saying why."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunFolderError(f"--output_dir {output_dir} is a file, not a folder: pick a folder path")
+    base = _nearest_existing(output_dir)
+    if not base.is_dir():
+        raise RunFolderError(f"--output_dir {output_dir}: {base} is a file, so the folder cannot be made there")
+    if not os.access(base, os.W_OK | os.X_OK):
+        what = "the run folder" if base == output_dir.absolute() else f"{base}, where the run folder would be made,"
+        raise RunFolderError(f"--output_dir {output_dir}: {what} is not writable: pick a folder you can write to")
+
+
+def ftalk_files(output_dir: Path) -> list[Path]:
+    """The files and folders of a run that ftalk wrote into `output_dir` (nothing else there)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()]
+    found += [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    return sorted(found)
+
+
+def plan_run_folder(checkpoint: CheckpointConfig, overwrite: bool) -> RunFolderPlan:
+    """Check the run folder against the resume request; raises `RunFolderError` before anything is written.
+
+    A folder holding checkpoints is another run: continuing it needs `--resume_from_checkpoint`, replacing it
+    `--overwrite_output_dir` (which sets that run's own files aside into `replaced-<time>/`, deleting nothing
+    and leaving every other file where it is)."""
+    out = checkpoint.output_dir
+    check_writable(out)
+    plan = RunFolderPlan(out)
+    resume = checkpoint.resume_from_checkpoint
+    existing = list_checkpoints(out)
+    if resume == "latest":
+        plan.resume = resolve_resume(out, resume)
+        if not existing:
+            plan.notes.append(
+                f"--resume_from_checkpoint latest: {out} holds no checkpoint yet, so this starts a new run"
+            )
+        return plan
+    if resume is not None:
+        plan.resume = resolve_resume(out, resume)  # a named checkpoint must exist
+        return plan
+    if existing and not overwrite:
+        names = ", ".join(p.name for _, p in existing[-3:])
+        raise RunFolderError(
+            f"--output_dir {out} holds another run ({names}): continue it with --resume_from_checkpoint latest, "
+            "set it aside with --overwrite_output_dir, or pick a new --output_dir. Nothing was changed"
+        )
+    if overwrite:
+        plan.set_aside = ftalk_files(out)
+        if plan.set_aside:
+            plan.replaced_dir = out / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+            plan.notes.append(
+                f"--overwrite_output_dir: the previous run's {len(plan.set_aside)} files and folders go to "
+                f"{plan.replaced_dir} (delete it when you no longer need them)"
+            )
+    return plan
+
+
+def set_aside_previous_run(plan: RunFolderPlan) -> None:
+    """Main process, when the run starts: move the previous run's own files into `plan.replaced_dir`."""
+    if plan.replaced_dir is None:
+        return
+    plan.replaced_dir.mkdir(parents=True)
+    for path in plan.set_aside:
+        shutil.move(str(path), str(plan.replaced_dir / path.name))
+
+
+def check_model_paths(model: ModelConfig) -> None:
+    """The model files the run will read exist (no file is opened): the base folder, the adapter or
+    transformer file, the model config and the wav2vec2 folder."""
+    base = model.pretrained_model_name_or_path
+    if base is None:
+        raise FtalkError("--pretrained_model_name_or_path is required: the Wan2.1-I2V base model folder")
+    if not base.is_dir():
+        state = "is a file, not a folder" if base.exists() else "does not exist"
+        raise FtalkError(f"--pretrained_model_name_or_path {base} {state}: give the Wan2.1-I2V base model folder")
+    for flag, path in (("--transformer_path", model.transformer_path), ("--config_path", model.config_path)):
+        if path is not None and not path.is_file():
+            state = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise FtalkError(f"{flag} {path} {state}")
+    wav2vec = find_wav2vec(model)
+    if not (wav2vec / "config.json").is_file():
+        raise FtalkError(f"wav2vec2 folder {wav2vec} has no config.json: give a local facebook/wav2vec2-base-960h")
