@@ -20,7 +20,7 @@ from fantasytalk_cli.cli import app
 from fantasytalk_cli.config.flags import expand_multi_value_flags
 from fantasytalk_cli.train.checkpoint import LATEST_NAME, STATE_DIR, latest_checkpoint
 from fantasytalk_cli.train.manifest import MANIFEST_NAME, write_manifest
-from tests.tiny_world import world_argv
+from tests.tiny_world import build_world, world_argv
 
 MARKER_NAME = "pwned"
 
@@ -235,3 +235,33 @@ def test_allow_unverified_resume_says_which_guarantee_is_lost(tiny_world: dict, 
     )
     assert code == 0, output
     assert "resuming from it anyway" in output and "noise, timesteps and dropout will differ" in output
+
+
+def test_outputs_follow_the_umask(tmp_path: Path) -> None:
+    """Plans, clean metadata, checkpoints (safetensors too), converted adapters and tiny models: 0666 & ~umask."""
+    from fantasytalk_cli.cli import main
+
+    old = os.umask(0o027)
+    try:
+        world = build_world(tmp_path / "world", num_clips=4)
+        run = tmp_path / "run"
+        argv = [
+            *world_argv(world, run, max_train_steps=1, checkpointing_steps=1),
+            "--bucket_plan",
+            str(tmp_path / "p.json"),
+        ]
+        for command in (
+            ["plan-buckets", *argv, "--write", str(tmp_path / "p.json")],
+            ["train", *argv],
+            ["convert-zero", str(run), str(tmp_path / "adapter")],
+        ):
+            with pytest.raises(SystemExit) as exc:
+                main(command)
+            assert exc.value.code in (0, None), command
+    finally:
+        os.umask(old)
+    written = [world["clean"], tmp_path / "p.json", *run.rglob("*"), *(tmp_path / "adapter").rglob("*"),
+               *world["model"].rglob("*")]  # fmt: skip
+    modes = {p: p.stat().st_mode & 0o777 for p in written}
+    wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o750 if p.is_dir() else 0o640)}
+    assert not wrong, wrong

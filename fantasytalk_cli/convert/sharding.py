@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from fantasytalk_cli.convert.sources import ConversionError, ConversionUsageError, Shape
+from fantasytalk_cli.fileio import follow_umask
 
 _UNITS = {
     "": 1,
@@ -126,6 +127,7 @@ def plan_shards(entries: list[Entry], stem: str, max_bytes: int) -> ShardPlan:
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write one shard (a seam for the interruption test)."""
     save_file(tensors, str(path), metadata={"format": "pt"})
+    follow_umask(path)
 
 
 def write_shards(

@@ -37,6 +37,7 @@ import numpy as np
 from fantasytalk_cli.data.findings import CODES, Finding, finding
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.fileio import follow_umask
 
 Format = Literal["json", "jsonl", "csv"]
 
@@ -700,6 +701,7 @@ class EntryWriter:
             self._handle.close()
             if self.format == "csv":
                 self._spool_to_csv(self._tmp)
+            follow_umask(self._tmp)
             os.replace(self._tmp, self.path)
         finally:
             self._handle.close()
@@ -752,6 +754,7 @@ class EntryWriter:
                     writer.writerow(row)
                 out.flush()
                 os.fsync(out.fileno())
+            follow_umask(out_path)
             os.replace(out_path, spool)
         finally:
             out_path.unlink(missing_ok=True)

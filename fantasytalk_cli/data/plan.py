@@ -58,6 +58,7 @@ from fantasytalk_cli.data.metadata import (
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.fileio import follow_umask
 from fantasytalk_cli.train.memory import GB, MemoryEstimate
 
 PLAN_FORMAT = "ftalk-bucket-plan"
@@ -261,6 +262,7 @@ class BucketPlan:
         try:
             with open(fd, "wb") as handle:
                 handle.write(msgspec.json.encode(self.to_json()))  # compact JSON; json.dump takes ~20x longer
+            follow_umask(tmp)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fantasytalk_cli.data.metadata import file_sha256
+from fantasytalk_cli.fileio import follow_umask
 
 PROBE_VERSION = 1
 """Bumped when probe results change meaning; cached results of another version are ignored."""
@@ -409,6 +410,7 @@ class ProbeCache:
                 for (kind, path, size, mtime_ns), result in entries.items():
                     rec = {"v": PROBE_VERSION, "kind": kind, "path": path, "size": size, "mtime_ns": mtime_ns}
                     handle.write(json.dumps({**rec, "result": result}) + "\n")
+            follow_umask(name)
             os.replace(name, self.path)
             self._lines = len(entries)
         finally:

@@ -51,6 +51,7 @@ from fantasytalk_cli.data.probing import (
     probe_jobs,
 )
 from fantasytalk_cli.errors import FtalkUsageError
+from fantasytalk_cli.fileio import follow_umask
 
 MAX_TEXT_TOKENS = 512
 """The text encoder's context (umT5, Wan's `text_len`)."""
@@ -313,6 +314,7 @@ class _JsonReport:
         tail = {"file_findings": [f.to_dict() for f in file_findings], "summary": summary}
         self.handle.write("\n], " + json.dumps(tail, ensure_ascii=False)[1:] + "\n")
         self.handle.close()
+        follow_umask(self.tmp)
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from fantasytalk_cli.errors import FtalkUsageError
+from fantasytalk_cli.fileio import follow_umask
 from fantasytalk_cli.models.dims import AUDIO_CONFIG_KEYS, TINY_CONFIG, wan_config
 from fantasytalk_cli.models.loaders import DIT_SHARD_PREFIX, WAN_CLIP_HEADS, build_empty, build_text_encoder
 from fantasytalk_cli.models.state_dict_adapters import (
@@ -445,6 +446,7 @@ def make_tiny_model(
         (_write_original if layout == "original" else _write_diffusers)(tmp, weights)
         _write_wav2vec2(tmp / "wav2vec2-base-960h", weights)
         torch.save(adapter_to_format(weights.adapter, "fantasytalking"), tmp / "fantasytalking_model.ckpt")
+        follow_umask(tmp, *tmp.rglob("*"))  # mkdtemp's 0700 and safetensors' 0600 -> the umask's modes
         files = tuple(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

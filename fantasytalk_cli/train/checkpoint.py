@@ -41,6 +41,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.fileio import follow_umask
 from fantasytalk_cli.models.loaders import adapter_to_format
 from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
 from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
@@ -250,6 +251,7 @@ def save_training_checkpoint(
     if main:
         try:
             save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(meta.step)})
+            follow_umask(tmp / WEIGHTS_NAME)
             adapter = {k: v for k, v in weights.items() if is_adapter_name(k)}
             if adapter and len(adapter) == len(weights):
                 released = adapter_to_format({k: v.to(torch.bfloat16) for k, v in adapter.items()}, "fantasytalking")
