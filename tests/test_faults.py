@@ -265,3 +265,49 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     modes = {p: p.stat().st_mode & 0o777 for p in written}
     wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o750 if p.is_dir() else 0o640)}
     assert not wrong, wrong
+
+
+# ---------------------------------------------------------------------------------------------- data folder
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
+def test_media_outside_the_data_folder_is_refused_alike(kind: str, tiny_world: dict, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from fantasytalk_cli.data.synthetic import make_demo_dataset
+
+    data = tmp_path / "data"
+    make_demo_dataset(data, seed=2, num_clips=4)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    meta = data / "metadata_control.json"
+    entries = json.loads(meta.read_text())
+    moved = elsewhere / Path(entries[0]["file_path"]).name
+    shutil.move(data / entries[0]["file_path"], moved)
+    entries[0]["file_path"] = {
+        "absolute": str(moved),
+        "dotdot": f"../elsewhere/{moved.name}",
+        "symlink": "train/linked.mp4",
+    }[kind]
+    if kind == "symlink":
+        (data / "train" / "linked.mp4").symlink_to(moved)
+    meta.write_text(json.dumps(entries))
+    before = snapshot(tmp_path)
+    small = ["--video_sample_size=48", "--video_sample_n_frames=9", "--no-enable_bucket"]
+    validate = CliRunner().invoke(app, ["validate-metadata", str(meta), "--workers=1", *small])
+    assert validate.exit_code == 1 and "E302" in validate.output and "outside" in validate.output
+    plan = CliRunner().invoke(app, ["plan-buckets", str(meta), *small])
+    if kind == "symlink":  # plan-buckets judges paths as written (it opens no file); validate and train follow links
+        assert plan.exit_code == 0, plan.output
+    else:
+        assert plan.exit_code == 2 and "outside the data folder" in plan.output and "entry 0" in plan.output
+    code, output = train(tiny_world, tmp_path / "run", train_data_meta=meta, train_data_dir=None, transformer_path=None)
+    assert code == 1 and "outside the data folder" in output and "--allow_outside_data_dir" in output
+    assert not (tmp_path / "run").exists()
+    after = {k: v for k, v in snapshot(tmp_path).items() if not k.endswith(".ftalk-probe-cache.jsonl")}
+    assert after == {k: v for k, v in before.items() if not k.endswith(".ftalk-probe-cache.jsonl")}
+    allowed = CliRunner().invoke(
+        app, ["validate-metadata", str(meta), "--workers=1", "--allow_outside_data_dir", *small]
+    )
+    assert allowed.exit_code == 0 and "E302" not in allowed.output, allowed.output

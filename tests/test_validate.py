@@ -167,7 +167,8 @@ def build_corpus(root: Path) -> tuple[list[Any], list[set[str]]]:
     add({**base, "file_path": "train/nowhere.mp4"}, {"E301"})
     link = root / "train/link_out.mp4"
     link.symlink_to(outside)
-    add({**base, "file_path": "train/link_out.mp4"}, {"I308"})
+    add({**base, "file_path": "train/link_out.mp4"}, {"E302"})  # a symlink out is outside too
+    add({**base, "file_path": str(outside)}, {"E302"})  # and so is an absolute path elsewhere
     shutil.copy(root / base["file_path"], root / "train/copy_of_clean0.mp4")
     add({**base, "file_path": "train/copy_of_clean0.mp4"}, {"E304"})
     # schema

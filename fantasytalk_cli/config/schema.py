@@ -37,6 +37,9 @@ class DataConfig(Section):
     """Abort when more than this fraction of the samples seen so far failed to load (policy `skip`)."""
     bucket_plan: Path | None = None
     """Plan file written by `ftalk plan-buckets --write`; rebuilt with a warning when stale."""
+    allow_outside_data_dir: bool = False
+    """Accept media outside the data folder (an absolute path elsewhere, a `..` path, a symlink that resolves
+    out); by default validate, plan and train refuse such entries, naming them."""
 
     def media_root(self) -> Path | None:
         """The folder relative media paths are joined to: `train_data_dir`, else the metadata file's folder

@@ -19,10 +19,9 @@ The hundreds say what was checked.
 | W207 | bad-probe | stored `probe` facts malformed (ignored, re-probed) | re-run with `--write-clean` |
 | I208 | type-missing | no `type`: taken as "video" | add `"type": "video"` |
 | E301 | missing-file | video or audio file does not exist / is not a file | fix the path |
-| E302 | outside-data-dir | a relative path escapes `train_data_dir` (`../`) | move the file inside |
+| E302 | outside-data-dir | outside the data folder (absolute, `../`, or a symlink out) | move inside, or allow |
 | E303 | duplicate-path | same resolved video path as an earlier entry | remove the later entry |
 | E304 | duplicate-content | same video bytes as an earlier entry (`--hash-duplicates`) | remove the later entry |
-| I308 | symlink-outside | a path inside `train_data_dir` links to a file outside it | nothing, if meant |
 | E401 | video-unreadable | decord cannot open the video | re-encode (ffmpeg -i in -c:v libx264 out.mp4) |
 | E402 | video-no-frames | the video has no frames | re-export the clip |
 | E403 | video-truncated | the first or the last frame does not decode | re-download / re-encode |
@@ -67,10 +66,9 @@ CODES: dict[str, tuple[str, str]] = {
     "W207": ("bad-probe", "drop the probe facts or re-run validate-metadata --write-clean to refresh them"),
     "I208": ("type-missing", 'add "type": "video" (the reference trainer treats an entry without type as an image)'),
     "E301": ("missing-file", "fix the path (relative paths are joined to --train_data_dir)"),
-    "E302": ("outside-data-dir", "move the file inside --train_data_dir or fix the path"),
+    "E302": ("outside-data-dir", "move the file inside the data folder, or pass --allow_outside_data_dir"),
     "E303": ("duplicate-path", "remove the later entry (it would be trained twice as often)"),
     "E304": ("duplicate-content", "remove the later entry (same bytes as an earlier clip)"),
-    "I308": ("symlink-outside", "nothing to do if the link is meant"),
     "E401": ("video-unreadable", "re-encode the clip: ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4"),
     "E402": ("video-no-frames", "re-export the clip; it holds no video frames"),
     "E403": ("video-truncated", "the file is cut short: re-download or re-encode it"),

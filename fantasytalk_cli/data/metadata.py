@@ -381,11 +381,20 @@ class PlanFacts:
         self.count = 0
         self.missing: list[tuple[int, Any]] = []
         """`(index, raw entry)` of the entries without usable probe facts."""
+        self.may_leave: list[tuple[int, str]] = []
+        """`(index, media path)` written absolute or with `..` (checked against the data folder by the caller)."""
         self._parts: list[list[np.ndarray]] = []
         self._rows: list[tuple[int, int, int, float]] = []
 
+    def _paths(self, index: int, paths: Iterable[Any]) -> None:
+        for written in paths:
+            if isinstance(written, str) and may_leave(written):
+                self.may_leave.append((index, written))
+
     def add(self, raw: Any) -> None:
         """Append one raw entry."""
+        if isinstance(raw, dict):
+            self._paths(self.count, (raw.get("file_path"), raw.get("audio_path")))
         facts = stored_plan_facts(raw)
         if facts is None:
             self.missing.append((self.count, raw))
@@ -393,9 +402,13 @@ class PlanFacts:
         self._rows.append(facts)
         self.count += 1
 
-    def add_typed(self, probes: list[_TypedProbe]) -> None:
+    def add_typed(self, entries: list[_TypedEntry]) -> None:
         """Append entries decoded by the typed fast path (all with facts), straight into arrays."""
         self._flush()
+        for offset, entry in enumerate(entries):
+            if may_leave(entry.file_path) or may_leave(entry.audio_path):  # rare: the loop stays cheap
+                self._paths(self.count + offset, (entry.file_path, entry.audio_path))
+        probes = [entry.probe for entry in entries]
         self._parts.append(
             [
                 np.fromiter(map(attrgetter(name), probes), dtype=dtype, count=len(probes))
@@ -427,9 +440,12 @@ class _TypedProbe(msgspec.Struct, gc=False):
 
 
 class _TypedEntry(msgspec.Struct, gc=False):
-    """The one field of an entry planning reads; the decoder checks the rest of the line but builds nothing."""
+    """The fields of an entry planning reads (its facts, and its paths for the data-folder rule); the decoder
+    checks the rest of the line but builds nothing."""
 
     probe: _TypedProbe | None = msgspec.field(default=None, name=PROBE_KEY)
+    file_path: str = ""
+    audio_path: str = ""
 
 
 _ENTRY_DECODER = msgspec.json.Decoder(_TypedEntry)
@@ -446,7 +462,7 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def _typed_probes(data: bytes, *, lines: bool) -> list[_TypedProbe] | None:
+def _typed_entries(data: bytes, *, lines: bool) -> list[_TypedEntry] | None:
     """The facts of every entry of `data` (a chunk of JSON Lines, or a whole JSON file) by the typed decoder, or
     None where its answer could differ from `json.loads` + `stored_plan_facts`, for the caller to read the
     ordinary way: an entry without facts or with other types (a float width), anything the decoder rejects (NaN,
@@ -464,8 +480,7 @@ def _typed_probes(data: bytes, *, lines: bool) -> list[_TypedProbe] | None:
             entries = _LIST_DECODER.decode(data)
     except Exception:  # msgspec's DecodeError / ValidationError, or deep nesting
         return None
-    probes = [entry.probe for entry in entries]
-    return probes if probes and all(probes) else None  # all(): no entry without facts (None)
+    return entries if entries and all(entry.probe for entry in entries) else None  # no entry without facts
 
 
 def read_plan_facts(path: Path) -> PlanFacts:
@@ -479,10 +494,10 @@ def read_plan_facts(path: Path) -> PlanFacts:
     if fmt == "jsonl":
         lineno = 0
         for chunk in _jsonl_chunks(path):
-            probes = _typed_probes(chunk, lines=True)
-            if probes is not None:  # one entry per line, no blank line
-                facts.add_typed(probes)
-                lineno += len(probes)
+            typed = _typed_entries(chunk, lines=True)
+            if typed is not None:  # one entry per line, no blank line
+                facts.add_typed(typed)
+                lineno += len(typed)
                 continue
             for _, raw in _jsonl_entries(path, chunk, lineno, facts.count):
                 facts.add(raw)
@@ -492,11 +507,11 @@ def read_plan_facts(path: Path) -> PlanFacts:
         return facts
     if fmt == "json":
         try:
-            probes = _typed_probes(_read_without_bom(path), lines=False)
+            typed = _typed_entries(_read_without_bom(path), lines=False)
         except OSError:
-            probes = None  # `iter_raw_entries` says why
-        if probes is not None:
-            facts.add_typed(probes)
+            typed = None  # `iter_raw_entries` says why
+        if typed is not None:
+            facts.add_typed(typed)
             return facts
     for _, raw in iter_raw_entries(path):
         facts.add(raw)
@@ -629,6 +644,33 @@ def resolve_media_path(data_dir: Path | None, relative: str) -> Path:
     if candidate.is_absolute() or data_dir is None:
         return candidate
     return Path(data_dir) / candidate
+
+
+def may_leave(written: str) -> bool:
+    """Whether a media path can point outside its root by how it is written (absolute, or with a `..`
+    component): the cheap test that spares the exact one (`outside_root`) for almost every entry."""
+    return written[:1] in ("/", "~") or ".." in written  # may over-select ("a..b.mp4"): `outside_root` decides
+
+
+def outside_root(root: Path, written: str, *, follow_links: bool = True) -> str | None:
+    """Why media path `written` lies outside `root` (the data folder relative paths are joined to), or None:
+    an absolute path elsewhere, a `..` that climbs out, or (with `follow_links`) a symlink that resolves out."""
+    path = resolve_media_path(root, written)
+    base = os.path.abspath(root)
+    if os.path.commonpath([os.path.abspath(path), base]) != base:
+        kind = "an absolute path" if os.path.isabs(os.path.expanduser(written)) else "a `..` path"
+        return f"{written!r} is {kind} outside {root}"
+    if follow_links and os.path.lexists(path):
+        real, real_base = os.path.realpath(path), os.path.realpath(base)
+        if os.path.commonpath([real, real_base]) != real_base:
+            return f"{written!r} links to {real}, outside {root}"
+    return None
+
+
+OUTSIDE_FIX = (
+    "move the media inside the data folder (or point --train_data_dir at the folder that holds them), or pass "
+    "--allow_outside_data_dir if you keep media elsewhere on purpose"
+)
 
 
 def metadata_hash(path: Path) -> str:

@@ -49,10 +49,12 @@ from fantasytalk_cli.data.buckets import (
     token_count,
 )
 from fantasytalk_cli.data.metadata import (
+    OUTSIDE_FIX,
     PLAN_FACT_FIELDS,
     MetadataEntry,
     MetadataError,
     metadata_hash,
+    outside_root,
     read_plan_facts,
 )
 from fantasytalk_cli.data.probe_facts import ProbeFacts
@@ -114,7 +116,12 @@ _NO_FACTS_FIX = (
 
 
 def read_clip_facts(
-    metadata_path: Path, media_root: Path | None = None, *, probe_missing: bool = True, workers: int = 0
+    metadata_path: Path,
+    media_root: Path | None = None,
+    *,
+    probe_missing: bool = True,
+    workers: int = 0,
+    allow_outside: bool = False,
 ) -> tuple[ClipFacts, list[str]]:
     """Stream the metadata file and collect each entry's stored probe facts into arrays (fast: no
     `MetadataEntry` objects, see `read_plan_facts`). Entries without facts (the raw `metadata_control.json`)
@@ -128,6 +135,12 @@ def read_clip_facts(
     except MetadataError as exc:
         raise PlanError(str(exc)) from exc
     facts = ClipFacts(**stored.arrays())
+    root = media_root if media_root is not None else metadata_path.parent
+    if not allow_outside:  # by how the paths are written; validate and train also follow symlinks
+        outside = [(i, why) for i, w in stored.may_leave if (why := outside_root(root, w, follow_links=False))]
+        if outside:
+            shown = "; ".join(f"entry {i}: {why}" for i, why in outside[:3])
+            raise PlanError(f"{len(outside)} media paths lie outside the data folder ({shown}): {OUTSIDE_FIX}")
     missing = stored.missing
     if not missing:
         return facts, []
@@ -140,7 +153,6 @@ def read_clip_facts(
         for index, raw in missing
         if isinstance(raw, dict) and isinstance(raw.get("file_path"), str) and isinstance(raw.get("audio_path"), str)
     ]
-    root = media_root if media_root is not None else metadata_path.parent
     filled = probe_missing_facts(wanted, root, default_cache_path(metadata_path), workers=workers)
     for index, probed in filled.facts.items():
         if probed is not None:
@@ -372,7 +384,9 @@ def plan_from_metadata(
     path = _metadata_path(cfg, metadata_path)
     notes: list[str] = []
     if facts is None:
-        facts, notes = read_clip_facts(path, cfg.data.media_root(), probe_missing=probe_missing)
+        facts, notes = read_clip_facts(
+            path, cfg.data.media_root(), probe_missing=probe_missing, allow_outside=cfg.data.allow_outside_data_dir
+        )
     plan = build_plan(
         facts, cfg.buckets, cfg.train, world_size, metadata_hash=metadata_hash(path), metadata_path=str(path)
     )

@@ -38,6 +38,7 @@ from fantasytalk_cli.data.metadata import (
     count_entries,
     iter_raw_entries,
     metadata_hash,
+    outside_root,
     parse_entry,
     resolve_media_path,
 )
@@ -352,26 +353,21 @@ class _Tally:
 
 
 def _path_checks(
-    index: int, entry: MetadataEntry, media_root: Path | None, data_dir: Path | None, real_data_dir: str | None
+    index: int, entry: MetadataEntry, media_root: Path | None, allow_outside: bool
 ) -> tuple[list[Finding], Path, Path]:
-    """E301 for the video and the audio path of one entry (joined to `media_root`), and E302/I308 when the
-    user named a `data_dir` that relative paths must stay inside."""
+    """E301 for the video and the audio path of one entry (joined to `media_root`), and E302 when it lies
+    outside that folder (absolute, `..`, or a symlink resolving out) unless `allow_outside`."""
     found: list[Finding] = []
     paths = []
     for what, written in (("video", entry.file_path), ("audio", entry.audio_path)):
         path = resolve_media_path(media_root, written)
         paths.append(path)
         shown = str(path)
-        if data_dir is not None and not Path(os.path.expanduser(written)).is_absolute():
-            lexical = os.path.abspath(path)  # normalises `..` without following links
-            base = os.path.abspath(data_dir)
-            if os.path.commonpath([lexical, base]) != base:
-                found.append(finding("E302", f"{what} path {written!r} leaves {data_dir}", index=index, path=shown))
+        if media_root is not None and not allow_outside:
+            why = outside_root(media_root, written)
+            if why is not None:
+                found.append(finding("E302", f"{what}: {why}", index=index, path=shown))
                 continue
-            if real_data_dir is not None and path.exists():
-                real = os.path.realpath(path)
-                if os.path.commonpath([real, real_data_dir]) != real_data_dir:
-                    found.append(finding("I308", f"{what} {written!r} links to {real}", index=index, path=shown))
         if not path.is_file():
             state = "is not a file" if path.exists() else "does not exist"
             found.append(finding("E301", f"{what} file {shown} {state}", index=index, path=shown))
@@ -488,7 +484,7 @@ class _Run:
         same_dir = clean_dir is None or clean_dir == Path(os.path.abspath(metadata)).parent
         self.rebase_to: Path | None = None if data.train_data_dir is not None or same_dir else clean_dir
         self.data_dir = Path(data.train_data_dir) if data.train_data_dir is not None else None
-        self.real_data_dir = os.path.realpath(self.data_dir) if self.data_dir is not None else None
+        self.allow_outside = data.allow_outside_data_dir
         self.cache = ProbeCache(options.cache_path or default_cache_path(metadata)) if options.use_cache else None
         self.seen_paths: dict[str, int] = {}
         self.seen_hashes: dict[str, int] = {}
@@ -583,7 +579,7 @@ class _Run:
         if entry is None:
             return item, []
         path_findings, item.video_path, item.audio_path = _path_checks(
-            index, entry, self.media_root, self.data_dir, self.real_data_dir
+            index, entry, self.media_root, self.allow_outside
         )
         findings.extend(path_findings)
         findings.extend(_text_checks(index, entry.text, self.counter, str(item.video_path)))
