@@ -268,9 +268,9 @@ def test_example_config_trains_scaled_down_by_flags(tiny_world: dict, tmp_path: 
     assert (user / "output_dir/checkpoint-2/meta.json").is_file()
 
 
-def test_clean_file_in_another_folder_keeps_its_clips(tmp_path: Path) -> None:
+def test_clean_file_in_another_folder_names_the_data_folder(tmp_path: Path) -> None:
     """Without --train_data_dir, paths are read against the metadata's folder: a clean file written elsewhere
-    gets paths relative to its own folder, so validating (or training on) it finds every clip."""
+    keeps them as written, the report says which --train_data_dir to give, and with it every clip is found."""
     meta = raw_dataset(tmp_path / "data", num_clips=2)
     clean = tmp_path / "elsewhere" / "clean.json"
     clean.parent.mkdir()
@@ -279,6 +279,8 @@ def test_clean_file_in_another_folder_keeps_its_clips(tmp_path: Path) -> None:
         app, ["validate-metadata", str(meta), "--write-clean", str(clean), "--workers=1", *small]
     )
     assert first.exit_code == 0, first.output
-    assert '"../data/train/' in clean.read_text()
-    again = CliRunner().invoke(app, ["validate-metadata", str(clean), "--workers=1", *small])
-    assert again.exit_code == 0 and "E301" not in again.output, again.output
+    assert f"--train_data_dir {meta.parent}" in first.output.replace("\n", "")
+    again = CliRunner().invoke(
+        app, ["validate-metadata", str(clean), "--train_data_dir", str(meta.parent), "--workers=1", *small]
+    )
+    assert again.exit_code == 0 and "E30" not in again.output, again.output

@@ -479,10 +479,10 @@ class _Run:
         self.tally = _Tally(self.report, options.top_n)
         self.media_root = data.media_root()
         # Without --train_data_dir, relative paths are read against the metadata file's folder: a clean file
-        # written into another folder gets paths relative to its own folder, so it trains as the input would.
+        # written into another folder keeps the paths as written, and the report says which folder to name.
         clean_dir = Path(os.path.abspath(options.clean_path)).parent if options.clean_path is not None else None
-        same_dir = clean_dir is None or clean_dir == Path(os.path.abspath(metadata)).parent
-        self.rebase_to: Path | None = None if data.train_data_dir is not None or same_dir else clean_dir
+        moved = clean_dir is not None and clean_dir != Path(os.path.abspath(metadata)).parent
+        self.clean_needs_data_dir = moved and data.train_data_dir is None
         self.data_dir = Path(data.train_data_dir) if data.train_data_dir is not None else None
         self.allow_outside = data.allow_outside_data_dir
         self.cache = ProbeCache(options.cache_path or default_cache_path(metadata)) if options.use_cache else None
@@ -550,17 +550,16 @@ class _Run:
             else:
                 self.clean_out.commit()
                 report.clean_path = options.clean_path
+                if self.clean_needs_data_dir:
+                    report.notes.append(
+                        f"{options.clean_path} keeps the paths as written, relative to {self.metadata.parent}: "
+                        f"train from it with --train_data_dir {self.metadata.parent}"
+                    )
         report.elapsed_s = time.perf_counter() - self.started
         if self.json_out is not None:
             self.json_out.close(report.file_findings, report.summary_dict())
             report.json_path = options.json_path
         return report
-
-    def _rebased(self, written: str) -> str:
-        """A relative media path of the input, relative to the clean file's folder instead."""
-        if Path(os.path.expanduser(written)).is_absolute() or self.rebase_to is None:
-            return written
-        return os.path.relpath(os.path.abspath(resolve_media_path(self.media_root, written)), self.rebase_to)
 
     def _head(self) -> dict[str, Any]:
         meta = self.metadata
@@ -638,10 +637,6 @@ class _Run:
         if not has_error and item.entry is not None and self.clean_out is not None:
             clean = item.entry.to_dict()
             clean[PROBE_KEY] = ProbeFacts(**facts).to_dict()
-            if self.rebase_to is not None:
-                clean.update(
-                    file_path=self._rebased(item.entry.file_path), audio_path=self._rebased(item.entry.audio_path)
-                )
             self.clean_out.write(clean)
         self.report.clean += not has_error
         self.tally.add(index, shown or f"entry {index}", findings)
