@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from fantasytalk_cli.train import loop
+from fantasytalk_cli.train import loop, setup
 from fantasytalk_cli.train.loop import TrainingError, render_summary, run_training
 from tests.tiny_world import world_config
 
@@ -128,13 +128,13 @@ def test_accumulation_logs_the_window_mean_of_finite_losses(
 def test_a_signal_during_set_up_stops_cleanly(
     tiny_world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = loop.load_training_models
+    real = setup.load_training_models
 
     def load(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the models load
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "load_training_models", load)
+    monkeypatch.setattr(setup, "load_training_models", load)
     before = signal.getsignal(signal.SIGTERM)
     console, text = _console()
     run = tmp_path / "run"

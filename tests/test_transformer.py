@@ -28,16 +28,13 @@ from fantasytalk_cli.models.transformer import (
 )
 
 _REPO = Path(__file__).resolve().parents[1]
-_MANIFEST_DIRS = [_REPO / "tests" / "manifests", _REPO / "shared" / "manifests", _REPO.parent / "shared" / "manifests"]
+_MANIFESTS = _REPO / "tests" / "manifests"
 
 
 def _manifest(name: str) -> dict[str, list[int]]:
-    """Tensor name -> shape of one manifest file (skips when the shared manifests are not present)."""
-    for folder in _MANIFEST_DIRS:
-        if (folder / name).is_file():
-            tensors = json.loads((folder / name).read_text())["tensors"]
-            return {key: list(value["shape"]) for key, value in tensors.items()}
-    pytest.skip(f"manifest {name} not found in {[str(d) for d in _MANIFEST_DIRS]}")
+    """Tensor name -> shape of one manifest file (tests/manifests: the real checkpoint files' names and shapes)."""
+    tensors = json.loads((_MANIFESTS / name).read_text())["tensors"]
+    return {key: list(value["shape"]) for key, value in tensors.items()}
 
 
 def _is_adapter(name: str) -> bool:

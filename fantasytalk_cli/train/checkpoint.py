@@ -196,10 +196,13 @@ def _fsync_dir(path: Path) -> None:
 # --- saving and restoring a training run (collective: every rank calls these) -------------------
 
 
-def install_state_hooks(accelerator: Accelerator) -> None:
+def install_state_hooks(accelerator: Accelerator, strategy: Strategy) -> None:
     """Plain (DDP) runs: accelerate would write the whole model (the 14B base included, the
     reference's waste) and read it back. The trainable weights already sit in `trainable.safetensors`,
-    so accelerate skips the model and `load_training_checkpoint` restores it from that file."""
+    so accelerate skips the model and `load_training_checkpoint` restores it from that file. (ZeRO and
+    FSDP leave the frozen weights out in `save_training_checkpoint` itself.)"""
+    if strategy.name != "ddp":
+        return
 
     def skip_model_save(models: list, weights: list, output_dir: str) -> None:  # noqa: ARG001
         weights.clear()

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, ProjectConfiguration
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
 
 from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig
 from fantasytalk_cli.errors import FtalkError
@@ -46,6 +46,32 @@ class Strategy:
     name: str
     fsdp_version: int = 0
     notes: tuple[str, ...] = ()
+
+    @property
+    def uniform_dtype(self) -> bool:
+        """FSDP flattens each unit into one tensor, so the whole transformer keeps one dtype (fp32; FSDP's
+        mixed-precision policy computes in bf16)."""
+        return self.name == "fsdp"
+
+    @property
+    def label(self) -> str:
+        """`ddp`, `zero2`, `zero3`, `fsdp1` or `fsdp2`, as checkpoints record it."""
+        return f"fsdp{self.fsdp_version}" if self.fsdp_version else self.name
+
+
+def compute_dtype(strategy: Strategy, frozen_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the conditioning tensors fed to the transformer: that of its frozen weights, or fp32 under
+    FSDP (which casts to its compute dtype itself)."""
+    return torch.float32 if strategy.uniform_dtype else frozen_dtype
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor, *, skip_update: bool) -> None:
+    """`accelerator.backward`; with `skip_update` at a window's end, DeepSpeed (whose engine steps inside
+    backward there) takes it as a mid-window micro-step instead, so that window merges into the next."""
+    if skip_update and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=False)
+    else:
+        accelerator.backward(loss)
 
 
 def _env_true(name: str) -> bool:

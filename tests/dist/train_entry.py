@@ -16,7 +16,7 @@ gloo_patch.apply()
 import torch  # noqa: E402
 
 from fantasytalk_cli.cli import main  # noqa: E402
-from fantasytalk_cli.train import loop  # noqa: E402
+from fantasytalk_cli.train import setup as loop  # noqa: E402  (the set-up holds what is patched)
 
 
 def _record(out: Path, model: torch.nn.Module, rank: int) -> None:

@@ -1,0 +1,289 @@
+"""Everything `ftalk train` sets up before its first step, gathered into one `Run`: the checks that need no
+model (first, so a mistake costs seconds and writes nothing), the accelerator, the data (metadata with probe
+facts, the plan, the sampler and loader), the models and optimizer prepared by accelerate, the resumed
+state, and the run folder (created only now that the run can start)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from rich.console import Console
+
+from fantasytalk_cli import __version__
+from fantasytalk_cli.config.load import config_diff, config_to_yaml
+from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, TrainConfig
+from fantasytalk_cli.config.wan_yaml import load_wan_yaml
+from fantasytalk_cli.data.dataset import ClipBatchDataset
+from fantasytalk_cli.data.metadata import OUTSIDE_FIX, MetadataEntry, load_entries, outside_root
+from fantasytalk_cli.data.plan import facts_from_entries, load_plan_checked
+from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_missing_facts
+from fantasytalk_cli.data.sampler import BucketBatchSampler
+from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.train.checkpoint import (
+    install_state_hooks,
+    load_training_checkpoint,
+    pick_resume,
+    write_text_atomic,
+)
+from fantasytalk_cli.train.distributed import (
+    Strategy,
+    build_accelerator,
+    compute_dtype,
+    plain_construction,
+    sharded_build,
+    share_from_main,
+)
+from fantasytalk_cli.train.flow import FlowSchedule
+from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
+from fantasytalk_cli.train.preflight import check_model_paths, plan_run_folder, set_aside_previous_run
+from fantasytalk_cli.train.state import RunState
+from fantasytalk_cli.train.step import StepContext
+
+
+class TrainingError(FtalkError, RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Run:
+    """A training run ready for its first step (or its next one, resumed)."""
+
+    cfg: FtalkConfig
+    accelerator: Accelerator
+    strategy: Strategy
+    models: TrainingModels
+    transformer: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    loader: torch.utils.data.DataLoader
+    state: RunState
+    ctx: StepContext
+    num_entries: int
+    max_steps: int
+    steps_per_epoch: int
+    console: Console
+    say: Callable[..., None]
+    """Prints on the main process only (one line stays one line in a piped log)."""
+    tell: Callable[..., None]
+    """Prints on every process (what one rank alone saw)."""
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def any_rank(self, flag: bool) -> bool:
+        """A collective: every rank must call it at the same points, and all get the same answer."""
+        value = torch.tensor(float(flag), device=self.accelerator.device)
+        return self.accelerator.reduce(value, reduction="sum").item() > 0
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (the frozen base gets no optimizer state)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+
+
+def set_up(cfg: FtalkConfig, console: Console) -> Run:
+    """Check, build, resume and open the run folder, in that order; raises a `FtalkError` with the fix."""
+    if cfg.data.train_data_meta is None:
+        raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
+    folder = plan_run_folder(cfg.checkpoint, cfg.checkpoint.overwrite_output_dir)
+    check_model_paths(cfg.model)
+    accelerator, strategy = build_accelerator(cfg.dist, cfg.train, cfg.checkpoint, cfg.train.report_to)
+    tell = functools.partial(console.print, soft_wrap=True)
+    say = tell if accelerator.is_main_process else (lambda *a, **k: None)
+    for note in (*strategy.notes, *folder.notes):
+        say(f"[yellow]note:[/] {note}")
+    set_seed(cfg.train.seed or 0)
+    entries, sampler, loader = _data(cfg, accelerator, say)
+    models = _models(cfg, accelerator, strategy, say)
+    steps_per_epoch = math.ceil(len(sampler) / cfg.train.gradient_accumulation_steps)
+    max_steps = cfg.train.max_train_steps or cfg.train.num_train_epochs * steps_per_epoch
+    optimizer = build_optimizer(models.transformer, cfg.train)
+    # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
+    lr_scheduler = get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(models.transformer, optimizer, lr_scheduler)
+    install_state_hooks(accelerator, strategy)
+    run = Run(
+        cfg, accelerator, strategy, models, transformer, optimizer, lr_scheduler, loader, RunState(sampler),
+        _step_context(cfg, accelerator, strategy, models), len(entries), max_steps, steps_per_epoch, console, say, tell,
+    )  # fmt: skip
+    _resume(run, folder.resume)
+    if run.main:  # the run folder, only now that the run can start; the resolved config goes in first
+        set_aside_previous_run(folder)
+        cfg.checkpoint.output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg.checkpoint.output_dir / "config.yaml", config_to_yaml(cfg))
+    accelerator.wait_for_everyone()
+    if cfg.train.report_to != "none":
+        accelerator.init_trackers("ftalk", config=_flat_config(cfg))
+    say(
+        f"training {max_steps} steps ({steps_per_epoch} per epoch), strategy {strategy.name}, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"{models.trainable_parameters:,} trainable parameters"
+    )
+    return run
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def _data(
+    cfg: FtalkConfig, accelerator: Accelerator, say: Callable[..., None]
+) -> tuple[list[MetadataEntry], BucketBatchSampler, torch.utils.data.DataLoader]:
+    """Metadata with probe facts, the plan `plan-buckets` showed, the sampler that follows it, the loader."""
+    assert cfg.data.train_data_meta is not None
+    entries, facts_notes = entries_with_facts(cfg.data, accelerator, say)
+    plan, warnings = load_plan_checked(
+        cfg.data.bucket_plan,
+        cfg,
+        cfg.data.train_data_meta,
+        accelerator.num_processes,
+        facts=facts_from_entries(entries),
+    )
+    for warning in facts_notes + warnings:
+        say(f"[yellow]plan:[/] {warning}")
+    batch_size, world = cfg.train.train_batch_size, accelerator.num_processes
+    sampler = BucketBatchSampler(
+        plan, batch_size=batch_size, rank=accelerator.process_index, world_size=world, seed=cfg.train.seed or 0
+    )
+    if len(sampler) == 0:
+        raise TrainingError(
+            f"no full batch of {batch_size} x {world} processes in any bucket: run `ftalk plan-buckets` to see why "
+            "(too few clips per bucket, or all dropped)"
+        )
+    # The dataset always hands failures back; the loop applies `bad_sample_policy` after sharing them
+    # across ranks, so that `fail` stops every rank together instead of one raising while the others wait.
+    dataset = ClipBatchDataset(entries, plan, cfg.data.media_root(), seed=cfg.train.seed or 0, policy="skip")
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
+        num_workers=cfg.data.dataloader_num_workers, persistent_workers=False,
+    )  # fmt: skip
+    return entries, sampler, loader
+
+
+def entries_with_facts(
+    data: DataConfig, accelerator: Accelerator, say: Callable[..., None]
+) -> tuple[list[MetadataEntry], list[str]]:
+    """The metadata's entries, each with its probe facts: stored ones (`validate-metadata --write-clean`), else
+    from the probe cache beside the metadata, else probed now on the main process (in parallel, written to
+    that cache so the next run probes nothing) and shared with every rank, so that all plan the same."""
+    assert data.train_data_meta is not None
+    root = data.media_root()
+    where = "--train_data_dir" if data.train_data_dir else "the metadata file's folder; --train_data_dir changes it"
+    say(f"metadata {data.train_data_meta}: relative media paths are joined to {root} ({where})")
+    entries = load_entries(data.train_data_meta)
+    if not data.allow_outside_data_dir and root is not None:
+        outside = [(e.index, w) for e in entries for w in (e.file_path, e.audio_path) if outside_root(root, w)]
+        if outside:
+            shown = "; ".join(f"entry {i}: {outside_root(root, w)}" for i, w in outside[:3])
+            raise TrainingError(f"{len(outside)} media paths lie outside the data folder ({shown}): {OUTSIDE_FIX}")
+    lacking = [(e.index, e.file_path, e.audio_path) for e in entries if e.probe is None]
+    if not lacking:
+        return entries, []
+    filled: FilledFacts | None = None
+    if accelerator.is_main_process:
+        say(f"reading the probe facts of {len(lacking)} entries (validate-metadata --write-clean stores them)")
+        filled = probe_missing_facts(lacking, root, default_cache_path(data.train_data_meta))
+    filled = share_from_main(accelerator, filled)
+    assert filled is not None
+    for index, facts in filled.facts.items():
+        entries[index] = dataclasses.replace(entries[index], probe=facts)
+    return entries, [filled.note()]
+
+
+def _models(cfg: FtalkConfig, accelerator: Accelerator, strategy: Strategy, say: Callable[..., None]) -> TrainingModels:
+    """Frozen base + encoders in the low precision, the adapter in fp32 (ZeRO-3 init: the transformer alone
+    is built partitioned)."""
+    sharded = sharded_build(accelerator, strategy)
+    with plain_construction(accelerator):
+        models = load_training_models(
+            cfg.model, cfg.train, device=accelerator.device, uniform_dtype=strategy.uniform_dtype, sharded=sharded
+        )
+    for note in models.notes:
+        say(f"model: {note}")
+    return models
+
+
+def _step_context(
+    cfg: FtalkConfig, accelerator: Accelerator, strategy: Strategy, models: TrainingModels
+) -> StepContext:
+    sched = load_wan_yaml(cfg.model.config_path).scheduler_kwargs
+    return StepContext(
+        train=cfg.train,
+        model_cfg=cfg.model,
+        sigmas=FlowSchedule(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift).sigmas(),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        device=accelerator.device,
+        dtype=compute_dtype(strategy, models.frozen_dtype),
+        autocast=accelerator.autocast,
+    )
+
+
+def _resume(run: Run, candidate: Path | None) -> None:
+    """Verify (main process) and restore the checkpoint; a changed config is reported key by key."""
+    ckpt = run.cfg.checkpoint
+    picked = None
+    if run.main:  # reads every byte of the checkpoint once, then tells the others
+        picked = pick_resume(ckpt.output_dir, ckpt.resume_from_checkpoint, candidate, ckpt.allow_unverified_resume)
+    resume, notes = share_from_main(run.accelerator, picked) or (None, [])
+    if resume is not None:
+        meta, run_state, load_notes = load_training_checkpoint(
+            run.accelerator, run.transformer, run.strategy, resume, ckpt.allow_unverified_resume
+        )
+        run.state.load_state_dict(run_state)
+        notes = [*notes, *load_notes]
+    for note in notes:
+        run.say(f"[yellow]resume:[/] {note}")
+    if resume is None:
+        return
+    state = run.state
+    run.say(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.consumed})")
+    for line in config_diff(meta.config, run.cfg.model_dump(mode="json")):
+        if not line.startswith("checkpoint."):
+            run.say(f"[yellow]config changed since the checkpoint:[/] {line}")
+
+
+def _flat_config(cfg: FtalkConfig) -> dict[str, Any]:
+    """TensorBoard hparams take scalars only."""
+    flat: dict[str, Any] = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every checkpoint's meta.json."""
+    import accelerate
+    import diffusers
+    import transformers
+
+    return {
+        "ftalk": __version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
