@@ -5,7 +5,7 @@ bitwise equal to an uninterrupted run's, and no `checkpoint-N/` may ever be part
 Each trial runs `ftalk train` (tiny world, 6 steps, a checkpoint every 2) in its own process with the save's
 file operations counted: the temporary folder made, every `torch.save` (accelerate's optimizer, scheduler
 and RNG files, the released `.ckpt`), the safetensors weights, the atomic text writes (`run_state.json`,
-`meta.json`), the manifest, the renames (the folder into place, `latest`). Trial k kills the process at the
+`meta.json`, `latest`), the manifest, the folder swapped into place. Trial k kills the process at the
 k-th such operation of all saves (by default one trial per operation, so every stage of every save is hit), before
 the operation runs. After the kill: every `checkpoint-N/` must verify against its manifest (a partial one is
 a failure), `latest` must name a verified checkpoint (or none yet), and the resumed run's `checkpoint-6`
@@ -64,7 +64,7 @@ torch.save = counted("torch.save", torch.save)
 ckpt.save_file = counted("safetensors", ckpt.save_file)
 ckpt.write_text_atomic = counted("text write", ckpt.write_text_atomic)
 ckpt.write_manifest = counted("manifest", ckpt.write_manifest)
-ckpt.os.rename = counted("rename", os.rename)
+ckpt.swap_folder = counted("folder into place", ckpt.swap_folder)
 import atexit
 atexit.register(lambda: print(f"SAVE-OPERATIONS {seen['n']}", flush=True))
 from fantasytalk_cli.cli import main

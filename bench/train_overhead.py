@@ -49,8 +49,8 @@ from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import load_plan_checked
 from fantasytalk_cli.data.sampler import BucketBatchSampler
-from fantasytalk_cli.train.flow import FlowSchedule
 from fantasytalk_cli.train.model_setup import load_training_models
+from fantasytalk_cli.train.setup import flow_schedule
 from fantasytalk_cli.train.step import StepContext, training_step
 
 TARGET = 1.10
@@ -114,7 +114,7 @@ def bare_run(cfg: FtalkConfig, batches: list[dict[str, Any]]) -> tuple[list[Stam
     ctx = StepContext(
         train=train,
         model_cfg=cfg.model,
-        sigmas=FlowSchedule(**loop_module._schedule_kwargs(cfg)).sigmas(),
+        sigmas=flow_schedule(cfg.model).sigmas(),
         rank=0,
         world_size=1,
         device=cpu,

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from fantasytalk_cli.convert.sources import ConversionError, ConversionUsageError, Shape
-from fantasytalk_cli.fileio import follow_umask
+from fantasytalk_cli.fileio import follow_umask, swap_folder
 
 _UNITS = {
     "": 1,
@@ -218,13 +217,7 @@ def atomic_output(output: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         check_output(output, overwrite)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
+        swap_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
@@ -37,7 +36,7 @@ import numpy as np
 from fantasytalk_cli.data.findings import CODES, Finding, finding
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.fileio import follow_umask
+from fantasytalk_cli.fileio import AtomicFile, atomic_file
 
 Format = Literal["json", "jsonl", "csv"]
 
@@ -711,14 +710,11 @@ class EntryWriter:
         self.path = Path(path)
         self.format = metadata_format(self.path)
         self.count = 0
-        self._tmp: Path | None = None
-        self._handle: io.TextIOWrapper | None = None
+        self._out = AtomicFile(self.path, suffix=".spool" if self.format == "csv" else ".tmp")
+        self._handle: Any = None
 
     def open(self) -> EntryWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(name)
-        self._handle = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed in commit/abort)
+        self._handle = self._out.open().handle
         if self.format == "json":
             self._handle.write("[")
         return self
@@ -734,27 +730,20 @@ class EntryWriter:
 
     def commit(self) -> None:
         """Finish the file and move it into place."""
-        assert self._handle is not None and self._tmp is not None
+        assert self._handle is not None
+        if self.format == "json":
+            self._handle.write("\n]\n")
+        if self.format != "csv":
+            self._out.commit()
+            return
         try:
-            if self.format == "json":
-                self._handle.write("\n]\n")
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            if self.format == "csv":
-                self._spool_to_csv(self._tmp)
-            follow_umask(self._tmp)
-            os.replace(self._tmp, self.path)
+            self._spool_to_csv(self._out.finish_writing())
         finally:
-            self._handle.close()
-            self._tmp.unlink(missing_ok=True)
+            self._out.abort()  # the spool
 
     def abort(self) -> None:
         """Drop what was written; the target is left as it was."""
-        if self._handle is not None:
-            self._handle.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> EntryWriter:
         return self.open()
@@ -768,7 +757,7 @@ class EntryWriter:
             self.abort()
 
     def _spool_to_csv(self, spool: Path) -> None:
-        """Convert the JSON Lines spool to CSV in place (two passes: columns, then rows)."""
+        """Write the target as CSV from the JSON Lines spool (two passes: columns, then rows)."""
         base = ["file_path", "audio_path", "text", "type"]
         extra: dict[str, None] = {}
         with open(spool, encoding="utf-8") as handle:
@@ -777,29 +766,20 @@ class EntryWriter:
                     if key not in base and key != PROBE_KEY:
                         extra.setdefault(key)
         columns = base + list(extra) + [CSV_PROBE_PREFIX + name for name in _PROBE_FIELDS]
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".csv.tmp", dir=self.path.parent)
-        out_path = Path(name)
-        try:
-            with open(fd, "w", encoding="utf-8", newline="") as out, open(spool, encoding="utf-8") as handle:
-                writer = csv.writer(out)
-                writer.writerow(columns)
-                for line in handle:
-                    entry = json.loads(line)
-                    probe = entry.pop(PROBE_KEY, None) or {}
-                    row = []
-                    for col in columns:
-                        if col.startswith(CSV_PROBE_PREFIX):
-                            value = probe.get(col[len(CSV_PROBE_PREFIX) :], "")
-                        else:
-                            value = entry.get(col, "")
-                        row.append(value if isinstance(value, (str, int, float)) else json.dumps(value))
-                    writer.writerow(row)
-                out.flush()
-                os.fsync(out.fileno())
-            follow_umask(out_path)
-            os.replace(out_path, spool)
-        finally:
-            out_path.unlink(missing_ok=True)
+        with atomic_file(self.path) as out, open(spool, encoding="utf-8") as handle:
+            writer = csv.writer(out)  # type: ignore[arg-type]
+            writer.writerow(columns)
+            for line in handle:
+                entry = json.loads(line)
+                probe = entry.pop(PROBE_KEY, None) or {}
+                row = []
+                for col in columns:
+                    if col.startswith(CSV_PROBE_PREFIX):
+                        value = probe.get(col[len(CSV_PROBE_PREFIX) :], "")
+                    else:
+                        value = entry.get(col, "")
+                    row.append(value if isinstance(value, (str, int, float)) else json.dumps(value))
+                writer.writerow(row)
 
 
 def write_entries_atomic(path: Path, entries: Iterable[dict[str, Any] | MetadataEntry]) -> None:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ from fantasytalk_cli.data.metadata import (
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.fileio import follow_umask
+from fantasytalk_cli.fileio import write_bytes_atomic
 from fantasytalk_cli.train.memory import GB, MemoryEstimate
 
 PLAN_FORMAT = "ftalk-bucket-plan"
@@ -267,17 +266,8 @@ class BucketPlan:
         }
 
     def save(self, path: Path) -> None:
-        """Write the plan file atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with open(fd, "wb") as handle:
-                handle.write(msgspec.json.encode(self.to_json()))  # compact JSON; json.dump takes ~20x longer
-            follow_umask(tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        """Write the plan file atomically (fsync'd temp file + rename)."""
+        write_bytes_atomic(Path(path), msgspec.json.encode(self.to_json()))  # compact; json.dump takes ~20x longer
 
     @classmethod
     def load(cls, path: Path) -> BucketPlan:

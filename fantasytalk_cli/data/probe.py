@@ -22,7 +22,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fantasytalk_cli.data.metadata import file_sha256
-from fantasytalk_cli.fileio import follow_umask
+from fantasytalk_cli.fileio import atomic_file
 
 PROBE_VERSION = 1
 """Bumped when probe results change meaning; cached results of another version are ignored."""
@@ -404,14 +403,8 @@ class ProbeCache:
         entries = self._entries
         if entries is None or self.write_error or self._lines <= 2 * len(entries) + 1000:
             return
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with open(fd, "w", encoding="utf-8") as handle:
-                for (kind, path, size, mtime_ns), result in entries.items():
-                    rec = {"v": PROBE_VERSION, "kind": kind, "path": path, "size": size, "mtime_ns": mtime_ns}
-                    handle.write(json.dumps({**rec, "result": result}) + "\n")
-            follow_umask(name)
-            os.replace(name, self.path)
-            self._lines = len(entries)
-        finally:
-            Path(name).unlink(missing_ok=True)
+        with atomic_file(self.path) as handle:
+            for (kind, path, size, mtime_ns), result in entries.items():
+                rec = {"v": PROBE_VERSION, "kind": kind, "path": path, "size": size, "mtime_ns": mtime_ns}
+                handle.write(json.dumps({**rec, "result": result}) + "\n")  # type: ignore[call-overload]
+        self._lines = len(entries)

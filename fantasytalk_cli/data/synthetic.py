@@ -23,6 +23,7 @@ import soundfile as sf
 
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.errors import FtalkUsageError
+from fantasytalk_cli.fileio import swap_folder
 
 METADATA_NAME = "metadata_control.json"
 """File name of the seed's metadata list inside a dataset folder."""
@@ -347,7 +348,7 @@ def make_demo_dataset(out_dir: Path, seed: int = 0, num_clips: int = 12, overwri
         clips = [_write_demo_clip(staging, index, rng) for index in range(num_clips)]
         entries = [clip.metadata_entry() for clip in clips]
         (staging / METADATA_NAME).write_text(json.dumps(entries, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(staging, out_dir)
+        swap_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -369,21 +370,6 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} is not empty and holds no {METADATA_NAME}, so it does not look like a dataset; "
             "not deleting it even with --overwrite. Remove it yourself or pick another folder."
         )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename the complete `new` folder to `target`; an existing `target` is moved aside first and deleted last."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = _sibling(target, "old")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)  # Put the previous dataset back rather than leave nothing.
-        raise
-    shutil.rmtree(old)
 
 
 def _sibling(path: Path, kind: str) -> Path:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from fantasytalk_cli.data.probing import (
     probe_jobs,
 )
 from fantasytalk_cli.errors import FtalkUsageError
-from fantasytalk_cli.fileio import follow_umask
+from fantasytalk_cli.fileio import AtomicFile
 
 MAX_TEXT_TOKENS = 512
 """The text encoder's context (umT5, Wan's `text_len`)."""
@@ -298,11 +297,9 @@ class _JsonReport:
     """The `--json` report, streamed: `{"metadata": ..., "entries": [...], "file_findings": [...], "summary": ...}`."""
 
     def __init__(self, path: Path, head: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.tmp = Path(name)
-        self.handle = open(fd, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.out = AtomicFile(Path(path)).open()
+        assert self.out.handle is not None
+        self.handle: Any = self.out.handle
         body = json.dumps(head, ensure_ascii=False)
         self.handle.write(body[:-1] + ', "entries": [')
         self.count = 0
@@ -314,13 +311,10 @@ class _JsonReport:
     def close(self, file_findings: list[Finding], summary: dict[str, Any]) -> None:
         tail = {"file_findings": [f.to_dict() for f in file_findings], "summary": summary}
         self.handle.write("\n], " + json.dumps(tail, ensure_ascii=False)[1:] + "\n")
-        self.handle.close()
-        follow_umask(self.tmp)
-        os.replace(self.tmp, self.path)
+        self.out.commit()
 
     def abort(self) -> None:
-        self.handle.close()
-        self.tmp.unlink(missing_ok=True)
+        self.out.abort()
 
 
 class _Tally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import string
 import tempfile
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from fantasytalk_cli.errors import FtalkUsageError
-from fantasytalk_cli.fileio import follow_umask
+from fantasytalk_cli.fileio import follow_umask, swap_folder
 from fantasytalk_cli.models.dims import AUDIO_CONFIG_KEYS, TINY_CONFIG, wan_config
 from fantasytalk_cli.models.loaders import DIT_SHARD_PREFIX, WAN_CLIP_HEADS, build_empty, build_text_encoder
 from fantasytalk_cli.models.state_dict_adapters import (
@@ -448,13 +447,7 @@ def make_tiny_model(
         torch.save(adapter_to_format(weights.adapter, "fantasytalking"), tmp / "fantasytalking_model.ckpt")
         follow_umask(tmp, *tmp.rglob("*"))  # mkdtemp's 0700 and safetensors' 0600 -> the umask's modes
         files = tuple(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        swap_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

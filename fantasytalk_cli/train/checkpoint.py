@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -41,7 +40,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.fileio import follow_umask
+from fantasytalk_cli.fileio import follow_umask, swap_folder, write_text_atomic
 from fantasytalk_cli.models.loaders import adapter_to_format
 from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
 from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
@@ -91,16 +90,6 @@ class CheckpointMeta:
             return cls(**data)
         except TypeError as exc:
             raise CheckpointError(f"{path}: unexpected fields ({exc}); was it written by another tool?") from exc
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and an atomic replace (fsync'd)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -155,15 +144,7 @@ def finalize_checkpoint(output_dir: Path, step: int) -> Path:
     """Main process only: move the written temporary folder into place and point `latest` at it."""
     tmp = temp_checkpoint_dir(output_dir, step)
     final = checkpoint_dir(output_dir, step)
-    if final.exists():  # a re-run of the same step (resumed run): replace it only now, when complete
-        old = output_dir / f".checkpoint-{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(output_dir)
+    swap_folder(tmp, final)  # a re-run of the same step (resumed run) replaces it only now, when complete
     write_text_atomic(output_dir / LATEST_NAME, final.name + "\n")
     return final
 
@@ -183,14 +164,6 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
             shutil.rmtree(path)
             removed.append(path)
     return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- saving and restoring a training run (collective: every rank calls these) -------------------

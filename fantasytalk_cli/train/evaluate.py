@@ -7,13 +7,12 @@ from __future__ import annotations
 import torch
 
 from fantasytalk_cli.config.schema import FtalkConfig
-from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
 from fantasytalk_cli.data.sampler import BucketBatchSampler
-from fantasytalk_cli.train.flow import FlowSchedule
 from fantasytalk_cli.train.model_setup import load_training_models
+from fantasytalk_cli.train.setup import flow_schedule
 from fantasytalk_cli.train.step import StepContext, training_step
 
 EVAL_SEED = 123
@@ -44,11 +43,10 @@ def fixed_batch_loss(
     plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta, facts=facts_from_entries(entries))
     sampler = BucketBatchSampler(plan, batch_size=batch_size, seed=EVAL_SEED)
     dataset = ClipBatchDataset(entries, plan, cfg.data.media_root(), seed=EVAL_SEED)
-    sched = load_wan_yaml(cfg.model.config_path).scheduler_kwargs
     ctx = StepContext(
         train=train,
         model_cfg=cfg.model,
-        sigmas=FlowSchedule(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift).sigmas(),
+        sigmas=flow_schedule(cfg.model).sigmas(),
         rank=0,
         world_size=1,
         device=torch.device("cpu"),

@@ -5,10 +5,10 @@ file, bytes changed on disk) before loading anything, and name the file."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from fantasytalk_cli.data.metadata import file_sha256
+from fantasytalk_cli.fileio import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ftalk-checkpoint-manifest"
@@ -21,11 +21,10 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: Path) -> int:
     """Record every file under `folder` (fsync'd); returns the checkpoint's size in bytes."""
     files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(folder)}
-    path = folder / MANIFEST_NAME
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump({"format": MANIFEST_FORMAT, "version": 1, "files": files}, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_text_atomic(
+        folder / MANIFEST_NAME,
+        json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": files}, indent=1, sort_keys=True),
+    )
     return sum(entry["size"] for entry in files.values())
 
 

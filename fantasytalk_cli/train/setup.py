@@ -21,7 +21,7 @@ from rich.console import Console
 
 from fantasytalk_cli import __version__
 from fantasytalk_cli.config.load import config_diff, config_to_yaml
-from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, TrainConfig
+from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.metadata import OUTSIDE_FIX, MetadataEntry, load_entries, outside_root
@@ -228,17 +228,22 @@ def _models(cfg: FtalkConfig, accelerator: Accelerator, strategy: Strategy, say:
 def _step_context(
     cfg: FtalkConfig, accelerator: Accelerator, strategy: Strategy, models: TrainingModels
 ) -> StepContext:
-    sched = load_wan_yaml(cfg.model.config_path).scheduler_kwargs
     return StepContext(
         train=cfg.train,
         model_cfg=cfg.model,
-        sigmas=FlowSchedule(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift).sigmas(),
+        sigmas=flow_schedule(cfg.model).sigmas(),
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         device=accelerator.device,
         dtype=compute_dtype(strategy, models.frozen_dtype),
         autocast=accelerator.autocast,
     )
+
+
+def flow_schedule(model: ModelConfig) -> FlowSchedule:
+    """The shifted flow-matching schedule of the model config (`--config_path`, else Wan2.1's defaults)."""
+    sched = load_wan_yaml(model.config_path).scheduler_kwargs
+    return FlowSchedule(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift)
 
 
 def _resume(run: Run, candidate: Path | None) -> None:
