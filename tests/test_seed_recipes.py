@@ -1,4 +1,5 @@
-"""The seed's four training recipes, verbatim but for the script and the sizes, run end to end on the
+"""The seed's four training recipes, verbatim but for the script and the sizes, on the seed's raw
+`metadata_control.json` (probe facts read on the main rank and shared), run end to end on the
 CPU through `accelerate launch -m fantasytalk_cli train` (ZeRO/FSDP with 2 processes over gloo, made
 possible by a test-only sitecustomize)."""
 
@@ -47,7 +48,7 @@ def recipe_command(recipe: str, world: dict, output_dir: Path) -> list[str]:
         script.replace("config/wan2.1/wan_civitai.yaml", "examples/wan2.1/wan_civitai.yaml")
         .replace("$MODEL_NAME", str(world["model"]))
         .replace("$DATASET_NAME", str(world["data"]))
-        .replace("$DATASET_META_NAME", str(world["clean"]))
+        .replace("$DATASET_META_NAME", str(world["data"] / "metadata_control.json"))  # the raw file, as users run it
         .replace('"output_dir"', str(output_dir))
         .replace("models/FantasyTalking/fantasytalking_model.ckpt", str(world["model"] / "fantasytalking_model.ckpt"))
     )
