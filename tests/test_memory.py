@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fantasytalk_cli.cli import app
-from fantasytalk_cli.data.metadata import write_entries_atomic
+from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
 from fantasytalk_cli.train.memory import (
     GB,

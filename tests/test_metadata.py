@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fantasytalk_cli.data.metadata import (
-    EntryWriter,
     MetadataEntry,
     MetadataError,
     count_entries,
@@ -19,8 +18,8 @@ from fantasytalk_cli.data.metadata import (
     load_entries,
     metadata_hash,
     resolve_media_path,
-    write_entries_atomic,
 )
+from fantasytalk_cli.data.metadata_write import EntryWriter, write_entries_atomic
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 
 FACTS = ProbeFacts(width=64, height=48, num_frames=25, fps=25.0, audio_duration=1.0, sample_rate=16000, channels=1)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.config import load_config
-from fantasytalk_cli.data.metadata import write_entries_atomic
+from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.data.plan import (
     BucketPlan,
     ClipFacts,

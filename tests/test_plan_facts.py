@@ -14,14 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fantasytalk_cli.data import metadata
-from fantasytalk_cli.data.metadata import (
-    PLAN_FACT_FIELDS,
-    MetadataError,
-    PlanFacts,
-    iter_raw_entries,
-    read_plan_facts,
-)
+from fantasytalk_cli.data import metadata, metadata_facts
+from fantasytalk_cli.data.metadata import MetadataError, iter_raw_entries
+from fantasytalk_cli.data.metadata_facts import PLAN_FACT_FIELDS, PlanFacts, read_plan_facts
 
 PROBE = {"width": 640, "height": 480, "num_frames": 75, "fps": 25.0, "audio_duration": 3.0, "sample_rate": 16000,
          "channels": 1}  # fmt: skip
@@ -139,7 +134,10 @@ def test_clean_metadata_takes_the_typed_path(tmp_path: Path) -> None:
     (tmp_path / "m.jsonl").write_text("\r\n".join(clean) + "\r\n")
     (tmp_path / "m.json").write_text(json.dumps([json.loads(x) for x in clean], indent=1))
     ordinary = mock.Mock(side_effect=AssertionError("the ordinary reader ran"))
-    with mock.patch.object(metadata, "_jsonl_entries", ordinary), mock.patch.object(metadata, "_iter_json", ordinary):
+    with (
+        mock.patch.object(metadata_facts, "_jsonl_entries", ordinary),
+        mock.patch.object(metadata, "_iter_json", ordinary),
+    ):
         for name in ("m.jsonl", "m.json"):
             arrays = read_plan_facts(tmp_path / name).arrays()
             assert arrays["width"].tolist() == [640, 1280] * 50 and arrays["fps"].tolist() == [25.0, 30.0] * 50

@@ -1,4 +1,4 @@
-"""Read and write the training metadata: which clip, which audio, which caption.
+"""Read the training metadata: which clip, which audio, which caption.
 
 Three formats, chosen by the file suffix:
 
@@ -12,7 +12,8 @@ A UTF-8 byte-order mark is accepted in every format. An entry is
 `{"file_path": str, "audio_path": str, "text": str, "type": "video", "probe": {...}?}`; other keys are
 kept in `MetadataEntry.extra`. The schema checks (`entry_problems`) are shared by `load_entries`
 (strict: the first problem raises) and `ftalk validate-metadata` (every problem is a finding).
-`read_plan_facts` reads only the probe facts planning needs, with a typed decoder where the answer is the same.
+`metadata_facts.read_plan_facts` reads only the probe facts planning needs (with a typed decoder where the answer
+is the same), `metadata_write.EntryWriter` writes metadata files.
 """
 
 from __future__ import annotations
@@ -23,20 +24,16 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from operator import attrgetter
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import msgspec
-import numpy as np
 
 from fantasytalk_cli.data.findings import CODES, Finding, finding
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.fileio import AtomicFile, atomic_file
 
 Format = Literal["json", "jsonl", "csv"]
 
@@ -143,6 +140,16 @@ def _unreadable(path: Path, exc: BaseException) -> MetadataError:
 
 def _empty(path: Path, what: str) -> MetadataError:
     return MetadataError(path, f"no entries: {what}", code="E104")
+
+
+def _is_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _read_without_bom(path: Path) -> bytes:
@@ -355,168 +362,6 @@ def iter_raw_entries(path: Path) -> Iterator[tuple[int, Any]]:
     return _iter_json(path)
 
 
-# ---------------------------------------------------------------------------------------------- planning facts
-
-
-def stored_plan_facts(raw: Any) -> tuple[int, int, int, float] | None:
-    """The probe facts planning reads (width, height, num_frames, fps) stored in a raw entry, or None."""
-    facts: Any = raw.get(PROBE_KEY) if isinstance(raw, dict) else None
-    try:
-        return int(facts["width"]), int(facts["height"]), int(facts["num_frames"]), float(facts["fps"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-PLAN_FACT_FIELDS = ("width", "height", "num_frames", "fps")
-"""The probe facts planning reads, in the order `stored_plan_facts` gives them."""
-_PLAN_FACT_DTYPES = (np.int32, np.int32, np.int32, np.float64)
-
-
-class PlanFacts:
-    """Every entry's planning facts as columns (entry i = position i; 0 where an entry has none), built chunk by
-    chunk, and the raw entries without usable facts."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.missing: list[tuple[int, Any]] = []
-        """`(index, raw entry)` of the entries without usable probe facts."""
-        self.may_leave: list[tuple[int, str]] = []
-        """`(index, media path)` written absolute or with `..` (checked against the data folder by the caller)."""
-        self._parts: list[list[np.ndarray]] = []
-        self._rows: list[tuple[int, int, int, float]] = []
-
-    def _paths(self, index: int, paths: Iterable[Any]) -> None:
-        for written in paths:
-            if isinstance(written, str) and may_leave(written):
-                self.may_leave.append((index, written))
-
-    def add(self, raw: Any) -> None:
-        """Append one raw entry."""
-        if isinstance(raw, dict):
-            self._paths(self.count, (raw.get("file_path"), raw.get("audio_path")))
-        facts = stored_plan_facts(raw)
-        if facts is None:
-            self.missing.append((self.count, raw))
-            facts = (0, 0, 0, 0.0)
-        self._rows.append(facts)
-        self.count += 1
-
-    def add_typed(self, entries: list[_TypedEntry]) -> None:
-        """Append entries decoded by the typed fast path (all with facts), straight into arrays."""
-        self._flush()
-        for offset, entry in enumerate(entries):
-            if may_leave(entry.file_path) or may_leave(entry.audio_path):  # rare: the loop stays cheap
-                self._paths(self.count + offset, (entry.file_path, entry.audio_path))
-        probes = [entry.probe for entry in entries]
-        self._parts.append(
-            [
-                np.fromiter(map(attrgetter(name), probes), dtype=dtype, count=len(probes))
-                for name, dtype in zip(PLAN_FACT_FIELDS, _PLAN_FACT_DTYPES, strict=True)
-            ]
-        )
-        self.count += len(probes)
-
-    def _flush(self) -> None:
-        if self._rows:
-            columns = zip(*self._rows, strict=True)
-            self._parts.append([np.asarray(c, dtype=t) for c, t in zip(columns, _PLAN_FACT_DTYPES, strict=True)])
-            self._rows = []
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The columns (`PLAN_FACT_FIELDS` -> array of one value per entry)."""
-        self._flush()
-        return {
-            name: np.concatenate([part[i] for part in self._parts]) if self._parts else np.zeros(0, dtype=dtype)
-            for i, (name, dtype) in enumerate(zip(PLAN_FACT_FIELDS, _PLAN_FACT_DTYPES, strict=True))
-        }
-
-
-class _TypedProbe(msgspec.Struct, gc=False):
-    width: int
-    height: int
-    num_frames: int
-    fps: float
-
-
-class _TypedEntry(msgspec.Struct, gc=False):
-    """The fields of an entry planning reads (its facts, and its paths for the data-folder rule); the decoder
-    checks the rest of the line but builds nothing."""
-
-    probe: _TypedProbe | None = msgspec.field(default=None, name=PROBE_KEY)
-    file_path: str = ""
-    audio_path: str = ""
-
-
-_ENTRY_DECODER = msgspec.json.Decoder(_TypedEntry)
-_LIST_DECODER = msgspec.json.Decoder(list[_TypedEntry])
-
-
-def _is_utf8(data: bytes) -> bool:
-    if data.isascii():
-        return True
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _typed_entries(data: bytes, *, lines: bool) -> list[_TypedEntry] | None:
-    """The facts of every entry of `data` (a chunk of JSON Lines, or a whole JSON file) by the typed decoder, or
-    None where its answer could differ from `json.loads` + `stored_plan_facts`, for the caller to read the
-    ordinary way: an entry without facts or with other types (a float width), anything the decoder rejects (NaN,
-    a syntax error; in JSON Lines also a blank line), non-UTF-8 bytes (it does not check the strings it skips), a
-    lone CR (a line end in a text file)."""
-    if not _is_utf8(data) or (lines and b"\r" in data and data.count(b"\r") != data.count(b"\r\n")):
-        return None
-    try:
-        if lines:
-            rows = data.split(b"\n")
-            if not rows[-1]:  # the chunk ends with its last line's LF
-                rows.pop()
-            entries = [_ENTRY_DECODER.decode(row) for row in rows]
-        else:
-            entries = _LIST_DECODER.decode(data)
-    except Exception:  # msgspec's DecodeError / ValidationError, or deep nesting
-        return None
-    return entries if entries and all(entry.probe for entry in entries) else None  # no entry without facts
-
-
-def read_plan_facts(path: Path) -> PlanFacts:
-    """The planning facts of every entry, without `MetadataEntry` objects. JSON Lines and JSON go through a typed
-    msgspec decoder that builds only the four numbers (several times faster than `json.loads`, and no dicts);
-    what it does not take (entries without facts, other types, errors) is read by `iter_raw_entries`' own code, so
-    the facts and the errors are the same as theirs."""
-    path = Path(path)
-    facts = PlanFacts()
-    fmt = metadata_format(path)
-    if fmt == "jsonl":
-        lineno = 0
-        for chunk in _jsonl_chunks(path):
-            typed = _typed_entries(chunk, lines=True)
-            if typed is not None:  # one entry per line, no blank line
-                facts.add_typed(typed)
-                lineno += len(typed)
-                continue
-            for _, raw in _jsonl_entries(path, chunk, lineno, facts.count):
-                facts.add(raw)
-            lineno += _line_count(chunk)
-        if facts.count == 0:
-            raise _empty(path, "the file holds no JSON lines")
-        return facts
-    if fmt == "json":
-        try:
-            typed = _typed_entries(_read_without_bom(path), lines=False)
-        except OSError:
-            typed = None  # `iter_raw_entries` says why
-        if typed is not None:
-            facts.add_typed(typed)
-            return facts
-    for _, raw in iter_raw_entries(path):
-        facts.add(raw)
-    return facts
-
-
 # ---------------------------------------------------------------------------------------------- schema
 
 
@@ -684,106 +529,3 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def _as_dict(entry: dict[str, Any] | MetadataEntry) -> dict[str, Any]:
-    if isinstance(entry, MetadataEntry):
-        return entry.to_dict()
-    out = dict(entry)
-    if isinstance(out.get(PROBE_KEY), ProbeFacts):
-        out[PROBE_KEY] = out[PROBE_KEY].to_dict()
-    return out
-
-
-class EntryWriter:
-    """Write entries one at a time to a metadata file, atomically (temp file + `os.replace` on `commit`).
-
-    JSON and JSON Lines stream straight to the temp file; CSV (whose columns are known only at the
-    end) streams to a JSON Lines spool and is converted on commit. Memory stays flat in both cases.
-    As a context manager it commits on success and aborts (target untouched) on an exception.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.format = metadata_format(self.path)
-        self.count = 0
-        self._out = AtomicFile(self.path, suffix=".spool" if self.format == "csv" else ".tmp")
-        self._handle: Any = None
-
-    def open(self) -> EntryWriter:
-        self._handle = self._out.open().handle
-        if self.format == "json":
-            self._handle.write("[")
-        return self
-
-    def write(self, entry: dict[str, Any] | MetadataEntry) -> None:
-        assert self._handle is not None, "call open() first (or use EntryWriter as a context manager)"
-        text = json.dumps(_as_dict(entry), ensure_ascii=False)
-        if self.format == "json":
-            self._handle.write(("\n  " if self.count == 0 else ",\n  ") + text)
-        else:
-            self._handle.write(text + "\n")
-        self.count += 1
-
-    def commit(self) -> None:
-        """Finish the file and move it into place."""
-        assert self._handle is not None
-        if self.format == "json":
-            self._handle.write("\n]\n")
-        if self.format != "csv":
-            self._out.commit()
-            return
-        try:
-            self._spool_to_csv(self._out.finish_writing())
-        finally:
-            self._out.abort()  # the spool
-
-    def abort(self) -> None:
-        """Drop what was written; the target is left as it was."""
-        self._out.abort()
-
-    def __enter__(self) -> EntryWriter:
-        return self.open()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-    def _spool_to_csv(self, spool: Path) -> None:
-        """Write the target as CSV from the JSON Lines spool (two passes: columns, then rows)."""
-        base = ["file_path", "audio_path", "text", "type"]
-        extra: dict[str, None] = {}
-        with open(spool, encoding="utf-8") as handle:
-            for line in handle:
-                for key in json.loads(line):
-                    if key not in base and key != PROBE_KEY:
-                        extra.setdefault(key)
-        columns = base + list(extra) + [CSV_PROBE_PREFIX + name for name in _PROBE_FIELDS]
-        with atomic_file(self.path) as out, open(spool, encoding="utf-8") as handle:
-            writer = csv.writer(out)  # type: ignore[arg-type]
-            writer.writerow(columns)
-            for line in handle:
-                entry = json.loads(line)
-                probe = entry.pop(PROBE_KEY, None) or {}
-                row = []
-                for col in columns:
-                    if col.startswith(CSV_PROBE_PREFIX):
-                        value = probe.get(col[len(CSV_PROBE_PREFIX) :], "")
-                    else:
-                        value = entry.get(col, "")
-                    row.append(value if isinstance(value, (str, int, float)) else json.dumps(value))
-                writer.writerow(row)
-
-
-def write_entries_atomic(path: Path, entries: Iterable[dict[str, Any] | MetadataEntry]) -> None:
-    """Write entries (dicts or `MetadataEntry`) to `path` in the format of its suffix, atomically."""
-    with EntryWriter(path) as writer:
-        for entry in entries:
-            writer.write(entry)

@@ -49,13 +49,12 @@ from fantasytalk_cli.data.buckets import (
 )
 from fantasytalk_cli.data.metadata import (
     OUTSIDE_FIX,
-    PLAN_FACT_FIELDS,
     MetadataEntry,
     MetadataError,
     metadata_hash,
     outside_root,
-    read_plan_facts,
 )
+from fantasytalk_cli.data.metadata_facts import PLAN_FACT_FIELDS, read_plan_facts
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
 from fantasytalk_cli.errors import FtalkError

@@ -31,7 +31,6 @@ from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data.buckets import DROP_TOO_SHORT, DROP_TOO_SMALL, eligibility, level_grid
 from fantasytalk_cli.data.findings import Finding, finding
 from fantasytalk_cli.data.metadata import (
-    EntryWriter,
     MetadataEntry,
     MetadataError,
     count_entries,
@@ -41,6 +40,7 @@ from fantasytalk_cli.data.metadata import (
     parse_entry,
     resolve_media_path,
 )
+from fantasytalk_cli.data.metadata_write import EntryWriter
 from fantasytalk_cli.data.probe import ProbeCache, ProbeJob
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
 from fantasytalk_cli.data.probing import (
