@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
 
 if TYPE_CHECKING:
     from fantasytalk_cli.train.setup import Run
@@ -33,10 +34,13 @@ class Display:
     def __init__(self, run: Run) -> None:
         self.run = run
         self.plain = not run.console.is_terminal
-        columns = (TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"))
-        self.progress = Progress(
-            *columns, TimeRemainingColumn(), console=run.console, disable=not run.main or self.plain
-        )
+        # On a narrow terminal the numbers are cut at their end, never the step count or the time left.
+        info = TextColumn("{task.fields[info]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
+        count = MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=2 * len(str(run.max_steps)) + 1))
+        left = TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7))
+        label = TextColumn("[bold]step", table_column=Column(no_wrap=True, min_width=4))
+        columns = (label, count, BarColumn(bar_width=10), left, info)
+        self.progress = Progress(*columns, console=run.console, disable=not run.main or self.plain)
         self.task = self.progress.add_task("train", total=run.max_steps, completed=run.state.step, info="")
 
     def __enter__(self) -> Display:
@@ -51,7 +55,11 @@ class Display:
             f"loss {logs['loss']:.4f}  lr {logs['lr']:.2e}  {logs['samples_per_s']:.2f} samples/s  "
             f"{logs['tokens_per_s']:.0f} tok/s  data wait {logs['data_wait_share']:.0%}"
         )
-        self.progress.update(self.task, completed=step, info=info)
+        short = (
+            f"loss {logs['loss']:.4f} lr {logs['lr']:.1e} {logs['samples_per_s']:.2f} smp/s "
+            f"{logs['tokens_per_s']:.0f} tok/s wait {logs['data_wait_share']:.0%}"
+        )
+        self.progress.update(self.task, completed=step, info=short)
         done, total = step - meter.first_step, self.run.max_steps
         if self.plain and (done == 1 or step % self.run.cfg.train.logging_steps == 0 or step == total):
             eta = (time.perf_counter() - meter.t_start) / done * (total - step)
