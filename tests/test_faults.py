@@ -108,6 +108,18 @@ def test_bad_paths_fail_first_and_leave_no_run_folder(kind: str, tiny_world: dic
     assert not out.exists()
 
 
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    before = snapshot(mine)
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, ["demo", "--work-dir", str(mine), *extra])
+        assert result.exit_code == 2 and "not made by `ftalk demo`" in result.output
+        assert "Traceback" not in result.output
+    assert snapshot(mine) == before and len(list(mine.iterdir())) == 1
+
+
 # ---------------------------------------------------------------------------------------------- disks
 
 
@@ -192,8 +204,10 @@ def test_resume_never_runs_code_from_a_checkpoint(name: str, tiny_world: dict, r
     else:
         target.write_bytes(pickle.dumps({"state": Payload(marker)}))
     write_manifest(run_copy / "checkpoint-2")
+    before = snapshot(run_copy)
     code, output = train(tiny_world, run_copy, "--resume_from_checkpoint", "latest", max_train_steps=3)
     assert not marker.exists(), "code from the checkpoint ran"
+    assert snapshot(run_copy) == before
     # custom_checkpoint_0.pkl is never read (ftalk's run state is run_state.json), yet a pickle that names code
     # is a sign of tampering: the whole checkpoint is refused
     assert code == 1 and "refers to posix.system" in output and "Refused; nothing was loaded" in output

@@ -72,16 +72,6 @@ def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
 
 
-def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path: Path) -> None:
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "precious.txt").write_text("keep")
-    for extra in ([], ["--overwrite"]):
-        result = CliRunner().invoke(app, ["demo", "--work-dir", str(mine), *extra])
-        assert result.exit_code == 2 and "not made by `ftalk demo`" in result.output
-    assert (mine / "precious.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
-
-
 def readme_ftalk_args() -> list[str]:
     """The README's FTALK_ARGS bash array, as the shell would split it (variables left as text)."""
     import shlex
