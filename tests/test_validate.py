@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data import probe
+from fantasytalk_cli.data.captions import TokenCounter
 from fantasytalk_cli.data.findings import CODES
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.data.probing import CACHE_NAME
 from fantasytalk_cli.data.synthetic import write_talking_clip
 from fantasytalk_cli.data.validate import (
-    TokenCounter,
     ValidateOptions,
     ValidateUsageError,
     validate_metadata,

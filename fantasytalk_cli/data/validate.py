@@ -17,7 +17,6 @@ import heapq
 import json
 import math
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import numpy as np
 
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data.buckets import DROP_TOO_SHORT, DROP_TOO_SMALL, eligibility, level_grid
+from fantasytalk_cli.data.captions import TokenCounter, TokenizerError, text_checks
 from fantasytalk_cli.data.findings import Finding, finding
 from fantasytalk_cli.data.metadata import (
     MetadataEntry,
@@ -53,15 +53,10 @@ from fantasytalk_cli.data.probing import (
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.fileio import AtomicFile
 
-MAX_TEXT_TOKENS = 512
-"""The text encoder's context (umT5, Wan's `text_len`)."""
 MAX_FPS = 240.0
 """A frame rate above this is taken for a broken header."""
 AUDIO_RATE = 16000
 """wav2vec2's sample rate."""
-WORDS_TO_TOKENS = 1.3
-"""Approximate tokens per word (or CJK character) when no tokenizer is configured."""
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
 class ValidateUsageError(FtalkUsageError, ValueError):
@@ -239,45 +234,6 @@ class BucketRules:
 # ---------------------------------------------------------------------------------------------- captions
 
 
-class TokenCounter:
-    """Counts caption tokens with a real tokenizer (transformers, local files only) or approximates them."""
-
-    def __init__(self, tokenizer_dir: Path | None, model_dir: Path | None) -> None:
-        self._tok: Any = None
-        self.description = f"approximate: {WORDS_TO_TOKENS} x words (CJK characters count as words)"
-        candidates: list[tuple[Path, bool]] = []
-        if tokenizer_dir is not None:
-            candidates.append((Path(tokenizer_dir), True))
-        elif model_dir is not None:
-            for sub in ("google/umt5-xxl", "tokenizer"):
-                if (Path(model_dir) / sub).is_dir():
-                    candidates.append((Path(model_dir) / sub, False))
-        for folder, required in candidates:
-            try:
-                from transformers import AutoTokenizer
-
-                self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-                self.description = f"tokenizer {folder}"
-                break
-            except Exception as exc:  # transformers raises many kinds
-                if required:
-                    raise ValidateUsageError(
-                        f"cannot load a tokenizer from {folder} ({type(exc).__name__}: {str(exc)[:200]}); "
-                        "pass a folder holding tokenizer.json / tokenizer_config.json, or drop --tokenizer"
-                    ) from exc
-
-    @property
-    def exact(self) -> bool:
-        return self._tok is not None
-
-    def count(self, text: str) -> int:
-        if self._tok is not None:
-            return len(self._tok(text, add_special_tokens=True, verbose=False)["input_ids"])
-        cjk = len(_CJK.findall(text))
-        words = len(_CJK.sub(" ", text).split())
-        return math.ceil(WORDS_TO_TOKENS * (words + cjk))
-
-
 # ---------------------------------------------------------------------------------------------- entry state
 
 
@@ -368,16 +324,6 @@ def _path_checks(
     return found, paths[0], paths[1]
 
 
-def _text_checks(index: int, text: str, counter: TokenCounter, path: str) -> list[Finding]:
-    if not text.strip():
-        return [finding("W601", "the caption is empty", index=index, path=path)]
-    tokens = counter.count(text)
-    if tokens > MAX_TEXT_TOKENS:
-        how = "counted with " + counter.description if counter.exact else counter.description + " (pass --tokenizer)"
-        return [finding("W602", f"caption has {tokens} tokens > {MAX_TEXT_TOKENS} ({how})", index=index, path=path)]
-    return []
-
-
 def _audio_checks(
     index: int, audio: dict[str, Any], video_span: float | None, options: ValidateOptions, path: str
 ) -> list[Finding]:
@@ -446,7 +392,11 @@ def validate_metadata(
         raise ValidateUsageError("no metadata file: pass --train_data_meta PATH or set data.train_data_meta")
     metadata = Path(data.train_data_meta)
     _check_outputs(metadata, options)
-    run = _Run(metadata, data, buckets, options, TokenCounter(options.tokenizer, model_dir), progress)
+    try:
+        counter = TokenCounter(options.tokenizer, model_dir)
+    except TokenizerError as exc:
+        raise ValidateUsageError(str(exc)) from exc
+    run = _Run(metadata, data, buckets, options, counter, progress)
     return run.execute()
 
 
@@ -575,7 +525,7 @@ class _Run:
             index, entry, self.media_root, self.allow_outside
         )
         findings.extend(path_findings)
-        findings.extend(_text_checks(index, entry.text, self.counter, str(item.video_path)))
+        findings.extend(text_checks(index, entry.text, self.counter, str(item.video_path)))
         if any(f.code[0] == "E" for f in path_findings):
             return item, []
         real_video = os.path.realpath(item.video_path)
