@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -515,6 +515,16 @@ OUTSIDE_FIX = (
     "move the media inside the data folder (or point --train_data_dir at the folder that holds them), or pass "
     "--allow_outside_data_dir if you keep media elsewhere on purpose"
 )
+
+
+def outside_report(root: Path, paths: Iterable[tuple[int, str]], *, follow_links: bool = True) -> str | None:
+    """The message naming the `(entry index, media path)` pairs that lie outside `root` (the first few, the
+    count and the fix), or None when all are inside: what plan-buckets and train refuse with."""
+    outside = [(i, why) for i, w in paths if (why := outside_root(root, w, follow_links=follow_links))]
+    if not outside:
+        return None
+    shown = "; ".join(f"entry {i}: {why}" for i, why in outside[:3])
+    return f"{len(outside)} media paths lie outside the data folder ({shown}): {OUTSIDE_FIX}"
 
 
 def metadata_hash(path: Path) -> str:

@@ -48,11 +48,10 @@ from fantasytalk_cli.data.buckets import (
     token_count,
 )
 from fantasytalk_cli.data.metadata import (
-    OUTSIDE_FIX,
     MetadataEntry,
     MetadataError,
     metadata_hash,
-    outside_root,
+    outside_report,
 )
 from fantasytalk_cli.data.metadata_facts import PLAN_FACT_FIELDS, read_plan_facts
 from fantasytalk_cli.data.probe_facts import ProbeFacts
@@ -135,10 +134,9 @@ def read_clip_facts(
     facts = ClipFacts(**stored.arrays())
     root = media_root if media_root is not None else metadata_path.parent
     if not allow_outside:  # by how the paths are written; validate and train also follow symlinks
-        outside = [(i, why) for i, w in stored.may_leave if (why := outside_root(root, w, follow_links=False))]
+        outside = outside_report(root, stored.may_leave, follow_links=False)
         if outside:
-            shown = "; ".join(f"entry {i}: {why}" for i, why in outside[:3])
-            raise PlanError(f"{len(outside)} media paths lie outside the data folder ({shown}): {OUTSIDE_FIX}")
+            raise PlanError(outside)
     missing = stored.missing
     if not missing:
         return facts, []

@@ -24,7 +24,7 @@ from fantasytalk_cli.config.load import config_diff, config_to_yaml
 from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import ClipBatchDataset
-from fantasytalk_cli.data.metadata import OUTSIDE_FIX, MetadataEntry, load_entries, outside_root
+from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report
 from fantasytalk_cli.data.plan import facts_from_entries, load_plan_checked
 from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.data.sampler import BucketBatchSampler
@@ -194,10 +194,9 @@ def entries_with_facts(
     say(f"metadata {data.train_data_meta}: relative media paths are joined to {root} ({where})")
     entries = load_entries(data.train_data_meta)
     if not data.allow_outside_data_dir and root is not None:
-        outside = [(e.index, w) for e in entries for w in (e.file_path, e.audio_path) if outside_root(root, w)]
+        outside = outside_report(root, ((e.index, w) for e in entries for w in (e.file_path, e.audio_path)))
         if outside:
-            shown = "; ".join(f"entry {i}: {outside_root(root, w)}" for i, w in outside[:3])
-            raise TrainingError(f"{len(outside)} media paths lie outside the data folder ({shown}): {OUTSIDE_FIX}")
+            raise TrainingError(outside)
     lacking = [(e.index, e.file_path, e.audio_path) for e in entries if e.probe is None]
     if not lacking:
         return entries, []
