@@ -50,8 +50,8 @@ from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import load_plan_checked
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.train.model_setup import load_training_models
-from fantasytalk_cli.train.setup import flow_schedule
-from fantasytalk_cli.train.step import StepContext, training_step
+from fantasytalk_cli.train.setup import cpu_step_context
+from fantasytalk_cli.train.step import training_step
 
 TARGET = 1.10
 CLOCKS = ("wall", "cpu")
@@ -111,16 +111,7 @@ def bare_run(cfg: FtalkConfig, batches: list[dict[str, Any]]) -> tuple[list[Stam
     models = load_training_models(cfg.model, train, device=cpu, uniform_dtype=False)
     params = [p for p in models.transformer.parameters() if p.requires_grad]
     optimizer = loop_module.build_optimizer(models.transformer, train)
-    ctx = StepContext(
-        train=train,
-        model_cfg=cfg.model,
-        sigmas=flow_schedule(cfg.model).sigmas(),
-        rank=0,
-        world_size=1,
-        device=cpu,
-        dtype=models.frozen_dtype,
-        autocast=lambda: torch.autocast("cpu", enabled=False),
-    )
+    ctx = cpu_step_context(train, cfg.model, models.frozen_dtype)
     stamps: list[Stamp] = []
     losses: list[float] = []
     for number, batch in enumerate(batches):

@@ -297,7 +297,8 @@ def pick_resume(
     if allow_unverified:
         return candidate, [f"{problem}; resuming from it anyway (--allow_unverified_resume)"]
     if requested == "latest":
-        step = int(CHECKPOINT_RE.match(candidate.name).group(1)) if CHECKPOINT_RE.match(candidate.name) else None
+        named = CHECKPOINT_RE.match(candidate.name)
+        step = int(named.group(1)) if named else None
         for older_step, older in reversed(list_checkpoints(output_dir)):
             if (step is None or older_step < step) and verify_manifest(older) is None:
                 return older, [f"{problem}; resuming from {older}, the newest checkpoint that verifies"]

@@ -12,8 +12,8 @@ from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.train.model_setup import load_training_models
-from fantasytalk_cli.train.setup import flow_schedule
-from fantasytalk_cli.train.step import StepContext, training_step
+from fantasytalk_cli.train.setup import cpu_step_context
+from fantasytalk_cli.train.step import training_step
 
 EVAL_SEED = 123
 EVAL_STEP = 10**6
@@ -43,16 +43,7 @@ def fixed_batch_loss(
     plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta, facts=facts_from_entries(entries))
     sampler = BucketBatchSampler(plan, batch_size=batch_size, seed=EVAL_SEED)
     dataset = ClipBatchDataset(entries, plan, cfg.data.media_root(), seed=EVAL_SEED)
-    ctx = StepContext(
-        train=train,
-        model_cfg=cfg.model,
-        sigmas=flow_schedule(cfg.model).sigmas(),
-        rank=0,
-        world_size=1,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        autocast=lambda: torch.autocast("cpu", enabled=False),
-    )
+    ctx = cpu_step_context(train, cfg.model, torch.float32)
     losses = []
     with torch.no_grad():
         for number, batch in enumerate(sampler):

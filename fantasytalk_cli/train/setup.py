@@ -29,11 +29,11 @@ from fantasytalk_cli.data.plan import facts_from_entries, load_plan_checked
 from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.train.checkpoint import (
     install_state_hooks,
     load_training_checkpoint,
     pick_resume,
-    write_text_atomic,
 )
 from fantasytalk_cli.train.distributed import (
     Strategy,
@@ -243,6 +243,20 @@ def flow_schedule(model: ModelConfig) -> FlowSchedule:
     """The shifted flow-matching schedule of the model config (`--config_path`, else Wan2.1's defaults)."""
     sched = load_wan_yaml(model.config_path).scheduler_kwargs
     return FlowSchedule(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift)
+
+
+def cpu_step_context(train: TrainConfig, model: ModelConfig, dtype: torch.dtype) -> StepContext:
+    """A one-process step context on the CPU without autocast (the fixed-batch evaluation, the benchmarks)."""
+    return StepContext(
+        train=train,
+        model_cfg=model,
+        sigmas=flow_schedule(model).sigmas(),
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        dtype=dtype,
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+    )
 
 
 def _resume(run: Run, candidate: Path | None) -> None:
