@@ -95,7 +95,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def bench_set(data: DataSet, repeats: int) -> tuple[dict[str, float], int, str]:
     """Mean over samples of each part's per-sample median (seconds), the sample count, the shapes seen."""
     cfg = load_config(None, {"train_data_dir": data.root, "train_data_meta": data.clean, "seed": 0, **data.buckets})
-    plan, _, _ = plan_from_metadata(cfg, data.clean)
+    plan, _, _ = plan_from_metadata(data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=data.clean)
     entries = load_entries(data.clean)
     dataset = ClipBatchDataset(entries, plan, data.root, seed=0)
     batches: list[PlannedBatch] = list(BucketBatchSampler(plan, batch_size=1, seed=0))

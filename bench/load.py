@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fantasytalk_cli.models.loaders import DIT_SHARD_PREFIX, build_empty, model_shapes
+from fantasytalk_cli.models.layout import DIT_SHARD_PREFIX
 from fantasytalk_cli.models.state_dict_adapters import dit_name_to_original, is_adapter_name
+from fantasytalk_cli.models.weights import build_empty, model_shapes
 
 GIB = 1024**3
 
 _CHILD = r"""
 import json, resource, sys, time
 import psutil, torch
-from fantasytalk_cli.models.loaders import load_transformer
+from fantasytalk_cli.models.dit_loading import load_transformer
 import fantasytalk_cli.models.transformer  # imports done before the baseline is taken
 folder, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 before = psutil.Process().memory_info().rss

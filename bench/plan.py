@@ -72,10 +72,11 @@ def _peak_mb() -> float:
 
 
 def phase_arrays(n: int) -> dict[str, Any]:
-    from fantasytalk_cli.data.plan import build_plan, plan_stats
+    from fantasytalk_cli.data.plan import build_plan
     from fantasytalk_cli.data.sampler import BucketBatchSampler
     from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG
-    from fantasytalk_cli.train.memory import estimate_memory
+    from fantasytalk_cli.planning.memory import estimate_memory
+    from fantasytalk_cli.planning.stats import plan_stats
 
     cfg = config()
     steps: dict[str, float] = {}
@@ -155,8 +156,10 @@ def write_jsonl(path: Path, n: int) -> None:
 
 def phase_jsonl(n: int, path: Path) -> dict[str, Any]:
     from fantasytalk_cli.data.metadata import metadata_hash
-    from fantasytalk_cli.data.plan import build_plan, plan_stats, read_clip_facts
-    from fantasytalk_cli.train.memory import configured_model_dims, estimate_memory
+    from fantasytalk_cli.data.plan import build_plan, read_clip_facts
+    from fantasytalk_cli.planning.memory import estimate_memory
+    from fantasytalk_cli.planning.model_dims import configured_model_dims
+    from fantasytalk_cli.planning.stats import plan_stats
 
     cfg = config()
     steps: dict[str, float] = {}

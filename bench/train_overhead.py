@@ -90,7 +90,14 @@ def loop_batches(cfg: FtalkConfig, steps: int) -> list[dict[str, Any]]:
     """The batches the loop trains on in its first `steps` steps (batch size per step, one process)."""
     train = cfg.train
     assert cfg.data.train_data_meta is not None
-    plan, _ = load_plan_checked(cfg.data.bucket_plan, cfg, cfg.data.train_data_meta, world_size=1)
+    plan, _ = load_plan_checked(
+        cfg.data.bucket_plan,
+        data=cfg.data,
+        buckets=cfg.buckets,
+        train=cfg.train,
+        metadata_path=cfg.data.train_data_meta,
+        world_size=1,
+    )
     sampler = BucketBatchSampler(plan, batch_size=train.train_batch_size, seed=train.seed or 0)
     entries = load_entries(cfg.data.train_data_meta)
     dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=train.seed or 0)

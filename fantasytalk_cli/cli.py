@@ -293,7 +293,9 @@ def plan_buckets(
     flags: dict[str, Any],
 ) -> None:
     """Show the training plan: buckets, frames, tokens, steps, memory, and what is dropped and why."""
-    from fantasytalk_cli.data.plan import PlanError, make_plan_report, render_plan_report
+    from fantasytalk_cli.data.plan import PlanError
+    from fantasytalk_cli.planning.render import render_plan_report
+    from fantasytalk_cli.planning.report import make_plan_report
 
     cfg = resolve_config(config, with_metadata(flags, metadata))
     try:

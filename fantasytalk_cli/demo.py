@@ -148,7 +148,9 @@ def run_demo(work_dir: Path, seed: int = 0, console: Console | None = None, *, o
         return f"clean metadata with probe facts: {cfg.data.train_data_meta}"
 
     def plan() -> str:
-        built, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta)
+        built, _, _ = plan_from_metadata(
+            data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=cfg.data.train_data_meta
+        )
         assert cfg.data.bucket_plan is not None
         built.save(cfg.data.bucket_plan)
         kept = int((built.assignment(0) >= 0).sum())

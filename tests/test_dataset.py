@@ -18,7 +18,9 @@ from tests.tiny_world import world_config
 
 def _setup(world: dict, tmp_path: Path, batch_size: int = 2):  # noqa: ANN202
     cfg = world_config(world, tmp_path / "run", train_batch_size=batch_size)
-    plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta)
+    plan, _, _ = plan_from_metadata(
+        data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=cfg.data.train_data_meta
+    )
     entries = load_entries(cfg.data.train_data_meta)
     sampler = BucketBatchSampler(plan, batch_size=batch_size, seed=3)
     return cfg, plan, entries, sampler

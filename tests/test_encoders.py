@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.models.encoders import CLIP_MEAN, CLIP_STD, FrozenEncoders, clean_caption, load_frozen_encoders
-from fantasytalk_cli.models.loaders import WAN_CLIP_HEADS, detect_layout
+from fantasytalk_cli.models.frozen_loading import WAN_CLIP_HEADS
+from fantasytalk_cli.models.layout import detect_layout
 from fantasytalk_cli.models.tiny import TEXT_LEN, TINY_CLIP, TINY_T5, make_tiny_model
 
 

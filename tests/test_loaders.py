@@ -13,17 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from fantasytalk_cli.models import loaders
-from fantasytalk_cli.models.loaders import (
-    ModelLoadError,
-    adapter_to_format,
-    detect_layout,
-    load_adapter_or_transformer,
-    load_image_encoder,
-    load_text_encoder,
-    load_transformer,
-    load_vae,
-)
+from fantasytalk_cli.models import dit_loading, weights
+from fantasytalk_cli.models.adapter_file import adapter_to_format, load_adapter_or_transformer
+from fantasytalk_cli.models.dit_loading import load_transformer
+from fantasytalk_cli.models.frozen_loading import load_image_encoder, load_text_encoder, load_vae
+from fantasytalk_cli.models.layout import ModelLoadError, detect_layout
+from fantasytalk_cli.models.state_dict_adapters import DitAdapter
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS, TINY_DIT, make_tiny_model
 from fantasytalk_cli.models.transformer import adapter_state_dict
 
@@ -278,7 +273,7 @@ def test_unexpected_and_missing_keys_are_listed(broken: Path) -> None:
         dit(broken)
     message = str(err.value)
     assert "unexpected keys" in message and "blocks.0.self_attn.extra.weight" in message and SHARD_2 in message
-    renames = loaders.DitAdapter("original")
+    renames = DitAdapter("original")
     renames.prepare([key])
     assert "does not provide" in message and renames.targets(key)[0][0] in message
 
@@ -329,8 +324,8 @@ def test_dit_streams_into_meta_tensors(tiny: dict[str, Path], monkeypatch: pytes
     """Nothing is materialised before it is read: at every read, the elements on a real device are at most the
     elements read so far (one copy, not a full state dict then a model)."""
     built: list[torch.nn.Module] = []
-    real_build, real_read = loaders.build_empty, loaders._read_tensor
-    monkeypatch.setattr(loaders, "build_empty", lambda factory: built.append(real_build(factory)) or built[-1])
+    real_build, real_read = dit_loading.build_empty, weights._read_tensor
+    monkeypatch.setattr(dit_loading, "build_empty", lambda factory: built.append(real_build(factory)) or built[-1])
     seen = {"read": 0, "checks": 0}
 
     def spy(handle: Any, key: str, path: Path) -> torch.Tensor:
@@ -342,7 +337,7 @@ def test_dit_streams_into_meta_tensors(tiny: dict[str, Path], monkeypatch: pytes
         seen["checks"] += 1
         return tensor
 
-    monkeypatch.setattr(loaders, "_read_tensor", spy)
+    monkeypatch.setattr(weights, "_read_tensor", spy)
     model = dit(tiny["original"])
     base = [p for n, p in model.named_parameters() if n not in adapter_state_dict(model)]
     assert seen["checks"] == len(base) and seen["read"] == sum(p.numel() for p in base)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from fantasytalk_cli.models import loaders
+from fantasytalk_cli.models import dit_config, frozen_loading, weights
 from fantasytalk_cli.models import state_dict_adapters as sda
 from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG, wan_config
 
@@ -34,14 +34,14 @@ def manifest(name: str) -> dict[str, tuple[int, ...]]:
 def real_dit() -> nn.Module:
     from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 
-    return loaders.build_empty(lambda: FantasyTalkingTransformer(**WAN21_I2V_14B_CONFIG))
+    return weights.build_empty(lambda: FantasyTalkingTransformer(**WAN21_I2V_14B_CONFIG))
 
 
 @cache
 def real_vae() -> nn.Module:
     from diffusers import AutoencoderKLWan
 
-    return loaders.build_empty(lambda: AutoencoderKLWan())
+    return weights.build_empty(lambda: AutoencoderKLWan())
 
 
 REAL_T5 = {
@@ -74,21 +74,21 @@ REAL_CLIP = {
 def real_t5() -> nn.Module:
     from transformers import UMT5Config
 
-    return loaders.build_text_encoder(UMT5Config(**REAL_T5))
+    return frozen_loading.build_text_encoder(UMT5Config(**REAL_T5))
 
 
 @cache
 def real_clip() -> nn.Module:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    return loaders.build_empty(lambda: CLIPVisionModel(CLIPVisionConfig(**REAL_CLIP)))
+    return weights.build_empty(lambda: CLIPVisionModel(CLIPVisionConfig(**REAL_CLIP)))
 
 
 @cache
 def real_wav2vec2() -> nn.Module:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    return loaders.build_empty(lambda: Wav2Vec2Model(Wav2Vec2Config()))
+    return weights.build_empty(lambda: Wav2Vec2Model(Wav2Vec2Config()))
 
 
 def flatten_ckpt_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -132,13 +132,13 @@ CASES: dict[str, Case] = {
     "transformers_umt5_xxl_encoder.json": (real_t5, lambda m: sda.T5Adapter("diffusers"), "none", lambda s: 0),
     "wan21_clip_original.json": (
         real_clip,
-        lambda m: sda.ClipVisionAdapter("original", loaders.clip_model_prefix(m)),
+        lambda m: sda.ClipVisionAdapter("original", frozen_loading.clip_model_prefix(m)),
         "none",
         clip_dropped,
     ),
     "transformers_clip_vit_h14_vision.json": (
         real_clip,
-        lambda m: sda.ClipVisionAdapter("diffusers", loaders.clip_model_prefix(m)),
+        lambda m: sda.ClipVisionAdapter("diffusers", frozen_loading.clip_model_prefix(m)),
         "none",
         lambda s: 1,
     ),
@@ -158,7 +158,7 @@ def test_manifest_maps_every_key_and_fills_every_parameter(name: str) -> None:
     stored = manifest(name)
     if name == "fantasytalking_model_ckpt.json":
         stored = flatten_ckpt_names(stored)
-    shapes, aliases = loaders.model_shapes(model)
+    shapes, aliases = weights.model_shapes(model)
     plan = sda.plan_mapping(make_adapter(model), stored, shapes, aliases)
     assert plan.ok, plan.problems(name)
 
@@ -173,9 +173,9 @@ def test_manifest_maps_every_key_and_fills_every_parameter(name: str) -> None:
 def test_clip_ignored_keys_say_why() -> None:
     model = real_clip()
     plan = sda.plan_mapping(
-        sda.ClipVisionAdapter("original", loaders.clip_model_prefix(model)),
+        sda.ClipVisionAdapter("original", frozen_loading.clip_model_prefix(model)),
         manifest("wan21_clip_original.json"),
-        loaders.model_shapes(model)[0],
+        weights.model_shapes(model)[0],
     )
     reasons = set(plan.ignored.values())
     assert reasons == {sda.CLIP_TEXT_TOWER_IGNORED, sda.CLIP_LOG_SCALE_IGNORED, sda.CLIP_PROJECTION_IGNORED}
@@ -184,7 +184,7 @@ def test_clip_ignored_keys_say_why() -> None:
 
 def test_t5_tied_embedding_is_one_tensor_either_name_fills_it() -> None:
     model = real_t5()
-    shapes, aliases = loaders.model_shapes(model)
+    shapes, aliases = weights.model_shapes(model)
     assert aliases == {"encoder.embed_tokens.weight": "shared.weight"}
     stored = manifest("transformers_umt5_xxl_encoder.json")
     renamed = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v for k, v in stored.items()}
@@ -232,12 +232,12 @@ def test_original_configs_read_from_real_shapes() -> None:
         "text_len": 512,
     }
     shapes = manifest("wan21_i2v_14b_original_transformer.json")
-    assert loaders.dit_config_from_original(wan_config_json, shapes, Path("config.json")) == wan_config(
+    assert dit_config.dit_config_from_original(wan_config_json, shapes, Path("config.json")) == wan_config(
         WAN21_I2V_14B_CONFIG
     )
-    t5 = loaders._t5_config_from_shapes(manifest("wan21_t5_umt5_xxl_original.json"), Path("t5.pth"))
+    t5 = frozen_loading._t5_config_from_shapes(manifest("wan21_t5_umt5_xxl_original.json"), Path("t5.pth"))
     assert t5 == REAL_T5
-    clip = loaders._clip_config_from_shapes(manifest("wan21_clip_original.json"), Path("clip.pth"))
+    clip = frozen_loading._clip_config_from_shapes(manifest("wan21_clip_original.json"), Path("clip.pth"))
     assert clip == REAL_CLIP
-    vae = loaders._vae_config_from_shapes(manifest("wan21_vae_original.json"), Path("vae.pth"))
+    vae = frozen_loading._vae_config_from_shapes(manifest("wan21_vae_original.json"), Path("vae.pth"))
     assert vae == {"base_dim": 96, "z_dim": 16}

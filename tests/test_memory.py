@@ -13,12 +13,10 @@ from typer.testing import CliRunner
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
-from fantasytalk_cli.train.memory import (
-    GB,
-    activation_bytes_per_token_layer,
+from fantasytalk_cli.planning.memory import GB, activation_bytes_per_token_layer, estimate_memory
+from fantasytalk_cli.planning.model_size import (
     clip_vision_params,
     encoder_params,
-    estimate_memory,
     transformer_params,
     umt5_encoder_params,
     wan_vae_params,

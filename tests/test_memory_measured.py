@@ -44,7 +44,7 @@ import pytest
 
 from bench._world import wide_dit_config, write_wide_model
 from fantasytalk_cli.models.tiny import TINY_VAE
-from fantasytalk_cli.train.memory import estimate_memory
+from fantasytalk_cli.planning.memory import estimate_memory
 
 REPO = Path(__file__).resolve().parents[1]
 DIM, LAYERS, FFN = 512, 8, 2048
@@ -73,7 +73,8 @@ world = {k: Path(v) for k, v in spec["world"].items()}
 cfg = world_config(world, Path(spec["out"]), **spec["flags"])
 cpu = torch.device("cpu")
 models = load_training_models(cfg.model, cfg.train, device=cpu, uniform_dtype=False)
-plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta)
+meta = cfg.data.train_data_meta
+plan, _, _ = plan_from_metadata(data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=meta)
 dataset = ClipBatchDataset(load_entries(cfg.data.train_data_meta), plan, cfg.data.train_data_dir, seed=cfg.train.seed)
 batches = list(BucketBatchSampler(plan, batch_size=1, seed=cfg.train.seed))
 ctx = StepContext(train=cfg.train, model_cfg=cfg.model, sigmas=FlowSchedule().sigmas(), rank=0, world_size=1,

@@ -18,13 +18,12 @@ from fantasytalk_cli.data.plan import (
     ClipFacts,
     PlanError,
     build_plan,
-    default_world_size,
     load_plan_checked,
-    make_plan_report,
-    plan_stats,
     read_clip_facts,
 )
-from fantasytalk_cli.train.memory import BUILTIN_MODEL
+from fantasytalk_cli.planning.model_dims import BUILTIN_MODEL
+from fantasytalk_cli.planning.report import make_plan_report
+from fantasytalk_cli.planning.stats import default_world_size, plan_stats
 
 # (width, height, num_frames, fps): 512 squares, 720p landscape, portrait, one too short, one too small
 CLIPS = [(512, 512, 120, 25.0)] * 6 + [(1280, 720, 100, 30.0)] * 4 + [(720, 1280, 200, 60.0)] * 3
@@ -105,7 +104,9 @@ def test_plan_buckets_renders_writes_and_is_accepted(meta: Path, tmp_path: Path,
     assert stats["steps_per_epoch"] == 3 + 2 + 1
 
     cfg = load_config(overrides={"enable_bucket": True, "video_sample_n_frames": 49, "train_batch_size": 2})
-    plan, warnings = load_plan_checked(plan_file, cfg, meta)
+    plan, warnings = load_plan_checked(
+        plan_file, data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=meta
+    )
     assert warnings == []
     fresh = build_plan(read_clip_facts(meta)[0], cfg.buckets, cfg.train)
     assert np.array_equal(plan.assignment(0), fresh.assignment(0))
@@ -116,17 +117,23 @@ def test_changed_config_or_metadata_rebuilds_with_a_warning(meta: Path, tmp_path
     plan_file = tmp_path / "plan.json"
     assert run("plan-buckets", "--train_data_meta", str(meta), *BASE, "--write", str(plan_file)).exit_code == 0
     changed = load_config(overrides={"enable_bucket": True, "video_sample_n_frames": 101, "train_batch_size": 2})
-    plan, warnings = load_plan_checked(plan_file, changed, meta)
+    plan, warnings = load_plan_checked(
+        plan_file, data=changed.data, buckets=changed.buckets, train=changed.train, metadata_path=meta
+    )
     assert len(warnings) == 1 and "stale" in warnings[0] and "video_sample_n_frames: 49 -> 101" in warnings[0]
     assert plan.grid.frames == (101,)
     assert plan.drop_reason.tolist().count(1) == 1 + 4 + 3  # 30 frames; 100 frames; 200 at 60 fps (stride 2)
 
     same = load_config(overrides={"enable_bucket": True, "video_sample_n_frames": 49, "train_batch_size": 2})
     write_entries_atomic(meta, [entry(i, *c) for i, c in enumerate(CLIPS[:-1])])
-    plan, warnings = load_plan_checked(plan_file, same, meta)
+    plan, warnings = load_plan_checked(
+        plan_file, data=same.data, buckets=same.buckets, train=same.train, metadata_path=meta
+    )
     assert len(warnings) == 1 and "metadata" in warnings[0] and plan.num_samples == len(CLIPS) - 1
 
-    plan, warnings = load_plan_checked(tmp_path / "missing.json", same, meta)
+    plan, warnings = load_plan_checked(
+        tmp_path / "missing.json", data=same.data, buckets=same.buckets, train=same.train, metadata_path=meta
+    )
     assert "cannot read the plan file" in warnings[0] and plan.num_samples == len(CLIPS) - 1
 
 
@@ -135,7 +142,9 @@ def test_world_size_change_only_warns(meta: Path, tmp_path: Path, no_media: None
     plan_file = tmp_path / "plan.json"
     assert run("plan-buckets", "--train_data_meta", str(meta), "--enable_bucket", "--video_sample_n_frames", "49",
                "--write", str(plan_file), "--world-size", "2").exit_code == 0  # fmt: skip
-    plan, warnings = load_plan_checked(plan_file, cfg, meta, world_size=4)
+    plan, warnings = load_plan_checked(
+        plan_file, data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=meta, world_size=4
+    )
     assert plan.world_size == 4 and "world size 2" in warnings[0]
     assert np.array_equal(plan.assignment(0), BucketPlan.load(plan_file).assignment(0))
 
@@ -235,7 +244,7 @@ def test_memory_estimate_uses_the_configured_model(tiny_world: dict[str, Path], 
     """plan-buckets estimates the model of `--pretrained_model_name_or_path` (here the tiny world's, read by the
     loaders' own config reader), and says when it falls back to the built-in 14B config."""
     from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
-    from fantasytalk_cli.train.memory import transformer_params
+    from fantasytalk_cli.planning.model_size import transformer_params
     from tests.tiny_world import world_config
 
     cfg = world_config(tiny_world, tmp_path / "run")
@@ -272,7 +281,7 @@ def test_unreadable_model_folder_falls_back_with_a_note(meta: Path, tmp_path: Pa
 def test_memory_estimate_reads_a_diffusers_layout_folder(meta: Path, tmp_path: Path) -> None:
     from fantasytalk_cli.models.dims import TINY_CONFIG
     from fantasytalk_cli.models.tiny import make_tiny_model
-    from fantasytalk_cli.train.memory import transformer_params
+    from fantasytalk_cli.planning.model_size import transformer_params
 
     make_tiny_model(tmp_path / "model", "diffusers")
     cfg = load_config(overrides={"train_data_meta": meta, "pretrained_model_name_or_path": tmp_path / "model"})

@@ -170,7 +170,9 @@ def step_world(tiny_world: dict) -> dict[str, Any]:
 
     cfg = world_config(tiny_world, tiny_world["root"] / "unused", train_batch_size=2)
     models = load_training_models(cfg.model, cfg.train, device=torch.device("cpu"), uniform_dtype=False)
-    plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta)
+    plan, _, _ = plan_from_metadata(
+        data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=cfg.data.train_data_meta
+    )
     dataset = ClipBatchDataset(load_entries(cfg.data.train_data_meta), plan, cfg.data.train_data_dir, seed=1)
     batch = dataset[next(iter(BucketBatchSampler(plan, batch_size=2, seed=1)))]
     return {"cfg": cfg, "models": models, "batch": batch}

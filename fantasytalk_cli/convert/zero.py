@@ -29,7 +29,8 @@ from fantasytalk_cli.convert.sources import (
     open_checkpoint,
     recorded_model_config,
 )
-from fantasytalk_cli.models.loaders import ModelLoadError, adapter_to_format
+from fantasytalk_cli.models.adapter_file import adapter_to_format
+from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.train.checkpoint import ADAPTER_CKPT_NAME
 
 __all__ = [
@@ -188,19 +189,14 @@ class _TransformerPlan:
 def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _TransformerPlan:
     import diffusers
 
-    from fantasytalk_cli.models.loaders import (
-        _init_kwargs,
-        build_empty,
-        dit_files,
-        model_shapes,
-        plan_for,
-    )
+    from fantasytalk_cli.models.dit_config import dit_files
     from fantasytalk_cli.models.state_dict_adapters import DitAdapter
     from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+    from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
 
     try:
         layout, folder, config, base_source = dit_files(base, None)
-        kwargs = _init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
+        kwargs = init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
     except ModelLoadError as exc:
         raise ConversionUsageError(f"--pretrained_model_name_or_path: {exc}") from exc
     proj = source.trainable.get("proj_model.proj.weight")

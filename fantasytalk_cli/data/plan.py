@@ -1,6 +1,6 @@
-"""The bucket plan: which bucket every clip trains in, what is dropped and why, and the numbers
-`ftalk plan-buckets` shows. Built from probe facts (never by opening media files), saved as the JSON
-file `ftalk train` reads, and checked for staleness (config or metadata changed) when loaded.
+"""The bucket plan: which bucket every clip trains in, and what is dropped and why. Built from probe facts (never
+by opening media files), saved as the JSON file `ftalk train` reads, and checked for staleness (config or metadata
+changed) when loaded. The numbers and memory estimates `ftalk plan-buckets` shows are in `fantasytalk_cli.planning`.
 
 Plan file (JSON, `format: "ftalk-bucket-plan"`, `version: 1`):
 
@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,21 +29,14 @@ import msgspec
 import numpy as np
 
 from fantasytalk_cli.config.load import config_diff
-from fantasytalk_cli.config.schema import BucketConfig, FtalkConfig, TrainConfig
+from fantasytalk_cli.config.schema import BucketConfig, DataConfig, TrainConfig
 from fantasytalk_cli.data.buckets import (
     DROP_REASONS,
-    DROP_TOO_SHORT,
-    DROP_TOO_SMALL,
     Eligibility,
     LevelGrid,
     assign_buckets,
-    budget_tokens,
-    crop_waste,
     eligibility,
-    frame_crop_choices,
-    latent_frames,
     level_grid,
-    token_count,
 )
 from fantasytalk_cli.data.metadata import (
     MetadataEntry,
@@ -58,7 +49,6 @@ from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_bytes_atomic
-from fantasytalk_cli.train.memory import GB, MemoryEstimate
 
 PLAN_FORMAT = "ftalk-bucket-plan"
 PLAN_VERSION = 1
@@ -351,47 +341,49 @@ def build_plan(
     )
 
 
-def _metadata_path(cfg: FtalkConfig, metadata_path: Path | None) -> Path:
-    path = metadata_path if metadata_path is not None else cfg.data.train_data_meta
+def _metadata_path(data: DataConfig, metadata_path: Path | None) -> Path:
+    path = metadata_path if metadata_path is not None else data.train_data_meta
     if path is None:
         raise PlanError("no metadata file: give --train_data_meta (or data.train_data_meta in the config)")
     return Path(path)
 
 
 def plan_from_metadata(
-    cfg: FtalkConfig,
+    *,
+    data: DataConfig,
+    buckets: BucketConfig,
+    train: TrainConfig,
     metadata_path: Path | None = None,
     world_size: int = 1,
-    *,
     probe_missing: bool = True,
     facts: ClipFacts | None = None,
 ) -> tuple[BucketPlan, ClipFacts, list[str]]:
     """Build the plan from `facts`, or from the metadata's probe facts (probing what lacks them):
     (plan, facts, notes)."""
-    path = _metadata_path(cfg, metadata_path)
+    path = _metadata_path(data, metadata_path)
     notes: list[str] = []
     if facts is None:
         facts, notes = read_clip_facts(
-            path, cfg.data.media_root(), probe_missing=probe_missing, allow_outside=cfg.data.allow_outside_data_dir
+            path, data.media_root(), probe_missing=probe_missing, allow_outside=data.allow_outside_data_dir
         )
-    plan = build_plan(
-        facts, cfg.buckets, cfg.train, world_size, metadata_hash=metadata_hash(path), metadata_path=str(path)
-    )
+    plan = build_plan(facts, buckets, train, world_size, metadata_hash=metadata_hash(path), metadata_path=str(path))
     return plan, facts, notes
 
 
 def load_plan_checked(
     path: Path | None,
-    cfg: FtalkConfig,
+    *,
+    data: DataConfig,
+    buckets: BucketConfig,
+    train: TrainConfig,
     metadata_path: Path | None = None,
     world_size: int | None = None,
-    *,
     facts: ClipFacts | None = None,
 ) -> tuple[BucketPlan, list[str]]:
     """The plan `ftalk train` uses: the file at `path` when it matches the config and the metadata, else a
     fresh plan (from `facts` when given) with a warning saying why (missing/unreadable file, changed config
     keys, changed metadata). A different world size only warns: the per-sample assignment does not depend on it."""
-    meta = _metadata_path(cfg, metadata_path)
+    meta = _metadata_path(data, metadata_path)
     warnings: list[str] = []
     plan: BucketPlan | None = None
     if path is None:
@@ -402,9 +394,9 @@ def load_plan_checked(
         except PlanError as exc:
             warnings.append(f"{exc}; planned from the metadata now (write one with `ftalk plan-buckets --write`)")
     if plan is not None:
-        current = plan_config_hash(cfg.buckets, cfg.train)
+        current = plan_config_hash(buckets, train)
         if plan.config_hash != current:
-            changed = config_diff(plan.configs, plan_configs(cfg.buckets, cfg.train))
+            changed = config_diff(plan.configs, plan_configs(buckets, train))
             shown = "; ".join(changed[:6]) + (f"; ... {len(changed) - 6} more" if len(changed) > 6 else "")
             warnings.append(f"plan {path} is stale, the config changed ({shown or 'hash differs'}): rebuilt")
             plan = None
@@ -417,7 +409,9 @@ def load_plan_checked(
             warnings.append(f"plan {path} is stale, the metadata file {meta} changed since it was planned: rebuilt")
             plan = None
     if plan is None:
-        plan, _, notes = plan_from_metadata(cfg, meta, world_size or 1, facts=facts)
+        plan, _, notes = plan_from_metadata(
+            data=data, buckets=buckets, train=train, metadata_path=meta, world_size=world_size or 1, facts=facts
+        )
         warnings.extend(notes)
     elif world_size is not None and world_size != plan.world_size:
         warnings.append(
@@ -426,385 +420,3 @@ def load_plan_checked(
         )
         plan = dataclasses.replace(plan, world_size=world_size, _assignments=dict(plan._assignments))
     return plan, warnings
-
-
-# ---------------------------------------------------------------------------------------------- numbers
-
-
-@dataclass(frozen=True)
-class BucketRow:
-    """One bucket of the table (epoch 0)."""
-
-    bucket: int
-    ratio: float
-    size: int
-    height: int
-    width: int
-    frames: int
-    latent_frames: int
-    tokens: int
-    samples: int
-    batches_per_rank: int
-    leftover: int
-    too_short: int
-    too_small: int
-    crop_waste: float
-
-
-@dataclass(frozen=True)
-class PlanStats:
-    """What one epoch (epoch 0) of the plan trains, and what it leaves out."""
-
-    rows: list[BucketRow]
-    num_entries: int
-    world_size: int
-    train_batch_size: int
-    gradient_accumulation_steps: int
-    leftover_policy: str
-    dropped: dict[str, int]
-    leftover: int
-    trained_samples: int
-    batches_per_rank: int
-    steps_per_epoch: int
-    tokens_per_step_mean: float
-    tokens_per_step_max: int
-    budget_tokens: int
-    budget_use: float
-    crop_waste: float
-    random_frame_crop: bool
-    random_sizes: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "rows": [dataclasses.asdict(r) for r in self.rows]}
-
-
-def plan_stats(
-    plan: BucketPlan,
-    buckets: BucketConfig,
-    gradient_accumulation_steps: int = 1,
-    facts: ClipFacts | None = None,
-    epoch: int = 0,
-) -> PlanStats:
-    """Per-bucket and overall numbers of one epoch (epoch 0 shown by plan-buckets; later epochs differ only
-    by carried leftovers and, with `random_hw_adapt`, by which size each clip draws)."""
-    grid = plan.grid
-    assign = plan.assignment(epoch)
-    active = assign >= 0
-    ids = assign[active]
-    counts = np.bincount(ids, minlength=grid.num_buckets)
-    waste_sum = np.zeros(grid.num_buckets)
-    if facts is not None and ids.size:
-        r, s = np.divmod(ids, len(grid.sizes))
-        waste = crop_waste(facts.height[active], facts.width[active], grid.heights[r, s], grid.widths[r, s])
-        waste_sum = np.bincount(ids, weights=waste, minlength=grid.num_buckets)
-    # a dropped clip is shown in the bucket of its aspect ratio at the full size (the one it was meant for)
-    top = len(grid.sizes) - 1
-    intended = plan.ratio_index.astype(np.int64) * len(grid.sizes) + top
-    short = np.bincount(intended[plan.drop_reason == DROP_TOO_SHORT], minlength=grid.num_buckets)
-    small = np.bincount(intended[plan.drop_reason == DROP_TOO_SMALL], minlength=grid.num_buckets)
-    global_batch = plan.train_batch_size * plan.world_size
-    rows: list[BucketRow] = []
-    for b in np.flatnonzero(counts + short + small):
-        r_i, s_i = divmod(int(b), len(grid.sizes))
-        h, w, f = grid.shape(int(b))
-        n = int(counts[b])
-        rows.append(
-            BucketRow(
-                bucket=int(b),
-                ratio=grid.ratios[r_i],
-                size=grid.sizes[s_i],
-                height=h,
-                width=w,
-                frames=f,
-                latent_frames=latent_frames(f),
-                tokens=token_count(h, w, f),
-                samples=n,
-                batches_per_rank=n // global_batch,
-                leftover=n % global_batch,
-                too_short=int(short[b]),
-                too_small=int(small[b]),
-                crop_waste=float(waste_sum[b] / n) if facts is not None and n else float("nan"),
-            )
-        )
-    rows.sort(key=lambda row: (row.tokens, row.height), reverse=True)
-    batches = sum(r.batches_per_rank for r in rows)
-    trained = batches * global_batch
-    steps = math.ceil(batches / gradient_accumulation_steps)
-    per_step = global_batch * gradient_accumulation_steps
-    total_tokens = sum(r.batches_per_rank * global_batch * r.tokens for r in rows)
-    mean_tokens = total_tokens / trained if trained else 0.0
-    budget = budget_tokens(buckets)
-    crop = (
-        sum(r.crop_waste * r.batches_per_rank * global_batch for r in rows if r.samples) / trained if trained else 0.0
-    )
-    dropped = {name: int(np.count_nonzero(plan.drop_reason == code)) for code, name in DROP_REASONS.items()}
-    return PlanStats(
-        rows=rows,
-        num_entries=plan.num_samples,
-        world_size=plan.world_size,
-        train_batch_size=plan.train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        leftover_policy=plan.leftover_policy,
-        dropped=dropped,
-        leftover=sum(r.leftover for r in rows),
-        trained_samples=trained,
-        batches_per_rank=batches,
-        steps_per_epoch=steps,
-        tokens_per_step_mean=mean_tokens * per_step,
-        tokens_per_step_max=max((r.tokens for r in rows if r.batches_per_rank), default=0) * per_step,
-        budget_tokens=budget,
-        budget_use=mean_tokens / budget if budget else 0.0,
-        crop_waste=crop if facts is not None else float("nan"),
-        random_frame_crop=plan.random_frame_crop,
-        random_sizes=len(plan.grid.sizes) > 1,
-    )
-
-
-def default_world_size(environ: Mapping[str, str] | None = None) -> int:
-    """World size from the launcher's environment (`WORLD_SIZE`, set by accelerate launch / torchrun), else 1."""
-    env = os.environ if environ is None else environ
-    try:
-        return max(1, int(env.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def frame_crop_note(frames: int) -> str:
-    """How `random_frame_crop` varies a bucket's frame count (for the table's footnote)."""
-    choices = frame_crop_choices(frames)
-    return f"{choices[0]}..{choices[-1]}" if len(choices) > 1 else str(choices[0])
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-@dataclass(eq=False)
-class PlanReport:
-    """Everything `ftalk plan-buckets` shows: the plan, its numbers, the memory estimates, notes."""
-
-    plan: BucketPlan
-    stats: PlanStats
-    buckets: BucketConfig
-    memory: MemoryEstimate | None
-    bucket_memory: dict[int, MemoryEstimate]
-    notes: list[str]
-    written: list[str]
-
-    @property
-    def at_risk(self) -> list[int]:
-        """Bucket ids whose estimate exceeds the safe share of the GPU memory given."""
-        return [b for b, est in self.bucket_memory.items() if est.at_risk]
-
-    @property
-    def ok(self) -> bool:
-        """Something trains and (when a GPU size was given) no bucket is at risk of running out of memory."""
-        return self.stats.batches_per_rank > 0 and not self.at_risk
-
-    def to_json(self) -> dict[str, Any]:
-        def clean(value: Any) -> Any:
-            if isinstance(value, float) and not math.isfinite(value):
-                return None
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [clean(v) for v in value]
-            return value
-
-        return clean(
-            {
-                "format": "ftalk-plan-report",
-                "config_hash": self.plan.config_hash,
-                "metadata_hash": self.plan.metadata_hash,
-                "metadata_path": self.plan.metadata_path,
-                "seed": self.plan.seed,
-                "sizes": list(self.plan.grid.sizes),
-                "stats": self.stats.to_json(),
-                "memory": None if self.memory is None else self.memory.to_json(),
-                "bucket_memory": {str(b): est.total_bytes for b, est in self.bucket_memory.items()},
-                "at_risk": self.at_risk,
-                "notes": self.notes,
-                "ok": self.ok,
-            }
-        )
-
-
-def make_plan_report(
-    cfg: FtalkConfig,
-    *,
-    metadata_path: Path | None = None,
-    world_size: int | None = None,
-    gpus: int | None = None,
-    gpu_memory_gb: float | None = None,
-    write_path: Path | None = None,
-    json_path: Path | None = None,
-    transformer_config: Mapping[str, Any] | None = None,
-) -> PlanReport:
-    """The `plan-buckets` command's one library call: plan the metadata, compute the numbers and the memory
-    estimate per bucket, write the plan file (`write_path`) and the machine-readable report (`json_path`).
-    The memory estimate uses `transformer_config` when given, else the dims of the configured model folder
-    (`cfg.model.pretrained_model_name_or_path`), else the built-in 14B config (with a note)."""
-    from fantasytalk_cli.train.memory import ModelDims, configured_model_dims, estimate_memory
-
-    world = world_size if world_size is not None else default_world_size()
-    plan, facts, notes = plan_from_metadata(cfg, metadata_path, world)
-    stats = plan_stats(plan, cfg.buckets, cfg.train.gradient_accumulation_steps, facts)
-    devices = gpus if gpus is not None else world
-    strategy = cfg.dist.strategy
-    if strategy == "auto":
-        strategy = "ddp"
-        notes.append("memory estimated for ddp (dist.strategy is auto); pass --strategy zero2|zero3|fsdp to compare")
-    if transformer_config is not None:
-        dims = ModelDims(dict(transformer_config), "the given transformer config")
-    else:
-        dims = configured_model_dims(cfg.model)
-    notes.extend(dims.notes)
-    bucket_memory: dict[int, MemoryEstimate] = {}
-    for row in stats.rows:
-        if row.samples:
-            bucket_memory[row.bucket] = estimate_memory(
-                dims.config,
-                (row.height, row.width, row.frames),
-                batch_size=cfg.train.train_batch_size,
-                strategy=strategy,  # type: ignore[arg-type]
-                devices=devices,
-                mixed_precision=cfg.train.mixed_precision,
-                gradient_checkpointing=cfg.model.gradient_checkpointing,
-                low_vram=cfg.model.low_vram,
-                vae_mini_batch=cfg.model.vae_mini_batch,
-                capacity_gb=gpu_memory_gb,
-                model=dims.source,
-            )
-    largest = max(bucket_memory.values(), key=lambda est: est.total_bytes, default=None)
-    written: list[str] = []
-    if write_path is not None:
-        plan.save(Path(write_path))
-        written.append(f"plan written to {write_path} (set data.bucket_plan / --bucket_plan to it)")
-    report = PlanReport(
-        plan=plan,
-        stats=stats,
-        buckets=cfg.buckets,
-        memory=largest,
-        bucket_memory=bucket_memory,
-        notes=notes,
-        written=written,
-    )
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report.to_json(), indent=1), encoding="utf-8")
-        report.written.append(f"report written to {json_path}")
-    return report
-
-
-def render_plan_report(report: PlanReport) -> Any:
-    """The report as rich renderables (a table per bucket, the summary, the memory estimate)."""
-    from rich import box
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    st = report.stats
-    left_word = "carried" if st.leftover_policy == "carry" else "dropped"
-    table = Table(
-        title="Buckets (epoch 0)",
-        title_justify="left",
-        caption=(
-            "F frames, T latent frames, tokens per sample, batches per rank; short/small: clips dropped as too "
-            f"short / too small (shown at their ratio's full size); left: leftover, {left_word}; "
-            "crop: pixels cropped away; GB: estimated peak per GPU (! = at risk)"
-        ),
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        collapse_padding=True,
-    )
-    for name in ("HxW", "F", "T", "tokens", "samples", "batches", "short", "small", "left", "crop", "GB"):
-        table.add_column(name, justify="right", no_wrap=True)
-    for row in st.rows:
-        est = report.bucket_memory.get(row.bucket)
-        mem = "" if est is None else f"{est.total_gb:.1f}" + ("[bold red]![/]" if est.at_risk else "")
-        table.add_row(
-            f"{row.height}x{row.width}",
-            f"<={row.frames}" if st.random_frame_crop else str(row.frames),
-            str(row.latent_frames),
-            f"{row.tokens:,}",
-            f"{row.samples:,}",
-            f"{row.batches_per_rank:,}",
-            f"{row.too_short:,}" if row.too_short else "",
-            f"{row.too_small:,}" if row.too_small else "",
-            f"{row.leftover:,}" if row.leftover else "",
-            "" if not row.samples or not math.isfinite(row.crop_waste) else f"{row.crop_waste:.0%}",
-            mem,
-        )
-    gb = st.train_batch_size * st.world_size
-    leftover_what = "carried to the next epoch" if st.leftover_policy == "carry" else "dropped this epoch"
-    dropped = ", ".join(f"{n:,} {name}" for name, n in st.dropped.items() if n) or "none"
-    lines = [
-        f"entries {st.num_entries:,}; trained this epoch {st.trained_samples:,}; dropped {dropped}; "
-        f"leftover {st.leftover:,} ({leftover_what}).",
-        f"world size {st.world_size}, batch {st.train_batch_size} per rank (global {gb}), gradient accumulation "
-        f"{st.gradient_accumulation_steps}: {st.batches_per_rank:,} batches per rank, {st.steps_per_epoch:,} "
-        "optimizer steps per epoch.",
-        f"tokens per optimizer step: mean {st.tokens_per_step_mean:,.0f}, max {st.tokens_per_step_max:,}; "
-        f"token budget per sample {st.budget_tokens:,} (used {st.budget_use:.0%} on average).",
-        f"padding 0% (batches are bucket-homogeneous); crop waste {st.crop_waste:.1%} of resized pixels; "
-        f"not trained this epoch {(st.num_entries - st.trained_samples) / max(st.num_entries, 1):.1%} of entries.",
-    ]
-    if st.random_sizes:
-        lines.append(
-            f"random_hw_adapt: each clip draws one of its allowed sizes {list(report.plan.grid.sizes)} per "
-            "(seed, epoch); the table shows epoch 0, train draws the same."
-        )
-    if st.random_frame_crop:
-        lines.append(
-            "random_frame_crop: each batch draws a 4k+1 frame count (shown as a range) per (seed, epoch, batch)."
-        )
-    parts: list[Any] = [table, Text("\n".join(lines))]
-    if report.memory is not None:
-        parts.append(_memory_table(report.memory))
-        if report.memory.capacity_bytes is None:
-            parts.append(Text("pass --gpu-memory GB to flag buckets at risk of running out of memory"))
-        elif report.at_risk:
-            parts.append(
-                Text(
-                    f"{len(report.at_risk)} bucket(s) exceed 90% of the GPU memory: use gradient_checkpointing, "
-                    "low_vram, zero3/fsdp, more GPUs or a smaller video_sample_size / token_sample_size",
-                    style="bold red",
-                )
-            )
-    parts.extend(Text(n, style="yellow") for n in report.notes)
-    parts.extend(Text(w, style="green") for w in report.written)
-    return Group(*parts)
-
-
-def _memory_table(est: MemoryEstimate) -> Any:
-    """The memory estimate of one bucket as a table of its terms (name, GB, formula)."""
-    from rich import box
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    h, w, f = est.shape
-    unit = "GPU" if est.device == "cuda" else "process"
-    table = Table(
-        title=(
-            f"Peak memory per {unit}, largest bucket {h}x{w}x{f} x batch {est.batch_size} "
-            f"({est.tokens:,} tokens/sample), {est.strategy} on {est.devices} {unit}{'s' if est.devices != 1 else ''}"
-            + (f"\nmodel dims from {est.model}" if est.model else "")
-        ),
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        collapse_padding=True,
-    )
-    table.add_column("term", no_wrap=True)
-    table.add_column("GB", justify="right", no_wrap=True)
-    table.add_column("formula (GB = 1e9 bytes)", overflow="fold")
-    for term in est.terms:
-        table.add_row(term.name, f"{term.gb:.2f}", term.formula)
-    total = f"{est.total_gb:.2f}"
-    share = ""
-    if est.capacity_bytes is not None:
-        share = f"of {est.capacity_bytes / GB:.0f} GB ({est.total_bytes / est.capacity_bytes:.0%})"
-        share += " [bold red]AT RISK[/]" if est.at_risk else ""
-    table.add_row("[bold]total[/]", f"[bold]{total}[/]", share)
-    return Group(table, *(Text(f"note: {note}") for note in est.notes))

@@ -143,7 +143,7 @@ class Wav2Vec2Features:
         cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Wav2Vec2Features:
         """Load a transformers-layout wav2vec2 folder (e.g. wav2vec2-base-960h); never touches the hub."""
-        from fantasytalk_cli.models.loaders import load_wav2vec2
+        from fantasytalk_cli.models.frozen_loading import load_wav2vec2
 
         folder = Path(folder)
         if not folder.is_dir():

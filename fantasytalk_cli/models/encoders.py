@@ -21,13 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fantasytalk_cli.config.wan_yaml import WanModelYaml, load_wan_yaml
-from fantasytalk_cli.models.loaders import (
-    Device,
-    load_image_encoder,
-    load_text_encoder,
-    load_tokenizer,
-    load_vae,
-)
+from fantasytalk_cli.models.frozen_loading import load_image_encoder, load_text_encoder, load_tokenizer, load_vae
+from fantasytalk_cli.models.weights import Device
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan

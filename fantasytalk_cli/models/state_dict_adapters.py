@@ -1,9 +1,10 @@
 """How each stored checkpoint format names its tensors, mapped to our models' parameter names and back.
 
-Pure name and shape logic, no file I/O: `loaders` streams tensors through these maps, `tests/test_manifests.py`
-runs them on the real files' names and shapes (no weights), `tiny` and the converter use the reverse direction to
-write each format. A stored key is either moved to a parameter (possibly sliced, squeezed or transposed), or dropped
-with a stated reason; a parameter nothing fills is an error unless an allow-list entry gives the reason.
+Pure name and shape logic, no file I/O: `weights.stream_into` streams tensors through these maps,
+`tests/test_manifests.py` runs them on the real files' names and shapes (no weights), `tiny` and the converter use
+the reverse direction to write each format. A stored key is either moved to a parameter (possibly sliced, squeezed
+or transposed), or dropped with a stated reason; a parameter nothing fills is an error unless an allow-list
+entry gives the reason.
 
 Relies on two diffusers internals (not public API; the manifest tests fail if they change):
 ``diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers`` and ``convert_wan_vae_to_diffusers``.

@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.fileio import follow_umask, swap_folder
 from fantasytalk_cli.models.dims import AUDIO_CONFIG_KEYS, TINY_CONFIG, wan_config
-from fantasytalk_cli.models.loaders import DIT_SHARD_PREFIX, WAN_CLIP_HEADS, build_empty, build_text_encoder
+from fantasytalk_cli.models.frozen_loading import WAN_CLIP_HEADS, build_text_encoder
+from fantasytalk_cli.models.layout import DIT_SHARD_PREFIX
 from fantasytalk_cli.models.state_dict_adapters import (
     clip_vision_to_original,
     dit_name_to_original,
@@ -37,6 +38,7 @@ from fantasytalk_cli.models.state_dict_adapters import (
     vae_name_to_original,
     wav2vec2_to_released,
 )
+from fantasytalk_cli.models.weights import build_empty
 
 TinyLayout = Literal["original", "diffusers"]
 
@@ -205,7 +207,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
 
 def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Seeded random tensors for every parameter and persistent buffer of ``model`` (tied ones once), by name."""
-    from fantasytalk_cli.models.loaders import model_shapes
+    from fantasytalk_cli.models.weights import model_shapes
 
     shapes, aliases = model_shapes(model)
     gen = torch.Generator().manual_seed(seed)
@@ -430,7 +432,7 @@ def make_tiny_model(
 ) -> TinyModelReport:
     """Write a tiny random-weight base model folder in ``layout`` at ``out_dir`` (plus ``wav2vec2-base-960h/`` and
     ``fantasytalking_model.ckpt`` inside it), atomically. Same ``seed`` = same weights in either layout."""
-    from fantasytalk_cli.models.loaders import adapter_to_format
+    from fantasytalk_cli.models.adapter_file import adapter_to_format
 
     if layout not in ("original", "diffusers"):
         raise TinyModelError(f"layout must be 'original' or 'diffusers', got {layout!r}")

@@ -27,7 +27,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 
 from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.models.loaders import ShardedBuild
+from fantasytalk_cli.models.weights import ShardedBuild
 
 log = logging.getLogger(__name__)
 

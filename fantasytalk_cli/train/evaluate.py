@@ -40,7 +40,13 @@ def fixed_batch_loss(
     if weights is not None:
         models.transformer.load_state_dict(weights, strict=False)
     entries = load_entries(cfg.data.train_data_meta)
-    plan, _, _ = plan_from_metadata(cfg, cfg.data.train_data_meta, facts=facts_from_entries(entries))
+    plan, _, _ = plan_from_metadata(
+        data=cfg.data,
+        buckets=cfg.buckets,
+        train=cfg.train,
+        metadata_path=cfg.data.train_data_meta,
+        facts=facts_from_entries(entries),
+    )
     sampler = BucketBatchSampler(plan, batch_size=batch_size, seed=EVAL_SEED)
     dataset = ClipBatchDataset(entries, plan, cfg.data.media_root(), seed=EVAL_SEED)
     ctx = cpu_step_context(train, cfg.model, torch.float32)

@@ -8,27 +8,22 @@ dtype per unit, so under FSDP the base stays fp32 and FSDP's mixed-precision pol
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.models.adapter_file import load_adapter_or_transformer
 from fantasytalk_cli.models.audio import Wav2Vec2Features
+from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec
+from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
-from fantasytalk_cli.models.loaders import (
-    ShardedBuild,
-    load_adapter_or_transformer,
-    load_transformer,
-    read_adapter_file,
-)
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
+from fantasytalk_cli.models.weights import ShardedBuild
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WAV2VEC_DIR = "wav2vec2-base-960h"
 
 
 class ModelSetupError(FtalkError, RuntimeError):
@@ -43,34 +38,6 @@ class TrainingModels:
     trainable_parameters: int
     frozen_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
-
-
-def find_wav2vec(model: ModelConfig) -> Path:
-    """`--wav2vec_path`, else `wav2vec2-base-960h/` inside or beside the base model folder."""
-    if model.wav2vec_path is not None:
-        return model.wav2vec_path
-    base = model.pretrained_model_name_or_path
-    assert base is not None
-    for candidate in (base / WAV2VEC_DIR, base.parent / WAV2VEC_DIR):
-        if candidate.is_dir():
-            return candidate
-    raise ModelSetupError(
-        f"no wav2vec2 folder found: looked for {base / WAV2VEC_DIR} and {base.parent / WAV2VEC_DIR}; "
-        "pass --wav2vec_path (a local facebook/wav2vec2-base-960h download)"
-    )
-
-
-def adapter_dims(wav2vec_dir: Path, adapter_path: Path | None) -> dict[str, int]:
-    """The adapter's sizes: input = the wav2vec2 width (768 for base-960h), projection = what the adapter
-    file holds (2048 in the release), else FantasyTalking's default."""
-    config = json.loads((wav2vec_dir / "config.json").read_text())
-    dims = {"audio_in_dim": int(config["hidden_size"])}
-    if adapter_path is not None:
-        _, source = read_adapter_file(adapter_path)
-        proj = source.shapes.get("proj_model.proj.weight")  # absent in a base-only transformer file
-        if proj is not None:
-            dims["audio_proj_dim"] = int(proj[0])
-    return dims
 
 
 def load_training_models(

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from fantasytalk_cli.config.schema import CheckpointConfig, ModelConfig
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.models.dit_config import find_wav2vec
 from fantasytalk_cli.train.checkpoint import CHECKPOINT_RE, LATEST_NAME, list_checkpoints, resolve_resume
-from fantasytalk_cli.train.model_setup import find_wav2vec
 
 RUN_FILES = ("config.yaml", LATEST_NAME, "logs")
 """What ftalk writes into a run folder besides `checkpoint-N/` (and the `.checkpoint-N.tmp` of a save)."""

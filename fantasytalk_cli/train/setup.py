@@ -156,9 +156,10 @@ def _data(
     entries, facts_notes = entries_with_facts(cfg.data, accelerator, say)
     plan, warnings = load_plan_checked(
         cfg.data.bucket_plan,
-        cfg,
-        cfg.data.train_data_meta,
-        accelerator.num_processes,
+        data=cfg.data,
+        buckets=cfg.buckets,
+        train=cfg.train,
+        world_size=accelerator.num_processes,
         facts=facts_from_entries(entries),
     )
     for warning in facts_notes + warnings:

@@ -1,0 +1,134 @@
+"""What `ftalk plan-buckets` computes and shows: the plan, its numbers, the memory estimate per bucket, notes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fantasytalk_cli.config.schema import BucketConfig, FtalkConfig
+from fantasytalk_cli.data.plan import BucketPlan, plan_from_metadata
+from fantasytalk_cli.fileio import write_text_atomic
+from fantasytalk_cli.planning.memory import MemoryEstimate, estimate_memory
+from fantasytalk_cli.planning.model_dims import ModelDims, configured_model_dims
+from fantasytalk_cli.planning.stats import PlanStats, default_world_size, plan_stats
+
+
+@dataclass(eq=False)
+class PlanReport:
+    """Everything `ftalk plan-buckets` shows: the plan, its numbers, the memory estimates, notes."""
+
+    plan: BucketPlan
+    stats: PlanStats
+    buckets: BucketConfig
+    memory: MemoryEstimate | None
+    bucket_memory: dict[int, MemoryEstimate]
+    notes: list[str]
+    written: list[str]
+
+    @property
+    def at_risk(self) -> list[int]:
+        """Bucket ids whose estimate exceeds the safe share of the GPU memory given."""
+        return [b for b, est in self.bucket_memory.items() if est.at_risk]
+
+    @property
+    def ok(self) -> bool:
+        """Something trains and (when a GPU size was given) no bucket is at risk of running out of memory."""
+        return self.stats.batches_per_rank > 0 and not self.at_risk
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+
+        return clean(
+            {
+                "format": "ftalk-plan-report",
+                "config_hash": self.plan.config_hash,
+                "metadata_hash": self.plan.metadata_hash,
+                "metadata_path": self.plan.metadata_path,
+                "seed": self.plan.seed,
+                "sizes": list(self.plan.grid.sizes),
+                "stats": self.stats.to_json(),
+                "memory": None if self.memory is None else self.memory.to_json(),
+                "bucket_memory": {str(b): est.total_bytes for b, est in self.bucket_memory.items()},
+                "at_risk": self.at_risk,
+                "notes": self.notes,
+                "ok": self.ok,
+            }
+        )
+
+
+def make_plan_report(
+    cfg: FtalkConfig,
+    *,
+    metadata_path: Path | None = None,
+    world_size: int | None = None,
+    gpus: int | None = None,
+    gpu_memory_gb: float | None = None,
+    write_path: Path | None = None,
+    json_path: Path | None = None,
+    transformer_config: Mapping[str, Any] | None = None,
+) -> PlanReport:
+    """The `plan-buckets` command's one library call: plan the metadata, compute the numbers and the memory
+    estimate per bucket, write the plan file (`write_path`) and the machine-readable report (`json_path`).
+    The memory estimate uses `transformer_config` when given, else the dims of the configured model folder
+    (`cfg.model.pretrained_model_name_or_path`), else the built-in 14B config (with a note)."""
+    world = world_size if world_size is not None else default_world_size()
+    plan, facts, notes = plan_from_metadata(
+        data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=metadata_path, world_size=world
+    )
+    stats = plan_stats(plan, cfg.buckets, cfg.train.gradient_accumulation_steps, facts)
+    devices = gpus if gpus is not None else world
+    strategy = cfg.dist.strategy
+    if strategy == "auto":
+        strategy = "ddp"
+        notes.append("memory estimated for ddp (dist.strategy is auto); pass --strategy zero2|zero3|fsdp to compare")
+    if transformer_config is not None:
+        dims = ModelDims(dict(transformer_config), "the given transformer config")
+    else:
+        dims = configured_model_dims(cfg.model)
+    notes.extend(dims.notes)
+    bucket_memory: dict[int, MemoryEstimate] = {}
+    for row in stats.rows:
+        if row.samples:
+            bucket_memory[row.bucket] = estimate_memory(
+                dims.config,
+                (row.height, row.width, row.frames),
+                batch_size=cfg.train.train_batch_size,
+                strategy=strategy,  # type: ignore[arg-type]
+                devices=devices,
+                mixed_precision=cfg.train.mixed_precision,
+                gradient_checkpointing=cfg.model.gradient_checkpointing,
+                low_vram=cfg.model.low_vram,
+                vae_mini_batch=cfg.model.vae_mini_batch,
+                capacity_gb=gpu_memory_gb,
+                model=dims.source,
+            )
+    largest = max(bucket_memory.values(), key=lambda est: est.total_bytes, default=None)
+    written: list[str] = []
+    if write_path is not None:
+        plan.save(Path(write_path))
+        written.append(f"plan written to {write_path} (set data.bucket_plan / --bucket_plan to it)")
+    report = PlanReport(
+        plan=plan,
+        stats=stats,
+        buckets=cfg.buckets,
+        memory=largest,
+        bucket_memory=bucket_memory,
+        notes=notes,
+        written=written,
+    )
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(json_path), json.dumps(report.to_json(), indent=1))
+        report.written.append(f"report written to {json_path}")
+    return report
