@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.models.layout import DIT_SHARD_PREFIX
-from fantasytalk_cli.models.state_dict_adapters import dit_name_to_original, is_adapter_name
+from fantasytalk_cli.models.state_dict_adapters import dit_name_to_original
 from fantasytalk_cli.models.weights import build_empty, model_shapes
 
 GIB = 1024**3

@@ -19,11 +19,14 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fantasytalk_cli.config import FtalkConfig, load_config
+from fantasytalk_cli.convert.zero import ConvertOptions, convert_checkpoint
 from fantasytalk_cli.data.plan import plan_from_metadata
 from fantasytalk_cli.data.synthetic import make_demo_dataset
 from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.models.tiny import make_tiny_model
+from fantasytalk_cli.train.evaluate import fixed_batch_loss
+from fantasytalk_cli.train.loop import run_training
 
 DEMO_FLAGS: dict[str, Any] = {
     "video_sample_size": 48,
@@ -123,10 +126,6 @@ def demo_config(work_dir: Path, **overrides: Any) -> FtalkConfig:
 
 def run_demo(work_dir: Path, seed: int = 0, console: Console | None = None, *, overwrite: bool = False) -> DemoResult:
     """Run the pipeline in `work_dir` (see `prepare_work_dir` for what may be replaced)."""
-    from fantasytalk_cli.convert.zero import ConvertOptions, convert_checkpoint
-    from fantasytalk_cli.train.evaluate import fixed_batch_loss
-    from fantasytalk_cli.train.loop import run_training
-
     console = console or Console()
     prepare_work_dir(work_dir, overwrite)
     result = DemoResult(work_dir)

@@ -23,7 +23,7 @@ from fantasytalk_cli.convert.sharding import Entry, parse_size, plan_shards
 from fantasytalk_cli.convert.zero import ConversionError, ConversionUsageError, ConvertOptions, convert_checkpoint
 from fantasytalk_cli.models.adapter_file import adapter_to_format, load_adapter_or_transformer
 from fantasytalk_cli.models.dit_loading import load_transformer
-from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
+from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS, TINY_DIT, make_tiny_model
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty

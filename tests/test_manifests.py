@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from fantasytalk_cli.models import dit_config, frozen_loading, weights
+from fantasytalk_cli.models import dit_config, frozen_loading, key_mapping, weights
 from fantasytalk_cli.models import state_dict_adapters as sda
 from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG, wan_config
 
@@ -97,7 +97,7 @@ def flatten_ckpt_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[in
 
 
 def adapter_names(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_parameters() if sda.is_adapter_name(name)}
+    return {name for name, _ in model.named_parameters() if key_mapping.is_adapter_name(name)}
 
 
 def clip_dropped(stored: dict[str, tuple[int, ...]]) -> int:
@@ -108,7 +108,7 @@ def clip_dropped(stored: dict[str, tuple[int, ...]]) -> int:
 # manifest file -> (model builder, adapter builder, which parameters may be absent, stored keys dropped on purpose)
 Case = tuple[
     Callable[[], nn.Module],
-    Callable[[nn.Module], sda.StateDictAdapter],
+    Callable[[nn.Module], key_mapping.StateDictAdapter],
     str,
     Callable[[dict[str, tuple[int, ...]]], int],
 ]
@@ -159,7 +159,7 @@ def test_manifest_maps_every_key_and_fills_every_parameter(name: str) -> None:
     if name == "fantasytalking_model_ckpt.json":
         stored = flatten_ckpt_names(stored)
     shapes, aliases = weights.model_shapes(model)
-    plan = sda.plan_mapping(make_adapter(model), stored, shapes, aliases)
+    plan = key_mapping.plan_mapping(make_adapter(model), stored, shapes, aliases)
     assert plan.ok, plan.problems(name)
 
     adapter = adapter_names(model)
@@ -172,7 +172,7 @@ def test_manifest_maps_every_key_and_fills_every_parameter(name: str) -> None:
 
 def test_clip_ignored_keys_say_why() -> None:
     model = real_clip()
-    plan = sda.plan_mapping(
+    plan = key_mapping.plan_mapping(
         sda.ClipVisionAdapter("original", frozen_loading.clip_model_prefix(model)),
         manifest("wan21_clip_original.json"),
         weights.model_shapes(model)[0],
@@ -189,7 +189,7 @@ def test_t5_tied_embedding_is_one_tensor_either_name_fills_it() -> None:
     stored = manifest("transformers_umt5_xxl_encoder.json")
     renamed = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v for k, v in stored.items()}
     for variant in (renamed, {**stored, "encoder.embed_tokens.weight": stored["shared.weight"]}):
-        assert sda.plan_mapping(sda.T5Adapter("diffusers"), variant, shapes, aliases).ok
+        assert key_mapping.plan_mapping(sda.T5Adapter("diffusers"), variant, shapes, aliases).ok
 
 
 def test_reverse_names_invert_the_diffusers_converters() -> None:

@@ -30,7 +30,11 @@ from fantasytalk_cli.convert.sources import (
     recorded_model_config,
 )
 from fantasytalk_cli.models.adapter_file import adapter_to_format
+from fantasytalk_cli.models.dit_config import dit_files
 from fantasytalk_cli.models.layout import ModelLoadError
+from fantasytalk_cli.models.state_dict_adapters import DitAdapter
+from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
 from fantasytalk_cli.train.checkpoint import ADAPTER_CKPT_NAME
 
 __all__ = [
@@ -188,11 +192,6 @@ class _TransformerPlan:
 
 def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _TransformerPlan:
     import diffusers
-
-    from fantasytalk_cli.models.dit_config import dit_files
-    from fantasytalk_cli.models.state_dict_adapters import DitAdapter
-    from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
-    from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
 
     try:
         layout, folder, config, base_source = dit_files(base, None)

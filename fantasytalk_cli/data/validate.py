@@ -29,7 +29,7 @@ import numpy as np
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data.buckets import DROP_TOO_SHORT, DROP_TOO_SMALL, eligibility, level_grid
 from fantasytalk_cli.data.captions import TokenCounter, TokenizerError, text_checks
-from fantasytalk_cli.data.findings import Finding, finding
+from fantasytalk_cli.data.findings import CODES, Finding, finding
 from fantasytalk_cli.data.metadata import (
     MetadataEntry,
     MetadataError,
@@ -156,8 +156,6 @@ class ValidationReport:
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
-
-        from fantasytalk_cli.data.findings import CODES
 
         style = {"E": "red", "W": "yellow", "I": "blue"}
         parts: list[Any] = []

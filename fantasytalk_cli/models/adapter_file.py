@@ -15,14 +15,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fantasytalk_cli.models.key_mapping import StateDictAdapter, is_adapter_name
 from fantasytalk_cli.models.layout import ModelLoadError, need
 from fantasytalk_cli.models.state_dict_adapters import (
     AdapterFileAdapter,
     DitAdapter,
-    StateDictAdapter,
     adapter_name_to_form,
     dit_name_to_original,
-    is_adapter_name,
 )
 from fantasytalk_cli.models.weights import (
     ShardedBuild,

@@ -21,6 +21,8 @@ import soxr
 import torch
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from fantasytalk_cli.models.frozen_loading import load_wav2vec2
+
 SAMPLE_RATE = 16000
 """wav2vec2-base-960h was trained on 16 kHz audio."""
 
@@ -143,8 +145,6 @@ class Wav2Vec2Features:
         cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Wav2Vec2Features:
         """Load a transformers-layout wav2vec2 folder (e.g. wav2vec2-base-960h); never touches the hub."""
-        from fantasytalk_cli.models.frozen_loading import load_wav2vec2
-
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"wav2vec2 folder not found: {folder} (local folders only, nothing is downloaded)")

@@ -15,6 +15,7 @@ from typing import Any
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.config.wan_yaml import WanModelYaml
 from fantasytalk_cli.models.adapter_file import read_adapter_file
+from fantasytalk_cli.models.key_mapping import Shape
 from fantasytalk_cli.models.layout import (
     DIT_SHARD_PREFIX,
     Layout,
@@ -23,7 +24,6 @@ from fantasytalk_cli.models.layout import (
     read_json,
     wan_yaml_or_default,
 )
-from fantasytalk_cli.models.state_dict_adapters import Shape
 from fantasytalk_cli.models.weights import TensorSource, safetensors_source
 
 WAV2VEC_DIR = "wav2vec2-base-960h"

@@ -10,8 +10,9 @@ import torch
 
 from fantasytalk_cli.config.wan_yaml import WanModelYaml
 from fantasytalk_cli.models.dit_config import dit_files
+from fantasytalk_cli.models.key_mapping import MappingPlan, is_adapter_name
 from fantasytalk_cli.models.layout import ModelLoadError
-from fantasytalk_cli.models.state_dict_adapters import DitAdapter, MappingPlan, is_adapter_name
+from fantasytalk_cli.models.state_dict_adapters import DitAdapter
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import (
     Device,

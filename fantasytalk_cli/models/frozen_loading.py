@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fantasytalk_cli.config.wan_yaml import WanModelYaml
+from fantasytalk_cli.models.key_mapping import Shape
 from fantasytalk_cli.models.layout import (
     DIT_SHARD_PREFIX,
     Layout,
@@ -24,13 +25,7 @@ from fantasytalk_cli.models.layout import (
     read_json,
     wan_yaml_or_default,
 )
-from fantasytalk_cli.models.state_dict_adapters import (
-    ClipVisionAdapter,
-    Shape,
-    T5Adapter,
-    VaeAdapter,
-    Wav2Vec2Adapter,
-)
+from fantasytalk_cli.models.state_dict_adapters import ClipVisionAdapter, T5Adapter, VaeAdapter, Wav2Vec2Adapter
 from fantasytalk_cli.models.weights import (
     Device,
     build_empty,

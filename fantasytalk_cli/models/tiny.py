@@ -27,18 +27,20 @@ from safetensors.torch import save_file
 
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.fileio import follow_umask, swap_folder
+from fantasytalk_cli.models.adapter_file import adapter_to_format
 from fantasytalk_cli.models.dims import AUDIO_CONFIG_KEYS, TINY_CONFIG, wan_config
 from fantasytalk_cli.models.frozen_loading import WAN_CLIP_HEADS, build_text_encoder
+from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.models.layout import DIT_SHARD_PREFIX
 from fantasytalk_cli.models.state_dict_adapters import (
     clip_vision_to_original,
     dit_name_to_original,
-    is_adapter_name,
     t5_name_to_original,
     vae_name_to_original,
     wav2vec2_to_released,
 )
-from fantasytalk_cli.models.weights import build_empty
+from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+from fantasytalk_cli.models.weights import build_empty, model_shapes
 
 TinyLayout = Literal["original", "diffusers"]
 
@@ -207,8 +209,6 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
 
 def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Seeded random tensors for every parameter and persistent buffer of ``model`` (tied ones once), by name."""
-    from fantasytalk_cli.models.weights import model_shapes
-
     shapes, aliases = model_shapes(model)
     gen = torch.Generator().manual_seed(seed)
     return {name: _random_tensor(name, shapes[name], gen) for name in sorted(shapes) if name not in aliases}
@@ -263,8 +263,6 @@ class _TinyWeights:
 def _tiny_weights(seed: int, t5_vocab: int, xlm_vocab: int) -> _TinyWeights:
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, Wav2Vec2Config, Wav2Vec2ForCTC
-
-    from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 
     # One stream per component, so changing one component never shifts another's weights.
     dit_all = random_state(build_empty(lambda: FantasyTalkingTransformer(**TINY_DIT)), seed * 100 + 1)
@@ -432,8 +430,6 @@ def make_tiny_model(
 ) -> TinyModelReport:
     """Write a tiny random-weight base model folder in ``layout`` at ``out_dir`` (plus ``wav2vec2-base-960h/`` and
     ``fantasytalking_model.ckpt`` inside it), atomically. Same ``seed`` = same weights in either layout."""
-    from fantasytalk_cli.models.adapter_file import adapter_to_format
-
     if layout not in ("original", "diffusers"):
         raise TinyModelError(f"layout must be 'original' or 'diffusers', got {layout!r}")
     out_dir = Path(out_dir)

@@ -21,8 +21,8 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
+from fantasytalk_cli.models.key_mapping import MappingPlan, Shape, StateDictAdapter, plan_mapping
 from fantasytalk_cli.models.layout import ModelLoadError, need, read_json
-from fantasytalk_cli.models.state_dict_adapters import MappingPlan, Shape, StateDictAdapter, plan_mapping
 
 Device = str | torch.device
 M = TypeVar("M", bound=nn.Module)

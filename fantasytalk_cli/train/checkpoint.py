@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import follow_umask, swap_folder, write_text_atomic
 from fantasytalk_cli.models.adapter_file import adapter_to_format
-from fantasytalk_cli.models.state_dict_adapters import is_adapter_name
+from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
 from fantasytalk_cli.train.manifest import checkpoint_size, verify_manifest, write_manifest
 from fantasytalk_cli.train.safe_pickle import DCP_METADATA_GLOBALS, TENSOR_STATE_GLOBALS, check_pickle_file
