@@ -1,4 +1,4 @@
-"""`audio_windows` reproduces FantasyTalking's window arithmetic exactly (REFERENCE.md section 1, "Audio windows")."""
+"""`audio_windows` reproduces FantasyTalking's window arithmetic exactly (`docs/model.md#audio-windows`)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from fantasytalk_cli.data.buckets import (
     usable_frames,
 )
 
-# REFERENCE.md section 4, verbatim: the reference trainer's table at base 512 as `ratio: HxW`.
+# docs/training.md#aspect-ratio-table, verbatim: the reference trainer's table at base 512 as `ratio: HxW`.
 REFERENCE_TABLE = (
     "0.25: 256x1024, 0.26: 256x992, 0.27: 256x960, 0.28: 256x928, 0.32: 288x896, 0.33: 288x864, 0.35: 288x832, "
     "0.4: 320x800, 0.42: 320x768, 0.48: 352x736, 0.5: 352x704, 0.52: 352x672, 0.57: 384x672, 0.6: 384x640, "

@@ -191,7 +191,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> to
 
 
 def _reference_cross_attention(block, x, context, features, proj_model, scale, latent_frames):
-    """REFERENCE.md's audio cross-attention written out in float64, attending only to each window's real tokens."""
+    """The audio cross-attention (docs/model.md#audio-cross-attention) written out in float64, attending only to
+    each window's real tokens."""
     attn, eps = block.attn2, TINY_CONFIG["eps"]
     p = {name: t.detach().double() for name, t in attn.named_parameters()}
     x, context, features = x.double(), context.double(), features.double()

@@ -24,7 +24,8 @@ ASPECT_RATIO_512: dict[float, tuple[int, int]] = {
     2.09: (736, 352), 2.4: (768, 320), 2.5: (800, 320), 2.89: (832, 288), 3.0: (864, 288), 3.11: (896, 288),
     3.62: (928, 256), 3.75: (960, 256), 3.88: (992, 256), 4.0: (1024, 256),
 }  # fmt: skip
-"""The reference trainer's 40 aspect-ratio buckets at base 512, `h/w ratio: (height, width)` (REFERENCE.md 4)."""
+"""The reference trainer's 40 aspect-ratio buckets at base 512, `h/w ratio: (height, width)`
+(`docs/training.md#aspect-ratio-table`)."""
 
 BASE_SIZE = 512
 """Side the ratio table is written for; buckets are scaled by `size / BASE_SIZE`."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# REFERENCE.md section 1; identical to the Wan-I2V-14B-720p entry of diffusers' convert_wan_to_diffusers.py
+# docs/model.md#base-dit-dimensions; identical to the Wan-I2V-14B-720p entry of diffusers' convert_wan_to_diffusers.py
 # (the source of the manifest diffusers_wan21_i2v_14b_transformer.json) plus the FantasyTalking adapter dims.
 WAN21_I2V_14B_CONFIG: dict[str, Any] = {
     "patch_size": [1, 2, 2],

@@ -10,7 +10,7 @@ Layout of one checkpoint::
       accelerate/                      accelerate state: optimizer (+ trainable model) shards, scheduler, RNG
       manifest.json                    every file's size and sha256, written last (resume verifies it first)
 
-The frozen base is never written (REFERENCE.md section 5: only 0.84B of the 14B parameters train; the base
+The frozen base is never written (`docs/training.md#checkpoints`: only 0.84B of the 14B parameters train; the base
 comes from the base model on resume): ZeRO through DeepSpeed's `exclude_frozen_parameters`, FSDP through
 state-dict hooks around accelerate's save and load (`fsdp_trainable_only`), DDP by skipping the model
 (`install_state_hooks`; `trainable.safetensors` is its model state).

@@ -1,4 +1,4 @@
-"""Flow-matching math of Wan training (REFERENCE.md section 3): shifted sigmas, timestep sampling,
+"""Flow-matching math of Wan training (`docs/training.md#flow-matching-schedule`): shifted sigmas, timestep sampling,
 noising, loss weighting and the outlier-guarded loss. Pure functions over explicit generators."""
 
 from __future__ import annotations

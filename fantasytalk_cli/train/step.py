@@ -1,4 +1,4 @@
-"""One training step of FantasyTalking (REFERENCE.md section 3), in one readable function.
+"""One training step of FantasyTalking (`docs/training.md#loss`), in one readable function.
 
 Conditioning: VAE latents of the clip (posterior sample, as the reference trains), the I2V condition
 y = [4 mask channels ; VAE(first frame, zeros)], umT5 text, CLIP of frame 0, wav2vec2 audio. Dropout
