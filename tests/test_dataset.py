@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fantasytalk_cli.data.dataset import ClipBatchDataset, SampleError, to_model_pixels
+from fantasytalk_cli.data.buckets import cover_crop
+from fantasytalk_cli.data.dataset import ClipBatchDataset, SampleError, to_bucket, to_model_pixels
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import plan_from_metadata
 from fantasytalk_cli.data.sampler import BucketBatchSampler
@@ -69,3 +72,36 @@ def test_planned_entry_without_probe_facts_is_a_failed_sample(tiny_world: dict, 
     entries[batch[0]] = dataclasses.replace(entries[batch[0]], probe=None)
     out = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3)[batch]
     assert [f.index for f in out["failures"]] == [batch[0]] and "no probe facts" in out["failures"][0].reason
+
+
+def _float_reference(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """The float path `to_bucket` replaced: frames to float, antialiased bilinear resize to cover, round, crop."""
+    box = cover_crop(frames.shape[1], frames.shape[2], height, width)
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    size = (box.resize_height, box.resize_width)
+    resized = F.interpolate(video, size=size, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+    return resized.permute(0, 2, 3, 1)[:, box.top : box.top + height, box.left : box.left + width, :]
+
+
+@pytest.mark.parametrize(
+    ("source", "bucket"),
+    [((120, 208), (128, 128)), ((208, 120), (128, 128)), ((256, 256), (128, 160)), ((96, 96), (160, 128))],
+)
+def test_uint8_resize_matches_the_float_path_within_one_grey_level(
+    source: tuple[int, int], bucket: tuple[int, int]
+) -> None:
+    """Up- and downscales of both orientations: the uint8 channels-last resize is the float path to 1 grey level."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(3, *source, 3), dtype=np.uint8)  # worst case for rounding: no smooth areas
+    ramp = np.broadcast_to(np.linspace(0, 255, source[1], dtype=np.float32)[None, None, :, None], (2, *source, 3))
+    frames = np.concatenate([noise, ramp.round().astype(np.uint8)])
+    got = to_bucket(frames, *bucket)
+    want = _float_reference(frames, *bucket)
+    assert got.shape == want.shape == (5, *bucket, 3) and got.dtype == torch.uint8
+    assert (got.int() - want.int()).abs().max().item() <= 1
+
+
+def test_clip_that_fits_is_not_copied() -> None:
+    frames = np.zeros((2, 64, 80, 3), dtype=np.uint8)
+    out = to_bucket(frames, 64, 64)
+    assert out.shape == (2, 64, 64, 3) and out.data_ptr() == torch.from_numpy(frames)[:, :, 8:].data_ptr()
