@@ -14,6 +14,7 @@ that renames things into place.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -72,15 +73,22 @@ class AtomicFile:
         """Flush, fsync and close the temporary file (to rework it before `commit`); returns its path."""
         assert self.handle is not None and self.tmp is not None, "call open() first"
         if not self.handle.closed:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
+            try:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):  # a full disk fails the flush again on close
+                    self.handle.close()
+                raise
             self.handle.close()
         return self.tmp
 
     def commit(self) -> None:
         """Move the finished file into place (the folder fsync'd); on failure the target is as it was."""
-        tmp = self.finish_writing()
+        assert self.tmp is not None, "call open() first"
+        tmp = self.tmp
         try:
+            self.finish_writing()
             follow_umask(tmp)
             os.replace(tmp, self.path)
             fsync_dir(self.path.parent)
@@ -89,10 +97,13 @@ class AtomicFile:
 
     def abort(self) -> None:
         """Drop what was written; the target is left as it was."""
-        if self.handle is not None:
-            self.handle.close()
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
+        try:
+            if self.handle is not None:
+                with contextlib.suppress(OSError):  # closing flushes what a full disk refused: fails again
+                    self.handle.close()
+        finally:
+            if self.tmp is not None:
+                self.tmp.unlink(missing_ok=True)
 
 
 @contextmanager
