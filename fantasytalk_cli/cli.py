@@ -387,6 +387,156 @@ def convert_zero(
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
+SAMPLE_FIELDS = (
+    "model.pretrained_model_name_or_path",
+    "model.transformer_path",
+    "model.wav2vec_path",
+    "model.config_path",
+    "model.audio_scale",
+    "train.mixed_precision",
+)
+UPSTREAM_SEED = 1111
+"""Upstream `infer.py`'s seed: `ftalk sample`'s default when `--seed` is not given."""
+SAMPLING = "sampling (upstream infer.py's defaults)"
+
+
+@app.command("sample", cls=PanelHelpCommand)
+@reports_errors
+@with_config_flags(*SAMPLE_FIELDS)
+def sample(
+    config: ConfigOpt = None,
+    image: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(help="Reference portrait (PNG/JPEG...)."),
+    ] = None,
+    audio: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(help="Speech to lip-sync (any format soundfile reads)."),
+    ] = None,
+    prompt: Annotated[str, typer.Option(help="Text prompt.")] = "A person is talking.",
+    out: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(help="Output .mp4 (H.264 with the input audio as AAC; written atomically)."),
+    ] = None,
+    batch: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(help="JSONL or CSV of image, audio, prompt, out: many videos, the models loaded once."),
+    ] = None,
+    adapter: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(
+            help="Adapter: a training checkpoint or run folder (any strategy), a convert-zero folder, "
+            "fantasytalking_model.ckpt, or flat/ComfyUI safetensors (default: --transformer_path, else none)."
+        ),
+    ] = None,
+    image_size: Annotated[
+        int, typer.Option("--image_size", min=32, help="Longer side of the video.", rich_help_panel=SAMPLING)
+    ] = 512,
+    max_num_frames: Annotated[
+        int,
+        typer.Option(
+            "--max_num_frames",
+            min=5,
+            help="Most frames (the audio's duration sets the count).",
+            rich_help_panel=SAMPLING,
+        ),
+    ] = 81,
+    fps: Annotated[float, typer.Option("--fps", min=1, help="Frames per second.", rich_help_panel=SAMPLING)] = 23.0,
+    num_inference_steps: Annotated[
+        int, typer.Option("--num_inference_steps", min=1, help="Denoising steps.", rich_help_panel=SAMPLING)
+    ] = 30,
+    prompt_cfg_scale: Annotated[
+        float, typer.Option("--prompt_cfg_scale", help="Prompt guidance.", rich_help_panel=SAMPLING)
+    ] = 5.0,
+    audio_cfg_scale: Annotated[
+        float, typer.Option("--audio_cfg_scale", help="Audio guidance.", rich_help_panel=SAMPLING)
+    ] = 5.0,
+    audio_cfg_end: Annotated[
+        float,
+        typer.Option(
+            "--audio_cfg_end",
+            min=0.0,
+            max=1.0,
+            help="Fraction of the steps that use audio guidance (below 0.7 weakens lip sync).",
+            rich_help_panel=SAMPLING,
+        ),
+    ] = 1.0,
+    negative_prompt: Annotated[
+        Optional[str],  # noqa: UP045 (Typer needs Optional)
+        typer.Option("--negative_prompt", help="Negative prompt (default: upstream's).", rich_help_panel=SAMPLING),
+    ] = None,
+    strip: Annotated[
+        Optional[Path],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(help="Also write a still-frame strip (PNG) of the first video here."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Generate talking videos with the base model and an adapter, as upstream inference does.
+
+    --seed N sets the noise (default 1111, upstream's); on a GPU the models run in --mixed_precision (bf16)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
+    from fantasytalk_cli.sample.inputs import SampleRequest, read_batch_file
+    from fantasytalk_cli.sample.run import SampleOptions, sample_videos
+
+    single = (image, audio, out)
+    if batch is not None and any(v is not None for v in single):
+        raise FtalkUsageError("give either --batch FILE or --image/--audio/--out, not both")
+    if batch is None and any(v is None for v in single):
+        raise FtalkUsageError("give --image, --audio and --out (or --batch FILE for several videos)")
+    seed = flags.get("seed")
+    cfg = resolve_config(config, flags)
+    requests = (
+        read_batch_file(batch, default_prompt=prompt)
+        if batch is not None
+        else [SampleRequest(image=image, audio=audio, prompt=prompt, out=out)]  # type: ignore[arg-type]
+    )
+    options = SampleOptions(
+        guidance=Guidance(
+            num_inference_steps=num_inference_steps,
+            prompt_cfg_scale=prompt_cfg_scale,
+            audio_cfg_scale=audio_cfg_scale,
+            audio_scale=cfg.model.audio_scale,
+            audio_cfg_end=audio_cfg_end,
+        ),
+        image_size=image_size,
+        max_num_frames=max_num_frames,
+        fps=fps,
+        seed=UPSTREAM_SEED if seed is None else int(seed),
+        negative_prompt=NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
+        overwrite=overwrite,
+        strip=strip,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False, disable=not err_console.is_terminal) as bar:
+
+        def progress(label: str, total: int) -> Any:
+            task = bar.add_task(f"denoising {label}", total=total)
+            return lambda done: bar.update(task, completed=done)
+
+        results = sample_videos(
+            cfg.model,
+            requests,
+            options,
+            adapter_path=adapter,
+            mixed_precision=cfg.train.mixed_precision,
+            progress=progress,
+            say=lambda line: console.print(line, highlight=False, soft_wrap=True),
+        )
+    for result in results:
+        info = result.info
+        console.print(
+            f"wrote {info.path}: {info.frames} frames at {info.fps:g} fps, {info.width}x{info.height}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if strip is not None:
+        console.print(f"wrote {strip}: a still-frame strip of {results[0].info.path.name}", highlight=False)
+
+
 @app.command("make-demo-data", cls=PanelHelpCommand)
 @reports_errors
 def make_demo_data(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fantasytalk_cli.models.key_mapping import StateDictAdapter, is_adapter_name
+from fantasytalk_cli.models.key_mapping import MappingPlan, StateDictAdapter, is_adapter_name
 from fantasytalk_cli.models.layout import ModelLoadError, need
 from fantasytalk_cli.models.state_dict_adapters import (
     AdapterFileAdapter,
@@ -104,12 +104,23 @@ def read_adapter_file(path: Path) -> tuple[AdapterFormat, TensorSource]:
     return _classify(list(data), nested, path), source
 
 
-def load_adapter_or_transformer(path: Path, model: nn.Module, sharded: ShardedBuild | None = None) -> AdapterLoadReport:
-    """Load ``--transformer_path`` into an already loaded ``model``, whatever its form, strictly.
+@dataclass(frozen=True)
+class AdapterFilePlan:
+    """An adapter or transformer file checked against a model's names and shapes, before any data is read."""
+
+    path: Path
+    form: AdapterFormat
+    source: TensorSource
+    plan: MappingPlan
+    content: Literal["adapter", "transformer", "transformer+adapter"]
+
+
+def plan_adapter_file(path: Path, model: nn.Module) -> AdapterFilePlan:
+    """Check ``path`` against ``model`` (which may be on the meta device), strictly; a `ModelLoadError` names the
+    file and the keys that are missing, unexpected or of the wrong shape.
 
     Adapter forms (released nested ckpt, flat safetensors, ComfyUI) must fill every adapter parameter; a
     transformer file (diffusers or original names) must fill the whole base, and the adapter fully or not at all.
-    Tensors are copied into the model's existing parameters, keeping their dtype and device.
     """
     path = Path(path)
     form, source = read_adapter_file(path)
@@ -134,11 +145,20 @@ def load_adapter_or_transformer(path: Path, model: nn.Module, sharded: ShardedBu
     content = "+".join(part for part in ("transformer", "adapter") if present[part])
     if form not in ("diffusers", "original") and present["transformer"]:
         raise ModelLoadError(f"{path}: an adapter file cannot hold base weights")
+    return AdapterFilePlan(path, form, source, plan, content)  # type: ignore[arg-type]
+
+
+def load_adapter_or_transformer(path: Path, model: nn.Module, sharded: ShardedBuild | None = None) -> AdapterLoadReport:
+    """Load ``--transformer_path`` into an already loaded ``model``, whatever its form, strictly (`plan_adapter_file`).
+
+    Tensors are copied into the model's existing parameters, keeping their dtype and device.
+    """
+    checked = plan_adapter_file(path, model)
     if sharded is None:
-        read = stream_into(model, source, plan, dtype=torch.float32, device="cpu")
+        read = stream_into(model, checked.source, checked.plan, dtype=torch.float32, device="cpu")
     else:
-        read = write_sharded(model, source, plan, sharded)
-    return AdapterLoadReport(path, form, content, read)  # type: ignore[arg-type]
+        read = write_sharded(model, checked.source, checked.plan, sharded)
+    return AdapterLoadReport(checked.path, checked.form, checked.content, read)
 
 
 def adapter_to_format(state: Mapping[str, torch.Tensor], fmt: AdapterFormat) -> dict[str, Any]:

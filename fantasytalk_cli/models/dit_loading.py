@@ -11,7 +11,7 @@ import torch
 from fantasytalk_cli.config.wan_yaml import WanModelYaml
 from fantasytalk_cli.models.dit_config import dit_files
 from fantasytalk_cli.models.key_mapping import MappingPlan, is_adapter_name
-from fantasytalk_cli.models.layout import ModelLoadError
+from fantasytalk_cli.models.layout import Layout, ModelLoadError
 from fantasytalk_cli.models.state_dict_adapters import DitAdapter
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import (
@@ -26,6 +26,33 @@ from fantasytalk_cli.models.weights import (
     stream_into,
     write_sharded,
 )
+
+
+def _transformer_kwargs(
+    model_dir: Path, wan_yaml: WanModelYaml | None, audio_in_dim: int | None, audio_proj_dim: int | None
+) -> tuple[Layout, TensorSource, dict[str, Any]]:
+    """(layout, DiT tensor source, constructor kwargs) with the adapter dims: the config's, else the given ones,
+    else FantasyTalking's 768 / 2048; a given value the config contradicts is an error."""
+    layout, folder, config, source = dit_files(model_dir, wan_yaml)
+    kwargs = init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
+    for key, given, default in (("audio_in_dim", audio_in_dim, 768), ("audio_proj_dim", audio_proj_dim, 2048)):
+        if given is not None and key in kwargs and kwargs[key] != given:
+            raise ModelLoadError(f"{folder / 'config.json'}: {key} is {kwargs[key]}, but {given} was asked for")
+        kwargs[key] = kwargs.get(key, given if given is not None else default)
+    return layout, source, kwargs
+
+
+def meta_transformer(
+    model_dir: Path,
+    *,
+    wan_yaml: WanModelYaml | None = None,
+    audio_in_dim: int | None = None,
+    audio_proj_dim: int | None = None,
+) -> FantasyTalkingTransformer:
+    """The transformer ``load_transformer`` would build, on the meta device and without weights: its names and
+    shapes, to check files against before anything is read."""
+    _, _, kwargs = _transformer_kwargs(Path(model_dir), wan_yaml, audio_in_dim, audio_proj_dim)
+    return build_empty(lambda: FantasyTalkingTransformer(**kwargs))
 
 
 def load_transformer(
@@ -51,13 +78,7 @@ def load_transformer(
     only its partition; each tensor is read on the reading rank only and written through ``sharded.write``
     (which gathers that one parameter): no rank ever holds the whole transformer.
     """
-    model_dir = Path(model_dir)
-    layout, folder, config, source = dit_files(model_dir, wan_yaml)
-    kwargs = init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
-    for key, given, default in (("audio_in_dim", audio_in_dim, 768), ("audio_proj_dim", audio_proj_dim, 2048)):
-        if given is not None and key in kwargs and kwargs[key] != given:
-            raise ModelLoadError(f"{folder / 'config.json'}: {key} is {kwargs[key]}, but {given} was asked for")
-        kwargs[key] = kwargs.get(key, given if given is not None else default)
+    layout, source, kwargs = _transformer_kwargs(Path(model_dir), wan_yaml, audio_in_dim, audio_proj_dim)
     model = build_empty(lambda: FantasyTalkingTransformer(**kwargs))
     plan = plan_for(model, source, DitAdapter(layout, adapter_absent="base"))
     if sharded is not None:

@@ -93,6 +93,17 @@ class VaeEncoder(_Frozen):
             out.append(self.normalise(dist.sample(generator) if sample else dist.mean))
         return torch.cat(out)
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, 16, T, h, w] -> pixels [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1] (float32), one video at a
+        time (the VAE decodes in tiles when its tiling is enabled)."""
+        param = next(self.vae.parameters())
+        out = []
+        for one in latents.split(1):
+            video = self.vae.decode(self.denormalise(one).to(device=param.device, dtype=param.dtype)).sample
+            out.append(video.float().clamp_(-1.0, 1.0))
+        return torch.cat(out)
+
 
 def clean_caption(text: str) -> str:
     """Wan's ``whitespace_clean(basic_clean(text))``: HTML entities unescaped twice, runs of whitespace collapsed.

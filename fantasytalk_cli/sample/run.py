@@ -1,0 +1,229 @@
+"""`ftalk sample`: check every input, then load each model only while it is needed (umT5 for the prompts, then
+CLIP, the VAE encoder side and wav2vec2 for the images and audio, then the transformer for all videos, then the VAE
+to decode), so the 14B weights load once for a whole batch and the encoders never sit beside them.
+
+`generate` is the part shared with validation during training: conditions, denoising and decoding on models the
+caller already holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fantasytalk_cli.config.schema import ModelConfig
+from fantasytalk_cli.config.wan_yaml import load_wan_yaml
+from fantasytalk_cli.convert.sources import open_checkpoint
+from fantasytalk_cli.models.audio import Wav2Vec2Features
+from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec
+from fantasytalk_cli.models.dit_loading import load_transformer, meta_transformer
+from fantasytalk_cli.models.encoders import ImageEncoder, TextEncoder, VaeEncoder
+from fantasytalk_cli.models.frozen_loading import load_image_encoder, load_text_encoder, load_tokenizer, load_vae
+from fantasytalk_cli.models.layout import ModelLoadError
+from fantasytalk_cli.sample.adapter_source import AdapterSource, check_adapter, load_adapter, resolve_adapter
+from fantasytalk_cli.sample.conditions import audio_condition, encode_prompts, image_conditions, to_uint8_frames
+from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Conditions, Guidance, denoise, steps_count
+from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests, load_image
+from fantasytalk_cli.sample.video_io import Mp4Info, frame_strip, write_mp4
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Upstream inference's settings (`docs/inference.md#flag-defaults`) and ftalk's additions."""
+
+    guidance: Guidance = field(default_factory=Guidance)
+    image_size: int = 512
+    max_num_frames: int = 81
+    fps: float = 23.0
+    seed: int = 1111
+    negative_prompt: str = NEGATIVE_PROMPT
+    overwrite: bool = False
+    strip: Path | None = None
+    """Also write a still-frame strip (PNG) of the first video here."""
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """One written video."""
+
+    request: CheckedRequest
+    info: Mp4Info
+    frames: np.ndarray
+
+
+Progress = Callable[[str, int], Callable[[int], None]]
+"""``progress(label, total) -> advance(step)``: a progress bar per video (total = transformer passes)."""
+
+
+def _no_progress(label: str, total: int) -> Callable[[int], None]:  # noqa: ARG001
+    return lambda step: None
+
+
+def _free(*models: object) -> None:
+    del models
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sample_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _audio_dims(model: ModelConfig, adapter: AdapterSource) -> dict[str, int]:
+    wav2vec = find_wav2vec(model)
+    if adapter.kind == "file":
+        return adapter_dims(wav2vec, adapter.path)
+    dims = adapter_dims(wav2vec, None)
+    if adapter.kind == "checkpoint":
+        assert adapter.path is not None
+        checkpoint = open_checkpoint(adapter.path)
+        try:
+            proj = checkpoint.trainable.get("proj_model.proj.weight")
+        finally:
+            checkpoint.close()
+        if proj is not None:
+            dims["audio_proj_dim"] = int(proj[0])
+    return dims
+
+
+def prepare(
+    model: ModelConfig, requests: Sequence[SampleRequest], options: SampleOptions, adapter_path: Path | None
+) -> tuple[list[CheckedRequest], AdapterSource, dict[str, int], list[str]]:
+    """Everything checked before any model loads: the inputs, the base model folder and the adapter's names and
+    shapes against the transformer built on the meta device. Returns (requests, adapter, audio dims, notes)."""
+    checked = check_requests(
+        list(requests),
+        image_size=options.image_size,
+        fps=options.fps,
+        max_num_frames=options.max_num_frames,
+        overwrite=options.overwrite,
+    )
+    if model.pretrained_model_name_or_path is None:
+        raise ModelLoadError("--pretrained_model_name_or_path is required: the Wan2.1-I2V base model folder")
+    adapter = resolve_adapter(adapter_path if adapter_path is not None else model.transformer_path)
+    dims = _audio_dims(model, adapter)
+    meta = meta_transformer(model.pretrained_model_name_or_path, wan_yaml=load_wan_yaml(model.config_path), **dims)
+    notes = [check_adapter(adapter, meta)] + [note for req in checked for note in req.notes]
+    return checked, adapter, dims, notes
+
+
+def sample_videos(
+    model: ModelConfig,
+    requests: Sequence[SampleRequest],
+    options: SampleOptions,
+    *,
+    adapter_path: Path | None = None,
+    mixed_precision: str = "bf16",
+    progress: Progress = _no_progress,
+    say: Callable[[str], None] = print,
+) -> list[SampleResult]:
+    """Check, then generate every request in turn (see the module docstring); each mp4 is written atomically."""
+    checked, adapter, dims, notes = prepare(model, requests, options, adapter_path)
+    for note in notes:
+        say(note)
+    base = model.pretrained_model_name_or_path
+    assert base is not None
+    device = sample_device()
+    dtype = DTYPES[mixed_precision] if device.type == "cuda" else torch.float32
+    wan_yaml = load_wan_yaml(model.config_path)
+
+    say(f"encoding {len(checked)} prompt(s) with umT5")
+    text = TextEncoder(
+        load_text_encoder(base, dtype=dtype, wan_yaml=wan_yaml, device=device),
+        load_tokenizer(base, wan_yaml=wan_yaml),
+        wan_yaml.text_encoder_kwargs.text_length,
+    )
+    prompts = encode_prompts(text, [req.request.prompt for req in checked] + [options.negative_prompt], device)
+    _free(text)
+    text = None  # type: ignore[assignment]
+
+    say("encoding the images (CLIP, VAE) and the audio (wav2vec2)")
+    vae = VaeEncoder(load_vae(base, dtype=torch.float32, wan_yaml=wan_yaml, device=device))
+    clip = ImageEncoder(load_image_encoder(base, dtype=dtype, wan_yaml=wan_yaml, device=device))
+    wav2vec = Wav2Vec2Features.from_pretrained(find_wav2vec(model), device=device)
+    conditions = [
+        _conditions(vae, clip, wav2vec, req, prompts[i], prompts[-1], options.fps, options.image_size, device)
+        for i, req in enumerate(checked)
+    ]
+    _free(clip, wav2vec)
+    clip = wav2vec = None  # type: ignore[assignment]
+
+    transformer = load_transformer(base, dtype=dtype, wan_yaml=wan_yaml, device=device, **dims)
+    say(load_adapter(adapter, transformer))
+    latents = [
+        generate_latents(
+            transformer,
+            cond,
+            options,
+            dtype=dtype,
+            advance=progress(req.request.out.name, steps_count(options.guidance)),
+        )
+        for req, cond in zip(checked, conditions, strict=True)
+    ]
+    _free(transformer)
+    transformer = None  # type: ignore[assignment]
+
+    vae.vae.enable_tiling()
+    results = []
+    for req, video in zip(checked, latents, strict=True):
+        frames = to_uint8_frames(vae.decode(video.to(device)))
+        info = write_mp4(frames, options.fps, req.request.out, audio_path=req.request.audio)
+        results.append(SampleResult(req, info, frames))
+    if options.strip is not None and results:
+        frame_strip(results[0].frames, options.strip)
+    return results
+
+
+def _conditions(
+    vae: VaeEncoder,
+    clip: ImageEncoder,
+    wav2vec: Wav2Vec2Features,
+    req: CheckedRequest,
+    text: torch.Tensor,
+    negative: torch.Tensor,
+    fps: float,
+    image_size: int,
+    device: torch.device,
+) -> Conditions:
+    image = load_image(req.request.image, req.video_wh, image_size=image_size)
+    clip_embedding, y = image_conditions(vae, clip, image, req.num_frames, device)
+    audio = audio_condition(wav2vec, req.request.audio, req.num_frames, fps, device)
+    return Conditions(text=text, negative_text=negative, image=clip_embedding, y=y, audio=audio)
+
+
+@torch.no_grad()
+def generate_latents(
+    transformer: torch.nn.Module,
+    cond: Conditions,
+    options: SampleOptions,
+    *,
+    dtype: torch.dtype,
+    advance: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Denoised latents of one video, from noise seeded by ``options.seed`` (a generator of its own: the global
+    RNG streams are not touched)."""
+    device = cond.y.device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    passes = 0
+
+    def predict(hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, audio_scale: float) -> torch.Tensor:
+        nonlocal passes
+        with autocast:
+            out = transformer(hidden, timestep, text, cond.image.to(dtype), cond.audio.to(dtype), audio_scale)[0]
+        passes += 1
+        if advance is not None:
+            advance(passes)
+        return out
+
+    generator = torch.Generator().manual_seed(options.seed)
+    return denoise(predict, cond, options.guidance, generator=generator, dtype=dtype).cpu()
