@@ -478,8 +478,9 @@ def sample(
     --seed N sets the noise (default 1111, upstream's); on a GPU the models run in --mixed_precision (bf16)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from fantasytalk_cli.sample.batch_file import read_batch_file
     from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
-    from fantasytalk_cli.sample.inputs import SampleRequest, read_batch_file
+    from fantasytalk_cli.sample.inputs import SampleRequest
     from fantasytalk_cli.sample.run import SampleOptions, sample_videos
 
     single = (image, audio, out)

@@ -13,19 +13,21 @@ import soundfile
 from PIL import Image
 
 from fantasytalk_cli.errors import FtalkUsageError
+from fantasytalk_cli.sample.batch_file import read_batch_file
+from fantasytalk_cli.sample.geometry import (
+    audio_samples_for_frames,
+    longest_edge_size,
+    max_frames_4k1,
+    num_frames_for_audio,
+    video_size,
+)
 from fantasytalk_cli.sample.inputs import (
     CheckedRequest,
     SampleInputError,
     SampleRequest,
-    audio_samples_for_frames,
     check_request,
     check_requests,
     load_image,
-    longest_edge_size,
-    max_frames_4k1,
-    num_frames_for_audio,
-    read_batch_file,
-    video_size,
 )
 
 SETTINGS = {"image_size": 64, "fps": 23.0, "max_num_frames": 81}

@@ -186,7 +186,7 @@ def with_config_flags(*shown: str) -> Callable[[F], F]:
 
 
 def config_to_argv(cfg: BaseModel) -> list[str]:
-    """Command-line flags that reproduce `cfg` (the inverse of the flags above; `None` values left out),
+    """Command-line flags that reproduce `cfg` (the inverse of the flags above; `None` values and empty lists left out),
     e.g. to hand a resolved config to `accelerate launch -m fantasytalk_cli train`."""
     argv: list[str] = []
     for section in cfg.model_dump(mode="json").values():
@@ -196,7 +196,8 @@ def config_to_argv(cfg: BaseModel) -> list[str]:
             if isinstance(value, bool):
                 argv.append(f"--{key}" if value else f"--no-{key}")
             elif isinstance(value, list):
-                argv += [f"--{key}", *map(str, value)]
+                if value:  # an empty list has no flag form: it is every list field's default
+                    argv += [f"--{key}", *map(str, value)]
             else:
                 argv.append(f"--{key}={value}")
     return argv

@@ -179,6 +179,38 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, ge=1)
     """When the output is not a terminal (a job log, `> train.log`): print a plain line with loss, lr,
     throughput, data wait and ETA every N optimizer steps and at the first step."""
+    validation_image_paths: list[Path] = Field(default_factory=list)
+    """Reference portraits to sample during training, each with the audio at the same position of
+    `validation_audio_paths`: videos go to `output_dir/samples/step-N/` and TensorBoard."""
+    validation_audio_paths: list[Path] = Field(default_factory=list)
+    """Speech for each validation image."""
+    validation_prompts: list[str] = Field(default_factory=list)
+    """One prompt per validation pair, or one for all (none: "A person is talking.")."""
+    validation_steps: int | None = Field(None, ge=1)
+    """Sample the validation pairs every N optimizer steps, and at the end of training (unset: at the end only)."""
+    validation_num_inference_steps: int = Field(30, ge=1)
+    """Denoising steps of each validation video (upstream: 30)."""
+    validation_image_size: int = Field(512, ge=32)
+    """Longer side of the validation videos (upstream: 512)."""
+    validation_max_num_frames: int = Field(81, ge=5)
+    """Most frames of a validation video (the audio's duration sets the count; upstream: 81)."""
+
+    @model_validator(mode="after")
+    def _validation_pairs(self) -> TrainConfig:
+        images, audios, prompts = self.validation_image_paths, self.validation_audio_paths, self.validation_prompts
+        if len(images) != len(audios):
+            raise ValueError(
+                f"validation_image_paths has {len(images)} paths and validation_audio_paths {len(audios)}: give one "
+                "audio file per image"
+            )
+        if len(prompts) > 1 and len(prompts) != len(images):
+            raise ValueError(
+                f"validation_prompts has {len(prompts)} prompts for {len(images)} validation pairs: give one per "
+                "pair, or one for all"
+            )
+        if (prompts or self.validation_steps is not None) and not images:
+            raise ValueError("validation_prompts / validation_steps need validation_image_paths and _audio_paths")
+        return self
 
 
 class CheckpointConfig(Section):

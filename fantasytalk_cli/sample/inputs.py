@@ -1,86 +1,53 @@
-"""What `ftalk sample` is given, checked and prepared before any model loads: the requests (one from the command
-line or many from a batch file), their images, audio and output paths, and the geometry upstream inference
-derives from them (`docs/inference.md#inputs-and-image-size`, `#frame-count-and-audio-cut`).
+"""What `ftalk sample` is given and checked before any model loads: the requests (one from the command line, or
+many from a batch file, see `batch_file`), their images, audio and output paths, and the problems found in them.
 
 Everything here is cheap: image headers (Pillow), audio headers (`soundfile.info`), folder permissions. Every
 problem of every request is collected and raised as one `SampleInputError`, so a batch of fifty requests fails
 once, before minutes of model loading, with every line to fix.
 
 Public API:
-- `SampleRequest`, `read_batch_file(path, *, default_prompt)`: the requests, from a JSON Lines or CSV file.
-- `video_size`, `longest_edge_size`, `num_frames_for_audio`, `audio_samples_for_frames`: upstream's geometry.
+- `SampleRequest`: one video to make; `InputProblem`, `SampleInputError`: what is wrong with the inputs.
 - `check_request`, `check_requests` -> `CheckedRequest`: the facts a request is sampled with, and notes.
-- `load_image(path, size, *, image_size)`: the conditioning image resized exactly as upstream resizes it.
 
 This module deliberately imports neither torch nor the models, so the checks run in a second.
 """
 
 from __future__ import annotations
 
-import csv
-import difflib
-import io
-import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import soundfile
 from PIL import Image
 
 from fantasytalk_cli.errors import FtalkUsageError
+from fantasytalk_cli.sample.geometry import (
+    FRAMES_PER_LATENT,
+    MIN_NUM_FRAMES,
+    longest_edge_size,
+    max_frames_4k1,
+    num_frames_for_audio,
+    video_size,
+)
 
 __all__ = [
-    "AUDIO_RATE",
-    "BATCH_KEYS",
     "CheckedRequest",
     "InputProblem",
     "SampleInputError",
     "SampleRequest",
-    "audio_samples_for_frames",
-    "batch_format",
     "check_request",
     "check_requests",
     "load_image",
-    "longest_edge_size",
-    "max_frames_4k1",
-    "num_frames_for_audio",
-    "read_batch_file",
-    "round_up",
-    "video_size",
 ]
-
-AUDIO_RATE = 16000
-"""The rate the audio is resampled to for wav2vec2 (the same value as `models.audio.SAMPLE_RATE`, repeated here
-so that checking inputs does not import torch)."""
-
-SIZE_MULTIPLE = 16
-"""Upstream's pipeline rounds the video's width and height up to a multiple of 16 (`check_resize_height_width`)."""
-
-FRAMES_PER_LATENT = 4
-"""The VAE's temporal stride: a video has 4k+1 frames, (num_frames - 1) // 4 + 1 latent frames."""
-
-MIN_NUM_FRAMES = 5
-"""The shortest video upstream's formula makes: int(fps * d // 4) * 4 + 5 with d near 0."""
 
 MIN_SIDE = 32
 """The smallest image side, and the smallest video side, a request may have (2 latent pixels after patching)."""
 
-BATCH_KEYS = ("image", "audio", "prompt", "out")
-"""The keys (JSON Lines) or columns (CSV) of a batch file, in the order the messages list them."""
-
-REQUIRED_KEYS = ("image", "audio", "out")
-"""What every request must name; `prompt` falls back to the default prompt."""
-
-BATCH_FORMATS = {".jsonl": "jsonl", ".json-lines": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
-"""Batch file suffixes (case-insensitive) and the format each is read as."""
-
 _CONVERT_AUDIO = "convert it to WAV: ffmpeg -i IN -ar 16000 -ac 1 OUT.wav"
-_BATCH_EXAMPLE = '{"image": "face.png", "audio": "speech.wav", "prompt": "A woman is talking.", "out": "face.mp4"}'
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -138,325 +105,6 @@ class SampleRequest:
     prompt: str
     out: Path
     origin: str = field(default="", compare=False)
-
-
-def batch_format(path: Path) -> str:
-    """The batch file's format from its suffix (`BATCH_FORMATS`); `SampleInputError` for any other suffix."""
-    fmt = BATCH_FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        suffixes = ", ".join(BATCH_FORMATS)
-        raise SampleInputError(
-            [
-                InputProblem(
-                    path,
-                    "batch file",
-                    f"unknown batch file format (suffix {Path(path).suffix or '(none)'!r})",
-                    f"name it with one of the suffixes {suffixes} (JSON Lines: one object per line; CSV: a header "
-                    f"row {','.join(BATCH_KEYS)})",
-                )
-            ]
-        )
-    return fmt
-
-
-def read_batch_file(path: Path, *, default_prompt: str) -> list[SampleRequest]:
-    """The requests of a JSON Lines (.jsonl, .json-lines, .ndjson) or CSV (.csv, header row) batch file.
-
-    Keys/columns: `image`, `audio`, `out` (required) and `prompt` (optional: missing, null or empty means
-    `default_prompt`). Relative paths (and `~`) are resolved against the batch file's folder; blank lines are
-    skipped. Raises `SampleInputError` listing every problem (the file, the line, the key, the fix): unknown
-    suffix, unreadable or non-UTF-8 file, malformed JSON line or CSV row, missing or empty required key, unknown
-    key, two requests writing the same `out`, no requests at all. The files themselves are checked later, by
-    `check_requests`."""
-    path = Path(path)
-    fmt = batch_format(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise _batch_error(path, None, f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        fix = "check the batch file path" if isinstance(exc, FileNotFoundError) else "give a readable file"
-        raise _batch_error(path, None, f"cannot read the batch file ({reason})", fix) from exc
-
-    rows, problems = _jsonl_rows(path, text) if fmt == "jsonl" else _csv_rows(path, text)
-    requests: list[SampleRequest] = []
-    first_line_of_out: dict[str, int] = {}
-    for line, row in rows:
-        request, row_problems = _row_request(path, line, row, default_prompt)
-        problems.extend(row_problems)
-        if request is None:
-            continue
-        key = os.path.realpath(request.out)
-        if key in first_line_of_out:
-            problems.append(
-                InputProblem(
-                    path,
-                    "out",
-                    f"writes the same file as line {first_line_of_out[key]} ({request.out})",
-                    "give each request its own out path",
-                    line=line,
-                )
-            )
-        else:
-            first_line_of_out[key] = line
-        requests.append(request)
-    if not rows and not problems:
-        how = f"one JSON object per line, e.g. {_BATCH_EXAMPLE}" if fmt == "jsonl" else _csv_shape()
-        problems.append(InputProblem(path, "batch file", "no requests: the file is empty", f"write {how}"))
-    if problems:
-        raise SampleInputError(problems)
-    return requests
-
-
-def _batch_error(path: Path, line: int | None, message: str, fix: str) -> SampleInputError:
-    return SampleInputError([InputProblem(path, "batch file", message, fix, line=line)])
-
-
-def _csv_shape() -> str:
-    return f"a header row {','.join(BATCH_KEYS)} and one row per request"
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise ValueError(f"the key(s) {', '.join(map(repr, repeated))} appear more than once")
-    return dict(pairs)
-
-
-def _jsonl_rows(path: Path, text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[InputProblem]]:
-    """(line, object) of each non-blank line, and a problem for each line that is not a JSON object."""
-    rows: list[tuple[int, dict[str, Any]]] = []
-    problems: list[InputProblem] = []
-    # split on "\n" only: str.splitlines would also split on U+2028, which JSON allows inside strings
-    for line, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-        except json.JSONDecodeError as exc:
-            problems.append(
-                InputProblem(
-                    path,
-                    "batch file",
-                    f"not valid JSON ({exc.msg} at column {exc.colno})",
-                    f"write one JSON object per line, e.g. {_BATCH_EXAMPLE}",
-                    line=line,
-                )
-            )
-            continue
-        except ValueError as exc:  # a repeated key, from _no_duplicate_keys
-            problems.append(InputProblem(path, "batch file", str(exc), "give each key once", line=line))
-            continue
-        if not isinstance(value, dict):
-            problems.append(
-                InputProblem(
-                    path,
-                    "batch file",
-                    f"the line is a JSON {type(value).__name__}, not an object",
-                    f"write one JSON object per line, e.g. {_BATCH_EXAMPLE}",
-                    line=line,
-                )
-            )
-            continue
-        problems.extend(_key_problems(path, line, list(value)))
-        rows.append((line, value))
-    return rows, problems
-
-
-def _csv_rows(path: Path, text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[InputProblem]]:
-    """(line, {column: cell}) of each non-blank row after the header, and the header's and rows' problems.
-
-    A bad header (unknown, repeated or missing columns) stops the reading: every row would repeat it."""
-    rows: list[tuple[int, dict[str, Any]]] = []
-    problems: list[InputProblem] = []
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True, skipinitialspace=True)
-    start = 1
-    try:
-        header = next(reader, None)
-        while header is not None and not any(cell.strip() for cell in header):
-            header = next(reader, None)  # blank lines before the header
-        if header is None:
-            return rows, []
-        header_line = reader.line_num
-        header = [cell.strip() for cell in header]
-        problems.extend(_key_problems(path, header_line, header))
-        repeated = sorted({name for name in header if header.count(name) > 1})
-        if repeated:
-            problems.append(
-                InputProblem(
-                    path,
-                    "batch file",
-                    f"the header repeats the column(s) {', '.join(repeated)}",
-                    "give each column once",
-                    line=header_line,
-                )
-            )
-        missing = [name for name in REQUIRED_KEYS if name not in header]
-        if missing:
-            problems.append(
-                InputProblem(
-                    path,
-                    ", ".join(missing),
-                    f"the header lacks the required column(s) {', '.join(missing)}",
-                    f"start the file with {_csv_shape()}",
-                    line=header_line,
-                )
-            )
-        if problems:
-            return rows, problems
-        while True:
-            start = reader.line_num + 1  # the line this record starts on
-            row = next(reader, None)
-            if row is None:
-                break
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                problems.append(
-                    InputProblem(
-                        path,
-                        "batch file",
-                        f"the row has {len(row)} fields but the header has {len(header)}",
-                        'put a value (or nothing) for every column; quote fields that contain commas with "..."',
-                        line=start,
-                    )
-                )
-                continue
-            rows.append((start, dict(zip(header, row, strict=True))))
-    except csv.Error as exc:
-        problems.append(InputProblem(path, "batch file", f"not valid CSV ({exc})", "fix the quoting", line=start))
-    return rows, problems
-
-
-def _key_problems(path: Path, line: int, keys: Sequence[str]) -> list[InputProblem]:
-    """A problem for each key that is not a batch key, with the nearest allowed one when it looks like a typo."""
-    problems = []
-    for key in keys:
-        if key in BATCH_KEYS:
-            continue
-        near = difflib.get_close_matches(key, BATCH_KEYS, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        problems.append(
-            InputProblem(
-                path,
-                str(key),
-                f"unknown key {key!r}",
-                f"{hint}the allowed keys are {', '.join(BATCH_KEYS)} (prompt is optional)",
-                line=line,
-            )
-        )
-    return problems
-
-
-def _row_request(
-    path: Path, line: int, row: dict[str, Any], default_prompt: str
-) -> tuple[SampleRequest | None, list[InputProblem]]:
-    """The request a row names, or None and the problems of its required keys and prompt."""
-    problems: list[InputProblem] = []
-    values: dict[str, str] = {}
-    for key in REQUIRED_KEYS:
-        value = row.get(key)
-        if value is None or value == "":
-            what = "missing" if key not in row else "empty"
-            problems.append(
-                InputProblem(
-                    path,
-                    key,
-                    f"the required key {key!r} is {what}",
-                    "give every request image, audio and out (prompt is optional)",
-                    line=line,
-                )
-            )
-        elif not isinstance(value, str):
-            problems.append(
-                InputProblem(
-                    path, key, f"{key!r} is a {type(value).__name__}, not a path", "write it as a string", line=line
-                )
-            )
-        else:
-            values[key] = value
-    prompt = row.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        problems.append(
-            InputProblem(
-                path, "prompt", f"'prompt' is a {type(prompt).__name__}, not text", "write it as a string", line=line
-            )
-        )
-    if problems:
-        return None, problems
-    base = path.parent
-    return (
-        SampleRequest(
-            image=_resolve(base, values["image"]),
-            audio=_resolve(base, values["audio"]),
-            prompt=prompt if prompt else default_prompt,
-            out=_resolve(base, values["out"]),
-            origin=f"{path}, line {line}",
-        ),
-        [],
-    )
-
-
-def _resolve(base: Path, written: str) -> Path:
-    """A batch file's path: `~` expanded, a relative one taken from the batch file's folder."""
-    candidate = Path(written).expanduser()
-    return candidate if candidate.is_absolute() else base / candidate
-
-
-# ---------------------------------------------------------------------------------------------------- geometry
-
-
-def longest_edge_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """Upstream's `resize_image_by_longest_edge` size: scale = image_size / max(w, h), then
-    (int(w * scale), int(h * scale)), in floating point exactly as upstream computes it."""
-    if width <= 0 or height <= 0 or image_size <= 0:
-        raise ValueError(f"sizes must be positive, got {width}x{height} at image_size {image_size}")
-    scale = image_size / max(width, height)
-    return int(width * scale), int(height * scale)
-
-
-def round_up(value: int, multiple: int = SIZE_MULTIPLE) -> int:
-    """`value` rounded up to a multiple of `multiple` (the pipeline's `check_resize_height_width`)."""
-    return (value + multiple - 1) // multiple * multiple
-
-
-def video_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """(width, height) of the video upstream makes from a `width` x `height` image: the longest-edge size
-    (`longest_edge_size`), each side then rounded UP to a multiple of 16, as the pipeline does. A 1024x1536 image at
-    image_size 512 gives (341, 512), then (352, 512)."""
-    resized_w, resized_h = longest_edge_size(width, height, image_size)
-    return round_up(resized_w), round_up(resized_h)
-
-
-def max_frames_4k1(max_num_frames: int) -> int:
-    """`max_num_frames` rounded DOWN to the nearest 4k+1 (81 stays 81, 80 becomes 77)."""
-    if max_num_frames < MIN_NUM_FRAMES:
-        raise ValueError(f"max_num_frames must be at least {MIN_NUM_FRAMES}, got {max_num_frames}")
-    return (max_num_frames - 1) // FRAMES_PER_LATENT * FRAMES_PER_LATENT + 1
-
-
-def num_frames_for_audio(duration_s: float, fps: float, max_num_frames: int) -> int:
-    """Frames of the video for `duration_s` seconds of audio: upstream's
-    `min(int(fps * d // 4) * 4 + 5, max_num_frames)`. 3.0 s at 23 fps gives 73, 2.9 s gives 69, 10 s gives 81.
-
-    The result is always 4k+1. Upstream's formula is 4k+1 except when `max_num_frames` is not; its pipeline then
-    rounds that count UP to the next 4k+1 (while the audio is cut for the smaller count). Here a `max_num_frames`
-    that is not 4k+1 is rounded DOWN to 4k+1 instead (80 -> 77), so the video never has frames without audio
-    features. `ValueError` for a negative or non-finite duration, fps <= 0, or max_num_frames < 5 (`check_requests`
-    reports those as `SampleInputError` first)."""
-    if not math.isfinite(duration_s) or duration_s < 0:
-        raise ValueError(f"the audio duration must be a finite number of seconds >= 0, got {duration_s}")
-    if not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    return min(int(fps * duration_s // 4) * 4 + 5, max_frames_4k1(max_num_frames))
-
-
-def audio_samples_for_frames(num_frames: int, fps: float, rate: int = AUDIO_RATE) -> int:
-    """How many samples (at `rate`) upstream cuts from the start of the audio for `num_frames` frames:
-    `int(num_frames / fps * rate)`; 81 frames at 23 fps give 56347 samples at 16 kHz."""
-    return int(num_frames / fps * rate)
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -870,9 +518,6 @@ def _out_problems(req: SampleRequest, overwrite: bool) -> list[InputProblem]:
     return problems
 
 
-# ------------------------------------------------------------------------------------------------------- image
-
-
 def load_image(path: Path, size: tuple[int, int], *, image_size: int) -> np.ndarray:
     """The conditioning image as RGB uint8 [H, W, 3] at `size` = (width, height), resized as upstream does.
 
@@ -886,7 +531,7 @@ def load_image(path: Path, size: tuple[int, int], *, image_size: int) -> np.ndar
     try:
         with Image.open(path) as im:
             rgb = im.convert("RGB")
-    except Exception as exc:  # as in _image_facts: Pillow raises many types for a bad file
+    except Exception as exc:  # as in inputs._image_facts: Pillow raises many types for a bad file
         raise SampleInputError(
             [
                 InputProblem(

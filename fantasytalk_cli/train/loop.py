@@ -36,6 +36,7 @@ from fantasytalk_cli.train.setup import Run, TrainingError, build_optimizer, set
 from fantasytalk_cli.train.state import RunState, TrainSummary, render_summary
 from fantasytalk_cli.train.step import StepOutput, training_step, zero_gradient_loss
 from fantasytalk_cli.train.stop import StopFlag
+from fantasytalk_cli.train.validation import due, validate
 
 __all__ = ["RunState", "TrainSummary", "TrainingError", "build_optimizer", "render_summary", "run_training"]
 
@@ -76,6 +77,8 @@ def train(run: Run, stop: StopFlag) -> TrainSummary:
             if state.step % every == 0 or stopping or state.step >= run.max_steps:
                 save(run, summary)
                 last_saved = state.step
+            if due(run, state.step) and not stopping:
+                summary.samples += validate(run, run.validation, state.step)  # type: ignore[arg-type]
     batches.close()
     if stopping:
         summary.stopped_by = stop.signal or "signal on another rank"

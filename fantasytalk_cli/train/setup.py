@@ -48,6 +48,7 @@ from fantasytalk_cli.train.model_setup import TrainingModels, load_training_mode
 from fantasytalk_cli.train.preflight import check_model_paths, plan_run_folder, set_aside_previous_run
 from fantasytalk_cli.train.state import RunState
 from fantasytalk_cli.train.step import StepContext
+from fantasytalk_cli.train.validation import Validation, check_validation
 
 
 class TrainingError(FtalkError, RuntimeError):
@@ -76,6 +77,8 @@ class Run:
     """Prints on the main process only (one line stays one line in a piped log)."""
     tell: Callable[..., None]
     """Prints on every process (what one rank alone saw)."""
+    validation: Validation | None = None
+    """The validation pairs, checked at set-up (None: no validation)."""
 
     @property
     def main(self) -> bool:
@@ -104,6 +107,7 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
         raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
     folder = plan_run_folder(cfg.checkpoint, cfg.checkpoint.overwrite_output_dir)
     check_model_paths(cfg.model)
+    validation = check_validation(cfg.train, cfg.checkpoint.output_dir)
     accelerator, strategy = build_accelerator(cfg.dist, cfg.train, cfg.checkpoint, cfg.train.report_to)
     tell = functools.partial(console.print, soft_wrap=True)
     say = tell if accelerator.is_main_process else (lambda *a, **k: None)
@@ -127,6 +131,7 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     run = Run(
         cfg, accelerator, strategy, models, transformer, optimizer, lr_scheduler, loader, RunState(sampler),
         _step_context(cfg, accelerator, strategy, models), len(entries), max_steps, steps_per_epoch, console, say, tell,
+        validation,
     )  # fmt: skip
     _resume(run, folder.resume)
     if run.main:  # the run folder, only now that the run can start; the resolved config goes in first

@@ -58,6 +58,8 @@ class TrainSummary:
     outliers: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    """Validation videos written (`output_dir/samples/step-N/`)."""
     main: bool = True
     """Whether this process is the main one (only it prints the summary)."""
 
@@ -80,6 +82,10 @@ def render_summary(summary: TrainSummary) -> Table:
         ("optimizer steps", str(summary.steps)),
         ("loss first -> last", f"{first} -> {last}"),
         ("checkpoints", ", ".join(p.name for p in summary.checkpoints) or "-"),
+        (
+            "validation videos",
+            f"{len(summary.samples)} in {summary.samples[-1].parent.parent}" if summary.samples else "-",
+        ),
         ("stopped by", summary.stopped_by or "-"),
         ("non-finite steps skipped", str(summary.nonfinite_skipped)),
         ("clips skipped (failed to load)", _entries(summary.failed_entries)),
