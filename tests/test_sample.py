@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import decord
 import numpy as np
 import pytest
 import torch
@@ -27,15 +26,6 @@ TINY = {"image_size": 64, "max_num_frames": 9, "fps": 23.0}
 FAST = Guidance(num_inference_steps=2)
 
 
-@pytest.fixture(scope="module")
-def inputs(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A portrait (frame 0 of a demo clip, 96x160) and its speech."""
-    root = tmp_path_factory.mktemp("sample_inputs")
-    frame = decord.VideoReader(str(tiny_world["data"] / "train" / "00000001.mp4"))[0].asnumpy()
-    Image.fromarray(frame).save(root / "face.png")
-    return {"root": root, "image": root / "face.png", "audio": tiny_world["data"] / "wav" / "00000001.wav"}
-
-
 def _model(world: dict[str, Path], adapter: bool = True) -> ModelConfig:
     return ModelConfig(
         pretrained_model_name_or_path=world["model"],
@@ -43,8 +33,8 @@ def _model(world: dict[str, Path], adapter: bool = True) -> ModelConfig:
     )
 
 
-def _sample(world: dict[str, Path], inputs: dict[str, Path], out: Path, **kwargs: object) -> np.ndarray:
-    request = SampleRequest(image=inputs["image"], audio=inputs["audio"], prompt="A man talks.", out=out)
+def _sample(world: dict[str, Path], sample_inputs: dict[str, Path], out: Path, **kwargs: object) -> np.ndarray:
+    request = SampleRequest(image=sample_inputs["image"], audio=sample_inputs["audio"], prompt="A man talks.", out=out)
     options = SampleOptions(guidance=FAST, **TINY)  # type: ignore[arg-type]
     adapter = kwargs.pop("adapter_path", None)
     model = kwargs.pop("model", None) or _model(world)
@@ -52,12 +42,14 @@ def _sample(world: dict[str, Path], inputs: dict[str, Path], out: Path, **kwargs
     return result.frames
 
 
-def test_cli_writes_the_expected_mp4(tiny_world: dict[str, Path], inputs: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_writes_the_expected_mp4(
+    tiny_world: dict[str, Path], sample_inputs: dict[str, Path], tmp_path: Path
+) -> None:
     out, strip = tmp_path / "talk.mp4", tmp_path / "strip.png"
     argv = [
         "sample", "--pretrained_model_name_or_path", str(tiny_world["model"]),
         "--transformer_path", str(tiny_world["model"] / "fantasytalking_model.ckpt"),
-        "--image", str(inputs["image"]), "--audio", str(inputs["audio"]), "--out", str(out),
+        "--image", str(sample_inputs["image"]), "--audio", str(sample_inputs["audio"]), "--out", str(out),
         "--image_size", "64", "--max_num_frames", "9", "--num_inference_steps", "2", "--strip", str(strip),
     ]  # fmt: skip
     result = CliRunner().invoke(app, argv)
@@ -71,27 +63,27 @@ def test_cli_writes_the_expected_mp4(tiny_world: dict[str, Path], inputs: dict[s
 
 
 def test_same_seed_same_frames_and_the_adapter_acts(
-    tiny_world: dict[str, Path], inputs: dict[str, Path], tmp_path: Path
+    tiny_world: dict[str, Path], sample_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
-    first = _sample(tiny_world, inputs, tmp_path / "a.mp4")
-    again = _sample(tiny_world, inputs, tmp_path / "b.mp4")
-    fresh = _sample(tiny_world, inputs, tmp_path / "c.mp4", model=_model(tiny_world, adapter=False))
+    first = _sample(tiny_world, sample_inputs, tmp_path / "a.mp4")
+    again = _sample(tiny_world, sample_inputs, tmp_path / "b.mp4")
+    fresh = _sample(tiny_world, sample_inputs, tmp_path / "c.mp4", model=_model(tiny_world, adapter=False))
     assert np.array_equal(first, again)
     assert not np.array_equal(first, fresh)
 
 
 def test_training_checkpoint_is_an_adapter_source(
-    tiny_world: dict[str, Path], inputs: dict[str, Path], tmp_path: Path
+    tiny_world: dict[str, Path], sample_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     argv = expand_multi_value_flags(["train", *world_argv(tiny_world, run, max_train_steps=1, checkpointing_steps=1)])
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
-    from_run = _sample(tiny_world, inputs, tmp_path / "run.mp4", adapter_path=run)  # the run folder: its newest
-    from_ckpt = _sample(tiny_world, inputs, tmp_path / "ckpt.mp4", adapter_path=run / "checkpoint-1")
+    from_run = _sample(tiny_world, sample_inputs, tmp_path / "run.mp4", adapter_path=run)  # the run folder: its newest
+    from_ckpt = _sample(tiny_world, sample_inputs, tmp_path / "ckpt.mp4", adapter_path=run / "checkpoint-1")
     ckpt = run / "checkpoint-1"
-    from_file = _sample(tiny_world, inputs, tmp_path / "f.mp4", adapter_path=ckpt / "trainable.safetensors")
-    released = _sample(tiny_world, inputs, tmp_path / "r.mp4", adapter_path=ckpt / "fantasytalking_model.ckpt")
+    from_file = _sample(tiny_world, sample_inputs, tmp_path / "f.mp4", adapter_path=ckpt / "trainable.safetensors")
+    released = _sample(tiny_world, sample_inputs, tmp_path / "r.mp4", adapter_path=ckpt / "fantasytalking_model.ckpt")
     assert np.array_equal(from_run, from_ckpt) and np.array_equal(from_ckpt, from_file)
     # the released-form copy is stored in bf16: close, not equal
     assert np.abs(released.astype(int) - from_ckpt.astype(int)).mean() < 2
@@ -106,7 +98,7 @@ def _no_models(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_inputs_fail_before_any_model_loads(
-    tiny_world: dict[str, Path], inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_world: dict[str, Path], sample_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _no_models(monkeypatch)
     short = tmp_path / "short.wav"
@@ -114,8 +106,8 @@ def test_bad_inputs_fail_before_any_model_loads(
 
     soundfile.write(short, np.zeros(800, dtype=np.float32), 16000)  # 0.05 s: less than one latent frame
     requests = [
-        SampleRequest(image=tmp_path / "missing.png", audio=inputs["audio"], prompt="p", out=tmp_path / "1.mp4"),
-        SampleRequest(image=inputs["image"], audio=short, prompt="p", out=tmp_path / "2.mp4"),
+        SampleRequest(image=tmp_path / "missing.png", audio=sample_inputs["audio"], prompt="p", out=tmp_path / "1.mp4"),
+        SampleRequest(image=sample_inputs["image"], audio=short, prompt="p", out=tmp_path / "2.mp4"),
     ]
     with pytest.raises(Exception) as caught:
         sample_videos(_model(tiny_world), requests, SampleOptions(guidance=FAST, **TINY), say=lambda _: None)  # type: ignore[arg-type]
@@ -124,7 +116,7 @@ def test_bad_inputs_fail_before_any_model_loads(
 
 
 def test_adapter_of_the_wrong_shape_is_named_before_loading(
-    tiny_world: dict[str, Path], inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_world: dict[str, Path], sample_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _no_models(monkeypatch)
     bad = tmp_path / "bad_adapter.safetensors"
@@ -132,7 +124,8 @@ def test_adapter_of_the_wrong_shape_is_named_before_loading(
     result = CliRunner().invoke(
         app,
         ["sample", "--pretrained_model_name_or_path", str(tiny_world["model"]), "--adapter", str(bad),
-         "--image", str(inputs["image"]), "--audio", str(inputs["audio"]), "--out", str(tmp_path / "x.mp4")],
+         "--image", str(sample_inputs["image"]), "--audio", str(sample_inputs["audio"]),
+         "--out", str(tmp_path / "x.mp4")],
     )  # fmt: skip
     assert result.exit_code != 0
     assert "bad_adapter.safetensors" in result.output and "proj_model" in result.output

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fantasytalk_cli.convert.sources import open_checkpoint
+from fantasytalk_cli.sample.video_io import read_mp4
 from fantasytalk_cli.train.checkpoint import CheckpointMeta, latest_checkpoint
 from tests.dist.launch import check_run
 from tests.test_distributed import STRATEGIES
@@ -93,3 +94,39 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
             assert p["writes"] > 0, p
             assert p["local_numel"] < 0.6 * p["full_numel"], p
             assert p["max_local_numel_between_writes"] < 0.6 * p["full_numel"], p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_validation_samples_without_changing_the_weights(
+    name: str, tiny_world: dict, tmp_path: Path, sample_inputs: dict[str, Path]
+) -> None:
+    """2 processes, sharded weights: validation at steps 1 and 2 (gathered on every rank, sampled on the main one)
+    writes samples/step-N/*.mp4, and the run ends on the same weights, bit for bit, as the run without it."""
+    env = dict(STRATEGIES[name])
+    if name == "zero3":
+        ds = tmp_path / "zero3.json"
+        ds.write_text(json.dumps(ZERO3_TEST_JSON))
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
+    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 2}
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    launch(world_argv(tiny_world, plain, **common), env, tmp_path / "probe1", plain / "checkpoint-2")
+    validation = {
+        "validation_image_paths": [sample_inputs["image"]],
+        "validation_audio_paths": [sample_inputs["audio"]],
+        "validation_steps": 1,
+        "validation_num_inference_steps": 2,
+        "validation_image_size": 64,
+        "validation_max_num_frames": 9,
+    }
+    out = launch(
+        world_argv(tiny_world, sampled, **common, **validation), env, tmp_path / "p2", sampled / "checkpoint-2"
+    )
+    assert "validation: step 1" in out and "validation: step 2" in out
+    for step in (1, 2):
+        (video,) = (sampled / "samples" / f"step-{step}").glob("*.mp4")
+        frames, info = read_mp4(video)
+        assert (info.frames, info.width, info.height) == (9, 48, 64) and frames.std() > 0
+    want = load_file(plain / "checkpoint-2" / "trainable.safetensors")
+    got = load_file(sampled / "checkpoint-2" / "trainable.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
