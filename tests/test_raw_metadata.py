@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import decord
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from fantasytalk_cli.cli import app
@@ -258,6 +260,13 @@ def test_readme_recipe_blocks_run_on_the_raw_metadata(tiny_world: dict, tmp_path
     proc = run_bash("\n".join([args, scale, preflight]), user)
     assert (user / "datasets/internal_datasets/metadata_clean.json").is_file()
     assert "bucket" in proc.stdout
+    # the README's sample command on what the recipe trained, scaled down the same way
+    first = sorted((user / "datasets/internal_datasets/train").iterdir())[0]
+    Image.fromarray(decord.VideoReader(str(first))[0].asnumpy()).save(user / "face.png")
+    shutil.copy(sorted((user / "datasets/internal_datasets/wav").iterdir())[0], user / "speech.wav")
+    sample = readme_block("ftalk sample") + " --image_size 64 --max_num_frames 9 --num_inference_steps 2"
+    proc = run_bash("\n".join([args, sample]), user)
+    assert "output_dir/checkpoint-2" in proc.stdout and (user / "talk.mp4").is_file()
 
 
 @pytest.mark.slow

@@ -54,7 +54,16 @@ def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
         [*demo, "--work-dir", str(tmp_path / "demo")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for step in ("make-tiny-model", "make-demo-data", "validate-metadata", "plan-buckets", "train", "convert-zero"):
+    steps = (
+        "make-tiny-model",
+        "make-demo-data",
+        "validate-metadata",
+        "plan-buckets",
+        "train",
+        "convert-zero",
+        "sample",
+    )
+    for step in steps:
         assert f"done {step}" in proc.stdout
     assert (tmp_path / "demo" / "run" / "checkpoint-20" / "meta.json").is_file()
     assert (tmp_path / "demo" / "adapter" / "fantasytalking_model.ckpt").is_file()
@@ -66,6 +75,13 @@ def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
     assert f"converted adapter:  {tmp_path / 'demo' / 'adapter' / 'fantasytalking_model.ckpt'}\n" in proc.stdout
     assert f"checkpoint:         {tmp_path / 'demo' / 'run' / 'checkpoint-20'}\n" in proc.stdout
     assert "\n  ftalk validate-metadata " in proc.stdout  # the next commands to try
+    # the demo ends on a sample video of the trained adapter, whose frames differ from the fresh adapter's
+    assert f"sample video:       {tmp_path / 'demo' / 'sample.mp4'}\n" in proc.stdout
+    assert (tmp_path / "demo" / "sample.mp4").is_file() and (tmp_path / "demo" / "sample-strip.png").is_file()
+    effect = re.search(
+        r"(?m)^trained vs fresh adapter: frames differ by (\d+\.\d) grey levels on average$", proc.stdout
+    )
+    assert effect is not None and float(effect.group(1)) > 0
     again = subprocess.run(  # the README's demo command again: it replaces its own folder
         [*demo, "--work-dir", str(tmp_path / "demo")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
