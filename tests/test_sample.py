@@ -3,6 +3,7 @@ the adapter has an effect; a training checkpoint loads as the adapter; bad input
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,27 @@ def test_adapter_of_the_wrong_shape_is_named_before_loading(
     assert result.exit_code != 0
     assert "bad_adapter.safetensors" in result.output and "proj_model" in result.output
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_batch_file_makes_every_video(
+    tiny_world: dict[str, Path], sample_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--batch` (JSONL, paths relative to it): one video per line, the transformer loaded once."""
+    loads = []
+    real = sample_run.load_transformer
+    monkeypatch.setattr(sample_run, "load_transformer", lambda *a, **k: loads.append(1) or real(*a, **k))
+    batch = tmp_path / "batch.jsonl"
+    lines = [
+        {"image": str(sample_inputs["image"]), "audio": str(sample_inputs["audio"]), "out": "one.mp4"},
+        {"image": str(sample_inputs["image"]), "audio": str(sample_inputs["audio"]), "out": "two.mp4", "prompt": "x"},
+    ]
+    batch.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = CliRunner().invoke(
+        app,
+        ["sample", "--pretrained_model_name_or_path", str(tiny_world["model"]), "--batch", str(batch),
+         "--image_size", "64", "--max_num_frames", "5", "--num_inference_steps", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert loads == [1]
+    for name in ("one.mp4", "two.mp4"):
+        assert read_mp4(tmp_path / name)[1].frames == 5
