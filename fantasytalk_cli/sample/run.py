@@ -158,6 +158,7 @@ def sample_videos(
     _free(clip, wav2vec)
     clip = wav2vec = None  # type: ignore[assignment]
 
+    say(f"loading the transformer; {steps_count(options.guidance)} passes per video")
     transformer = load_transformer(base, dtype=dtype, wan_yaml=wan_yaml, device=device, **dims)
     say(load_adapter(adapter, transformer))
     latents = [
@@ -174,6 +175,7 @@ def sample_videos(
     transformer = None  # type: ignore[assignment]
 
     vae.vae.enable_tiling()
+    say(f"decoding {len(latents)} video(s) with the VAE, in tiles")
     results = []
     for req, video in zip(checked, latents, strict=True):
         frames = to_uint8_frames(vae.decode(video.to(device)))
