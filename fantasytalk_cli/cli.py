@@ -293,6 +293,27 @@ def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
         console.print(render_summary(summary))
 
 
+@app.command("cache", cls=PanelHelpCommand)
+@reports_errors
+@with_config_flags(*TRAIN_SECTIONS)
+def cache(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
+    """Precompute what the frozen encoders give each clip (text, audio, latents, CLIP) into --cache_dir, with
+    train's own flags; `train --cache_dir` then reads it. Under `accelerate launch` each process caches its share."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fantasytalk_cli.cache.build import build_cache
+
+    cfg = resolve_config(config, flags)
+    columns = (TextColumn("caching"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("cache", total=None)
+        report = build_cache(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    for line in report.summary():
+        console.print(line, highlight=False, soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
 @app.command("convert-zero", cls=PanelHelpCommand)
 @reports_errors
 def convert_zero(

@@ -15,6 +15,7 @@ that renames things into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -147,3 +148,12 @@ def swap_folder(staging: Path, target: Path) -> None:
     else:
         os.replace(staging, target)
     fsync_dir(target.parent)
+
+
+def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a file's bytes, read in `chunk`-byte blocks (memory stays flat for any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

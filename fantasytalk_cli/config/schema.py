@@ -40,6 +40,15 @@ class DataConfig(Section):
     allow_outside_data_dir: bool = False
     """Accept media outside the data folder (an absolute path elsewhere, a `..` path, a symlink that resolves
     out); by default validate, plan and train refuse such entries, naming them."""
+    cache_dir: Path | None = None
+    """Feature cache written by `ftalk cache`: what it holds is read instead of computed (text embeddings, audio
+    features, VAE latents and CLIP embeddings); what it lacks is computed online and counted."""
+    cache_epochs: int = Field(1, ge=1)
+    """`ftalk cache`: epochs whose frame windows (and buckets) are cached per clip (each epoch draws new windows)."""
+    fixed_window: bool = False
+    """Every epoch uses each clip's epoch-0 frame window (so one cached window serves the whole run)."""
+    cache_required: bool = False
+    """With `cache_dir`: refuse to compute online what the cache lacks (stop with the list) instead of warning."""
 
     def media_root(self) -> Path | None:
         """The folder relative media paths are joined to: `train_data_dir`, else the metadata file's folder

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import msgspec
 from fantasytalk_cli.data.findings import CODES, Finding, finding
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.fileio import file_sha256
 
 Format = Literal["json", "jsonl", "csv"]
 
@@ -530,12 +530,3 @@ def outside_report(root: Path, paths: Iterable[tuple[int, str]], *, follow_links
 def metadata_hash(path: Path) -> str:
     """sha256 (hex) of the metadata file's bytes: plan files record it to notice a changed metadata file."""
     return file_sha256(path)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks (memory stays flat for any size)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

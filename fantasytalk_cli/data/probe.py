@@ -30,8 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fantasytalk_cli.data.metadata import file_sha256
-from fantasytalk_cli.fileio import atomic_file
+from fantasytalk_cli.fileio import atomic_file, file_sha256
 
 PROBE_VERSION = 1
 """Bumped when probe results change meaning; cached results of another version are ignored."""

@@ -79,6 +79,15 @@ class VaeEncoder(_Frozen):
     ) -> torch.Tensor:
         """Encode, then normalise. ``sample=True`` draws from the posterior (what the reference trainer trains on),
         ``False`` takes its mean (what inference uses)."""
+        self._check(pixels)
+        param = next(self.vae.parameters())
+        out = []
+        for chunk in pixels.split(self.mini_batch):
+            dist = self.vae.encode(chunk.to(device=param.device, dtype=param.dtype)).latent_dist
+            out.append(self.normalise(dist.sample(generator) if sample else dist.mean))
+        return torch.cat(out)
+
+    def _check(self, pixels: torch.Tensor) -> None:
         if pixels.ndim != 5 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be [B, 3, F, H, W], got {tuple(pixels.shape)}")
         frames, height, width = pixels.shape[2:]
@@ -86,12 +95,21 @@ class VaeEncoder(_Frozen):
             raise ValueError(
                 f"pixels {tuple(pixels.shape)}: frames must be {self.temporal}k+1 and H, W multiples of {self.spatial}"
             )
+
+    @torch.no_grad()
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent distribution in the DiT's space, ``vae_mini_batch`` videos at a time: (normalised mean,
+        std / latents_std), float32 [B, 16, T, h, w]. ``mean + std * eps`` is a normalised posterior sample; the
+        feature cache stores these two, so a cached step draws the same sample as an online one."""
+        self._check(pixels)
         param = next(self.vae.parameters())
-        out = []
+        shape = (1, -1) + (1,) * (pixels.ndim - 2)
+        means, stds = [], []
         for chunk in pixels.split(self.mini_batch):
             dist = self.vae.encode(chunk.to(device=param.device, dtype=param.dtype)).latent_dist
-            out.append(self.normalise(dist.sample(generator) if sample else dist.mean))
-        return torch.cat(out)
+            means.append(self.normalise(dist.mean))
+            stds.append(dist.std.float() / self.latents_std.view(shape))
+        return torch.cat(means), torch.cat(stds)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -189,9 +207,9 @@ class FrozenEncoders(nn.Module):
 
     def __init__(
         self,
-        vae: VaeEncoder,
-        text: TextEncoder,
-        image: ImageEncoder,
+        vae: VaeEncoder | None,
+        text: TextEncoder | None,
+        image: ImageEncoder | None,
         audio: nn.Module | None = None,
         *,
         low_vram: bool = False,
@@ -210,8 +228,8 @@ class FrozenEncoders(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the VAE's weights are now."""
-        return next(self.vae.parameters()).device
+        """Where the encoders' weights are now (the CPU when none is loaded)."""
+        return next((p.device for p in self.parameters()), torch.device("cpu"))
 
     def offload(self) -> FrozenEncoders:
         """Move everything to the CPU (frees accelerator memory between uses)."""
@@ -238,23 +256,25 @@ def load_frozen_encoders(
     low_vram: bool = False,
     audio: nn.Module | None = None,
     vae_dtype: torch.dtype | None = None,
+    text: bool = True,
+    video: bool = True,
 ) -> FrozenEncoders:
-    """Load the VAE, umT5 (+ tokenizer) and CLIP of ``model_dir`` (either layout) as `FrozenEncoders`.
+    """Load the VAE, umT5 (+ tokenizer) and CLIP of ``model_dir`` (either layout) as `FrozenEncoders`; ``text`` /
+    ``video`` False leave umT5 / the VAE and CLIP out (the feature cache holds what they would compute).
 
     ``text_len`` comes from ``text_encoder_kwargs.text_length`` of the model YAML (512). With ``low_vram`` the
     encoders are loaded onto the CPU whatever ``device`` says.
     """
     wan_yaml = wan_yaml if wan_yaml is not None else load_wan_yaml(None)
     where: Device = "cpu" if low_vram else device
-    vae = load_vae(model_dir, dtype=vae_dtype or dtype, wan_yaml=wan_yaml, device=where)
-    text_model = load_text_encoder(model_dir, dtype=dtype, wan_yaml=wan_yaml, device=where)
-    tokenizer = load_tokenizer(model_dir, wan_yaml=wan_yaml)
-    image_model = load_image_encoder(model_dir, dtype=dtype, wan_yaml=wan_yaml, device=where)
-    encoders = FrozenEncoders(
-        VaeEncoder(vae, vae_mini_batch),
-        TextEncoder(text_model, tokenizer, wan_yaml.text_encoder_kwargs.text_length),
-        ImageEncoder(image_model),
-        audio,
-        low_vram=low_vram,
-    )
-    return encoders.to(where)
+    text_encoder = vae = image = None
+    if video:
+        vae = VaeEncoder(load_vae(model_dir, dtype=vae_dtype or dtype, wan_yaml=wan_yaml, device=where), vae_mini_batch)
+        image = ImageEncoder(load_image_encoder(model_dir, dtype=dtype, wan_yaml=wan_yaml, device=where))
+    if text:
+        text_encoder = TextEncoder(
+            load_text_encoder(model_dir, dtype=dtype, wan_yaml=wan_yaml, device=where),
+            load_tokenizer(model_dir, wan_yaml=wan_yaml),
+            wan_yaml.text_encoder_kwargs.text_length,
+        )
+    return FrozenEncoders(vae, text_encoder, image, audio, low_vram=low_vram).to(where)

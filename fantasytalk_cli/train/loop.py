@@ -99,6 +99,7 @@ def batch_stream(run: Run, meter: Meter) -> Iterator[dict[str, Any]]:
         t_wait = time.perf_counter()
         for batch in run.loader:
             meter.wait_s += time.perf_counter() - t_wait
+            run.cache_misses.update(batch.get("cache_misses") or {})
             if share_failures(run, batch):
                 yield batch
             else:
@@ -118,7 +119,7 @@ def share_failures(run: Run, batch: dict[str, Any]) -> bool:
         run.tell(
             f"[yellow]rank {acc.process_index}: skipped[/] entry {failure.index} ({failure.path}): {failure.reason}"
         )
-    counts = torch.tensor([float(batch["pixels"] is not None), len(new)], device=acc.device)
+    counts = torch.tensor([float(bool(batch["indices"])), len(new)], device=acc.device)
     ranks_with_data, new_failures = acc.reduce(counts, reduction="sum").tolist()
     if new_failures:
         shared = gather_object([(f.index, f.path, f.reason) for f in new])
@@ -249,4 +250,5 @@ def finish(run: Run, summary: TrainSummary) -> TrainSummary:
     summary.nonfinite_skipped = state.nonfinite_skipped
     summary.failed_entries = sorted(state.failed_entries)
     summary.outliers = state.outliers
+    summary.cache_misses = dict(run.cache_misses) if run.cfg.data.cache_dir is not None else None
     return summary

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fantasytalk_cli.data.metadata import file_sha256
-from fantasytalk_cli.fileio import write_text_atomic
+from fantasytalk_cli.fileio import file_sha256, write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ftalk-checkpoint-manifest"

@@ -34,7 +34,8 @@ class ModelSetupError(FtalkError, RuntimeError):
 class TrainingModels:
     transformer: FantasyTalkingTransformer
     encoders: FrozenEncoders
-    wav2vec: Wav2Vec2Features
+    wav2vec: Wav2Vec2Features | None
+    """None when the feature cache holds every audio feature the run needs."""
     trainable_parameters: int
     frozen_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
@@ -47,10 +48,13 @@ def load_training_models(
     device: torch.device,
     uniform_dtype: bool,
     sharded: ShardedBuild | None = None,
+    cached: frozenset[str] = frozenset(),
 ) -> TrainingModels:
     """Everything built on the CPU (the accelerator placement is accelerate's job), encoders on
     `device` unless `low_vram`. `uniform_dtype`: keep the whole transformer in fp32 (FSDP).
-    `sharded`: ZeRO-3 init, the transformer is built partitioned (DeepSpeed keeps fp32 masters)."""
+    `sharded`: ZeRO-3 init, the transformer is built partitioned (DeepSpeed keeps fp32 masters). `cached`: the
+    kinds of features ("text", "audio", "video") the feature cache holds for the whole run: umT5, wav2vec2, or
+    the VAE and CLIP are then not loaded."""
     if model.pretrained_model_name_or_path is None:
         raise ModelSetupError("--pretrained_model_name_or_path is required: the Wan2.1-I2V base model folder")
     base = model.pretrained_model_name_or_path
@@ -75,7 +79,7 @@ def load_training_models(
     if model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    wav2vec = Wav2Vec2Features.from_pretrained(wav2vec_dir, dtype=torch.float32)
+    wav2vec = None if "audio" in cached else Wav2Vec2Features.from_pretrained(wav2vec_dir, dtype=torch.float32)
     encoders = load_frozen_encoders(
         base,
         dtype=frozen,
@@ -84,8 +88,10 @@ def load_training_models(
         device=device,
         low_vram=model.low_vram,
         vae_dtype=torch.float32,
+        text="text" not in cached,
+        video="video" not in cached,
     )
-    if not model.low_vram:
+    if not model.low_vram and wav2vec is not None:
         wav2vec.to(device)
     notes.append(f"trainable: {count:,} parameters matching {model.trainable_modules}")
     return TrainingModels(transformer, encoders, wav2vec, count, frozen, notes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from diffusers.optimization import get_scheduler
 from rich.console import Console
 
 from fantasytalk_cli import __version__
+from fantasytalk_cli.cache.keys import cache_settings
+from fantasytalk_cli.cache.lookup import CacheLookup, coverage
 from fantasytalk_cli.config.load import config_diff, config_to_yaml
 from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
@@ -79,6 +82,8 @@ class Run:
     """Prints on every process (what one rank alone saw)."""
     validation: Validation | None = None
     """The validation pairs, checked at set-up (None: no validation)."""
+    cache_misses: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Feature-cache entries this rank's batches lacked (or found corrupt) and computed online, by kind."""
 
     @property
     def main(self) -> bool:
@@ -115,9 +120,10 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
         say(f"[yellow]note:[/] {note}")
     set_seed(cfg.train.seed or 0)
     entries, sampler, loader = _data(cfg, accelerator, say)
-    models = _models(cfg, accelerator, strategy, say)
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.gradient_accumulation_steps)
     max_steps = cfg.train.max_train_steps or cfg.train.num_train_epochs * steps_per_epoch
+    cached = _cached_kinds(cfg, loader.dataset, entries, math.ceil(max_steps / steps_per_epoch), say)
+    models = _models(cfg, accelerator, strategy, say, cached)
     optimizer = build_optimizer(models.transformer, cfg.train)
     # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
     lr_scheduler = get_scheduler(
@@ -180,7 +186,14 @@ def _data(
         )
     # The dataset always hands failures back; the loop applies `bad_sample_policy` after sharing them
     # across ranks, so that `fail` stops every rank together instead of one raising while the others wait.
-    dataset = ClipBatchDataset(entries, plan, cfg.data.media_root(), seed=cfg.train.seed or 0, policy="skip")
+    lookup = None
+    if cfg.data.cache_dir is not None:
+        settings = cache_settings(cfg.model, cfg.train)
+        lookup = CacheLookup(cfg.data.cache_dir, settings, required=cfg.data.cache_required)
+    dataset = ClipBatchDataset(
+        entries, plan, cfg.data.media_root(), seed=cfg.train.seed or 0, policy="skip", cache=lookup,
+        fixed_window=cfg.data.fixed_window,
+    )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
         num_workers=cfg.data.dataloader_num_workers, persistent_workers=False,
@@ -217,13 +230,48 @@ def entries_with_facts(
     return entries, [filled.note()]
 
 
-def _models(cfg: FtalkConfig, accelerator: Accelerator, strategy: Strategy, say: Callable[..., None]) -> TrainingModels:
+def _cached_kinds(
+    cfg: FtalkConfig, dataset: ClipBatchDataset, entries: list[MetadataEntry], epochs: int, say: Callable[..., None]
+) -> frozenset[str]:
+    """The kinds of features (text, audio, video) the feature cache holds for every batch this run can train on:
+    their encoders are not loaded."""
+    if dataset.cache is None:
+        return frozenset()
+    found = coverage(
+        dataset.cache, entries, dataset.plan, seed=cfg.train.seed or 0, data=cfg.data, epochs=max(1, epochs)
+    )
+    for note in found.notes():
+        say(f"[yellow]cache:[/] {note}")
+    kinds = frozenset(kind for kind in ("text", "audio", "video") if found.complete(kind))
+    if cfg.data.cache_required and len(kinds) < 3:
+        raise TrainingError(
+            f"{cfg.data.cache_dir}: --cache_required, but the cache lacks entries this run needs "
+            f"({'; '.join(found.notes())}): run `ftalk cache` with this run's flags (same model, precision, buckets, "
+            "seed, --cache_epochs covering the run or --fixed_window), or drop --cache_required to compute them online"
+        )
+    if kinds:
+        say(f"cache: not loading the encoders of {', '.join(sorted(kinds))} (every entry this run needs is cached)")
+    return kinds
+
+
+def _models(
+    cfg: FtalkConfig,
+    accelerator: Accelerator,
+    strategy: Strategy,
+    say: Callable[..., None],
+    cached: frozenset[str] = frozenset(),
+) -> TrainingModels:
     """Frozen base + encoders in the low precision, the adapter in fp32 (ZeRO-3 init: the transformer alone
     is built partitioned)."""
     sharded = sharded_build(accelerator, strategy)
     with plain_construction(accelerator):
         models = load_training_models(
-            cfg.model, cfg.train, device=accelerator.device, uniform_dtype=strategy.uniform_dtype, sharded=sharded
+            cfg.model,
+            cfg.train,
+            device=accelerator.device,
+            uniform_dtype=strategy.uniform_dtype,
+            sharded=sharded,
+            cached=cached,
         )
     for note in models.notes:
         say(f"model: {note}")

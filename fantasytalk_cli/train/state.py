@@ -58,6 +58,8 @@ class TrainSummary:
     outliers: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    cache_misses: dict[str, int] | None = None
+    """Feature-cache entries computed online because the cache lacked them (None: no cache)."""
     samples: list[Path] = field(default_factory=list)
     """Validation videos written (`output_dir/samples/step-N/`)."""
     main: bool = True
@@ -70,6 +72,13 @@ def _entries(indices: list[int]) -> str:
         return "0"
     more = ", ..." if len(indices) > 5 else ""
     return f"{len(indices)}: entries {', '.join(map(str, indices[:5]))}{more}"
+
+
+def _cache_row(misses: dict[str, int] | None) -> list[tuple[str, str]]:
+    if misses is None:
+        return []
+    shown = ", ".join(f"{kind} {count}" for kind, count in sorted(misses.items()) if count) or "none"
+    return [("cache misses, computed online", shown)]
 
 
 def render_summary(summary: TrainSummary) -> Table:
@@ -87,6 +96,7 @@ def render_summary(summary: TrainSummary) -> Table:
             f"{len(summary.samples)} in {summary.samples[-1].parent.parent}" if summary.samples else "-",
         ),
         ("stopped by", summary.stopped_by or "-"),
+        *_cache_row(summary.cache_misses),
         ("non-finite steps skipped", str(summary.nonfinite_skipped)),
         ("clips skipped (failed to load)", _entries(summary.failed_entries)),
         ("loss elements over the outlier guard", str(summary.outliers)),

@@ -1,7 +1,8 @@
 """One training step of FantasyTalking (`docs/training.md#loss`), in one readable function.
 
 Conditioning: VAE latents of the clip (posterior sample, as the reference trains), the I2V condition
-y = [4 mask channels ; VAE(first frame, zeros)], umT5 text, CLIP of frame 0, wav2vec2 audio. Dropout
+y = [4 mask channels ; VAE(first frame, zeros)], umT5 text, CLIP of frame 0, wav2vec2 audio: encoded from the
+batch, or taken from the feature cache (`ftalk cache`), with the same random draws either way. Dropout
 of text / image / audio conditions per sample. Flow matching with the shifted schedule; timesteps
 drawn identically on every rank so `uniform_sampling` stratifies the global batch.
 """
@@ -65,10 +66,22 @@ def _generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch
     return make(0), make(1, rank)
 
 
-def audio_features(wav2vec: Wav2Vec2Features, clips: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def audio_features(
+    wav2vec: Wav2Vec2Features | None,
+    clips: list[torch.Tensor],
+    device: torch.device,
+    cached: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """wav2vec2 features [B, L, C] of clips of different lengths: each encoded on its own (no padding,
-    wav2vec2-base has no mask), then resampled in time to the longest so windows stay proportional."""
-    feats = [wav2vec(clip.numpy()).to(device) for clip in clips]
+    wav2vec2-base has no mask), or taken from the feature cache, then resampled in time to the longest so windows
+    stay proportional."""
+    cached = cached or [None] * len(clips)
+    feats = []
+    for clip, hit in zip(clips, cached, strict=True):
+        if hit is None:
+            assert wav2vec is not None, "an audio clip missed the cache but wav2vec2 is not loaded"
+            hit = wav2vec(clip.numpy())
+        feats.append(hit.to(device))
     longest = max(f.shape[1] for f in feats)
     same = [
         f if f.shape[1] == longest else F.interpolate(f.transpose(1, 2), size=longest, mode="linear").transpose(1, 2)
@@ -77,10 +90,51 @@ def audio_features(wav2vec: Wav2Vec2Features, clips: list[torch.Tensor], device:
     return torch.cat(same).float()
 
 
+@dataclass
+class VideoConditions:
+    """What a batch's video gives the step: the latent distribution (normalised mean and std), the I2V condition's
+    first-frame latents and the CLIP embedding of frame 0; from the encoders, or from the feature cache."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    first: torch.Tensor
+    image: torch.Tensor
+
+
+def encode_video(encoders: FrozenEncoders, pixels: torch.Tensor) -> VideoConditions:
+    """Encode pixels [B, 3, F, H, W] in [-1, 1]: the VAE posterior, the first frame followed by zeros through the
+    VAE (posterior mean), and CLIP of frame 0 (as upstream's I2V conditioning)."""
+    mean, std = encoders.vae.posterior(pixels)
+    first_only = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
+    return VideoConditions(
+        mean, std, encoders.vae.encode(first_only, sample=False), encoders.image.encode(pixels[:, :, 0])
+    )
+
+
+def video_conditions(encoders: FrozenEncoders, batch: dict[str, Any], device: torch.device) -> VideoConditions:
+    """The batch's cached video conditions (``batch["video"]``), else encoded from its pixels."""
+    cached = batch.get("video")
+    if cached is not None:
+        return VideoConditions(*(cached[k].to(device) for k in ("mean", "std", "first", "image")))
+    return encode_video(encoders, to_model_pixels(batch["pixels"], device))  # uint8 from the loader -> [-1, 1]
+
+
+def text_conditions(encoders: FrozenEncoders, batch: dict[str, Any], drop: torch.Tensor) -> torch.Tensor:
+    """umT5 embeddings of the captions, the empty caption where text is dropped: cached per caption when the
+    batch carries them (``batch["text_cache"]``: each caption's and the empty caption's), else encoded."""
+    cached = batch.get("text_cache")
+    if cached is not None:
+        return torch.cat(
+            [cached["empty"] if d else hit for d, hit in zip(drop.tolist(), cached["captions"], strict=True)]
+        )
+    captions = ["" if d else t for d, t in zip(drop.tolist(), batch["text"], strict=True)]
+    return encoders.text.encode(captions)
+
+
 def training_step(
     model: torch.nn.Module,
     encoders: FrozenEncoders,
-    wav2vec: Wav2Vec2Features,
+    wav2vec: Wav2Vec2Features | None,
     batch: dict[str, Any],
     ctx: StepContext,
     step: int,
@@ -88,8 +142,7 @@ def training_step(
     """Loss of one micro-batch (not yet backpropagated)."""
     cfg = ctx.train
     shared, local = _generators(cfg.seed or 0, step, ctx.rank)
-    pixels = to_model_pixels(batch["pixels"], ctx.device)  # uint8 from the loader -> [-1, 1]
-    bsz, _, frames, height, width = pixels.shape
+    bsz, frames, height, width = len(batch["text"]), batch["shape"][2], batch["shape"][0], batch["shape"][1]
 
     # Per-sample condition dropout (classifier-free guidance for text, image and audio).
     drop = torch.rand(3, bsz, generator=local)
@@ -98,16 +151,15 @@ def training_step(
     drop_audio = drop[2] < cfg.audio_dropout
 
     with torch.no_grad(), encoders.on(ctx.device):
-        latents = encoders.vae.encode(pixels, sample=True, generator=local)  # [B, 16, T, h, w]
-        first_only = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
-        first_latents = encoders.vae.encode(first_only, sample=False)
+        video = video_conditions(encoders, batch, ctx.device)
+        eps = torch.randn(video.mean.shape, generator=local, dtype=video.mean.dtype).to(ctx.device)
+        latents = video.mean.to(ctx.device) + video.std.to(ctx.device) * eps  # a posterior sample, normalised
         mask = i2v_mask(frames, latents.shape[-2], latents.shape[-1], device=ctx.device)
-        y = torch.cat([mask.unsqueeze(0).expand(bsz, -1, -1, -1, -1), first_latents], dim=1)
-        captions = ["" if d else t for d, t in zip(drop_text.tolist(), batch["text"], strict=True)]
-        text = encoders.text.encode(captions)
-        image = encoders.image.encode(pixels[:, :, 0])
+        y = torch.cat([mask.unsqueeze(0).expand(bsz, -1, -1, -1, -1), video.first.to(ctx.device)], dim=1)
+        text = text_conditions(encoders, batch, drop_text).to(ctx.device)
+        image = video.image.to(ctx.device)
         image = image * (~drop_image).to(image.dtype).to(ctx.device).view(-1, 1, 1)
-        audio = audio_features(wav2vec, batch["audio"], ctx.device)
+        audio = audio_features(wav2vec, batch["audio"], ctx.device, batch.get("audio_cache"))
 
     idx = sample_timestep_indices(
         global_batch=bsz * ctx.world_size,

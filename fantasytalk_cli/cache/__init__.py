@@ -1,0 +1,1 @@
+"""The feature cache: precomputed per-clip tensors stored as content-addressed safetensors files."""

@@ -1,0 +1,131 @@
+"""`ftalk cache` and `train --cache_dir` on the tiny world: a cached run trains to the same weights as an online
+one without loading the encoders; a changed caption or audio file re-encodes only what it affects; an interrupted
+cache run resumes without recomputing finished entries; a missing or corrupt entry is computed online and counted,
+or refused with --cache_required; processes split the work and the cache is their union."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fantasytalk_cli.cache import build as cache_build
+from fantasytalk_cli.cache.build import build_cache
+from fantasytalk_cli.cache.store import CacheStore
+from fantasytalk_cli.cli import app
+from fantasytalk_cli.config.flags import expand_multi_value_flags
+from fantasytalk_cli.data.metadata import load_entries
+from fantasytalk_cli.data.metadata_write import write_entries_atomic
+from tests.tiny_world import world_argv, world_config
+
+
+@pytest.fixture()
+def world(tiny_world: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """The tiny world with its own copy of the data (the tests change captions and audio files)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    return {**tiny_world, "data": data, "clean": data / "clean.json"}
+
+
+def _cache(world: dict[str, Path], cache: Path, **overrides: object):  # noqa: ANN202
+    cfg = world_config(world, world["root"] / "unused", cache_dir=cache, **overrides)
+    return build_cache(cfg, say=lambda _: None)
+
+
+def _train(world: dict[str, Path], run: Path, *extra: str, **overrides: object) -> str:
+    steps = overrides.pop("max_train_steps", 3)
+    argv = ["train", *world_argv(world, run, max_train_steps=steps, checkpointing_steps=steps, **overrides), *extra]
+    result = CliRunner().invoke(app, expand_multi_value_flags(argv))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_cached_run_equals_the_online_run_without_the_encoders(world: dict[str, Path], tmp_path: Path) -> None:
+    report = _cache(world, tmp_path / "cache")
+    assert report.computed["video"] == report.items > 0 and not report.failed
+    out = _train(world, tmp_path / "cached", cache_dir=tmp_path / "cache")
+    assert "not loading the encoders of audio, text, video" in out
+    assert "cache misses, computed online" in out and "│ none" in out
+    _train(world, tmp_path / "online")
+    cached = load_file(tmp_path / "cached" / "checkpoint-3" / "trainable.safetensors")
+    online = load_file(tmp_path / "online" / "checkpoint-3" / "trainable.safetensors")
+    for name, want in online.items():
+        torch.testing.assert_close(cached[name], want, rtol=0, atol=1e-6)
+
+
+def test_changed_caption_or_audio_recomputes_only_what_it_affects(world: dict[str, Path], tmp_path: Path) -> None:
+    first = _cache(world, tmp_path / "cache")
+    entries = load_entries(world["clean"])
+    changed = [entries[0].__class__(**{**entries[0].__dict__, "text": "A new caption."}), *entries[1:]]
+    write_entries_atomic(world["clean"], changed)
+    again = _cache(world, tmp_path / "cache")
+    assert (again.computed["text"], again.computed["audio"], again.computed["video"]) == (1, 0, 0)
+    assert again.reused["video"] == first.items
+    audio = world["data"] / entries[1].audio_path
+    samples, rate = soundfile.read(audio, dtype="float32")
+    soundfile.write(audio, np.ascontiguousarray(samples[::-1]), rate)  # same length, other content
+    third = _cache(world, tmp_path / "cache")
+    windows_of_clip_1 = sum(1 for line in CacheStore(tmp_path / "cache").manifest()
+                            if line["kind"] == "video" and line["entry"] == 1)  # fmt: skip
+    assert (third.computed["text"], third.computed["audio"], third.computed["video"]) == (0, windows_of_clip_1, 0)
+
+
+def test_interrupted_cache_run_resumes_and_corrupt_entries_are_recomputed(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write, writes = CacheStore.write, []
+
+    def killed_after_five(self: CacheStore, *args: object, **kwargs: object) -> Path:
+        if len(writes) == 5:
+            raise KeyboardInterrupt  # as a kill between two entries: every written entry is whole
+        writes.append(1)
+        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CacheStore, "write", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        _cache(world, tmp_path / "cache")
+    monkeypatch.setattr(CacheStore, "write", real_write)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    resumed = _cache(world, tmp_path / "cache")
+    assert sum(resumed.reused.values()) == 5
+    total = sum(resumed.computed.values()) + 5
+    victim = next((tmp_path / "cache" / "video").rglob("*.safetensors"))
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    repaired = _cache(world, tmp_path / "cache")
+    assert sum(repaired.computed.values()) == 1 and sum(repaired.reused.values()) == total - 1
+    assert len(repaired.corrupt) == 1 and victim.name in repaired.corrupt[0]
+
+
+def test_missing_entry_is_computed_online_or_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    report = _cache(world, tmp_path / "cache")
+    next((tmp_path / "cache" / "video").rglob("*.safetensors")).unlink()
+    out = _train(world, tmp_path / "run", cache_dir=tmp_path / "cache", max_train_steps=report.items)  # one epoch
+    assert f"video {report.items - 1}/{report.items}" in out  # the coverage, before anything loads
+    assert "not loading the encoders of audio, text (" in out  # the VAE and CLIP are needed for the missing one
+    assert re.search(r"cache misses, computed online\s*│\s*video 1", out)
+    argv = ["train", *world_argv(world, tmp_path / "strict", max_train_steps=3, cache_dir=tmp_path / "cache",
+                                 cache_required=True)]  # fmt: skip
+    result = CliRunner().invoke(app, expand_multi_value_flags(argv))
+    assert result.exit_code != 0 and "--cache_required" in result.output and "video 5/6" in result.output
+    assert not (tmp_path / "strict").exists()  # refused before the run folder was made
+
+
+def test_processes_split_the_work(world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reports = []
+    for rank in (0, 1):
+        monkeypatch.setattr(cache_build, "_rank", lambda rank=rank: (rank, 2))
+        reports.append(_cache(world, tmp_path / "cache"))
+    monkeypatch.setattr(cache_build, "_rank", lambda: (0, 1))
+    single = _cache(world, tmp_path / "single")
+    assert sum(r.items for r in reports) == single.items
+    assert sum(r.computed["video"] for r in reports) == single.computed["video"]
+    assert {line["file"] for line in CacheStore(tmp_path / "cache").manifest()} == {
+        line["file"] for line in CacheStore(tmp_path / "single").manifest()
+    }
