@@ -23,6 +23,7 @@ from fantasytalk_cli.cli import app
 from fantasytalk_cli.config.flags import expand_multi_value_flags
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.metadata_write import write_entries_atomic
+from fantasytalk_cli.planning.report import make_plan_report
 from tests.tiny_world import world_argv, world_config
 
 
@@ -129,3 +130,18 @@ def test_processes_split_the_work(world: dict[str, Path], tmp_path: Path, monkey
     assert {line["file"] for line in CacheStore(tmp_path / "cache").manifest()} == {
         line["file"] for line in CacheStore(tmp_path / "single").manifest()
     }
+
+
+def test_plan_shows_coverage_and_leaves_cached_encoders_out_of_the_memory(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = world_config(world, world["root"] / "unused", cache_dir=tmp_path / "cache")
+    without = make_plan_report(cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": None})}))
+    assert any("no feature cache" in n for n in make_plan_report(cfg).notes)
+    _cache(world, tmp_path / "cache")
+    report = make_plan_report(cfg)
+    assert any(n.startswith("feature cache: text") and "video 6/6" in n for n in report.notes), report.notes
+    assert report.memory is not None and without.memory is not None
+    names = {term.name for term in report.memory.terms}
+    assert report.memory.total_bytes < without.memory.total_bytes and "frozen encoders" in names
+    assert "none" in next(t.formula for t in report.memory.terms if t.name == "frozen encoders")

@@ -152,12 +152,12 @@ def build_cache(
     store = CacheStore(data.cache_dir)
     settings = cache_settings(cfg.model, cfg.train)
     entries, notes = _entries(cfg, world)
+    facts = facts_from_entries(entries)
     plan, _, plan_notes = plan_from_metadata(
-        data=data, buckets=cfg.buckets, train=cfg.train, metadata_path=data.train_data_meta,
-        facts=facts_from_entries(entries),
-    )  # fmt: skip
+        data=data, buckets=cfg.buckets, train=cfg.train, metadata_path=data.train_data_meta, facts=facts
+    )
     epochs = 1 if data.fixed_window else data.cache_epochs
-    items = list(planned_items(entries, plan, seed=cfg.train.seed or 0, data=data, epochs=epochs))
+    items = list(planned_items(facts, plan, seed=cfg.train.seed or 0, data=data, epochs=epochs))
     mine = [item for item in items if item.index % world == rank]
     report = CacheReport(data.cache_dir, rank, world, len(mine), epochs, data.fixed_window, notes=notes + plan_notes)
     if plan.random_frame_crop:

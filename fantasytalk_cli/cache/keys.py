@@ -14,7 +14,7 @@ epoch-0 window every epoch uses. Batches that `random_frame_crop` shortens are n
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,7 @@ from fantasytalk_cli.cache.fingerprint import model_fingerprint
 from fantasytalk_cli.config.schema import DataConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.buckets import ClipWindow, clip_window
-from fantasytalk_cli.data.metadata import MetadataEntry
-from fantasytalk_cli.data.plan import BucketPlan
+from fantasytalk_cli.data.plan import BucketPlan, ClipFacts
 from fantasytalk_cli.models.dit_config import find_wav2vec
 from fantasytalk_cli.models.layout import detect_layout
 
@@ -99,14 +98,12 @@ class CacheItem:
 
 
 def window_for(
-    entry: MetadataEntry, plan: BucketPlan, index: int, frames: int, *, seed: int, epoch: int, data: DataConfig
+    facts: ClipFacts, plan: BucketPlan, index: int, frames: int, *, seed: int, epoch: int, data: DataConfig
 ) -> ClipWindow:
     """The frame window the dataset draws for entry ``index`` in ``epoch`` (epoch 0's with `fixed_window`)."""
-    probe = entry.probe
-    assert probe is not None, "planned entries have probe facts"
     return clip_window(
-        probe.num_frames,
-        probe.fps,
+        int(facts.num_frames[index]),
+        float(facts.fps[index]),
         frames,
         int(plan.stride[index]),
         seed=seed,
@@ -116,18 +113,16 @@ def window_for(
 
 
 def planned_items(
-    entries: Sequence[MetadataEntry], plan: BucketPlan, *, seed: int, data: DataConfig, epochs: int
+    facts: ClipFacts, plan: BucketPlan, *, seed: int, data: DataConfig, epochs: int
 ) -> Iterator[CacheItem]:
     """Every (clip, window, bucket) of ``epochs`` epochs at the buckets' full frame counts, each once."""
     seen: set[tuple[int, int, int, int, int]] = set()
-    grid = plan.grid
     for epoch in range(epochs):
-        buckets = plan.assignment(epoch)
-        for index, bucket in enumerate(buckets.tolist()):
+        for index, bucket in enumerate(plan.assignment(epoch).tolist()):
             if bucket < 0:
                 continue
-            height, width, frames = grid.shape(bucket)
-            window = window_for(entries[index], plan, index, frames, seed=seed, epoch=epoch, data=data)
+            height, width, frames = plan.grid.shape(bucket)
+            window = window_for(facts, plan, index, frames, seed=seed, epoch=epoch, data=data)
             key = (index, window.start_frame, frames, height, width)
             if key not in seen:
                 seen.add(key)

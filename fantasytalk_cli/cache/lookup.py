@@ -20,7 +20,7 @@ from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.config.schema import DataConfig
 from fantasytalk_cli.data.buckets import ClipWindow
 from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
-from fantasytalk_cli.data.plan import BucketPlan
+from fantasytalk_cli.data.plan import BucketPlan, ClipFacts
 
 VIDEO_TENSORS = ("mean", "std", "first", "image")
 
@@ -103,6 +103,7 @@ class Coverage:
 def coverage(
     lookup: CacheLookup,
     entries: Sequence[MetadataEntry],
+    facts: ClipFacts,
     plan: BucketPlan,
     *,
     seed: int,
@@ -113,7 +114,7 @@ def coverage(
     is found, counted and computed online when read)."""
     root = data.media_root()
     needed = {"text": {EMPTY_CAPTION}, "audio": set(), "video": set()}
-    for item in planned_items(entries, plan, seed=seed, data=data, epochs=epochs):
+    for item in planned_items(facts, plan, seed=seed, data=data, epochs=epochs):
         entry = entries[item.index]
         needed["text"].add(entry.text)
         audio = lookup.hashes.sha256(resolve_media_path(root, entry.audio_path))

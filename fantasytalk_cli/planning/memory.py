@@ -236,12 +236,14 @@ def estimate_memory(
     audio_window_tokens: int = AUDIO_WINDOW_TOKENS,
     vae_base_dim: int = 96,
     vae_mini_batch: int = 1,
+    vae_encode: bool = True,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of one training step on samples of `shape` = (H, W, frames).
 
     `config`: transformer kwargs (`WAN21_I2V_14B_CONFIG`, `TINY_CONFIG`); `encoders`: name -> parameters of
     the frozen encoders in use (default: the real ones); `device="cpu"` models CPU training (no CUDA context,
-    encoders always resident); `model`: where `config` came from, shown with the estimate."""
+    encoders always resident); `model`: where `config` came from, shown with the estimate; `vae_encode=False`: the
+    feature cache holds the latents (no VAE encode phase)."""
     if strategy not in ("ddp", "zero2", "zero3", "fsdp"):
         raise ValueError(f"strategy must be ddp, zero2, zero3 or fsdp, not {strategy!r}")
     if devices < 1 or batch_size < 1:
@@ -266,7 +268,7 @@ def estimate_memory(
     encoder_term, visiting_bytes = _encoder_term(encoder_counts, setup)
     step = _step_terms(config, setup)
     step_transient = sum(term.bytes for term in step)
-    encode_term, encode_bytes = _encode_phase_term(visiting_bytes, step_transient, setup)
+    encode_term, encode_bytes = _encode_phase_term(visiting_bytes, step_transient, setup, vae_encode)
     overhead = RUNTIME_OVERHEAD_BYTES[device] if runtime_overhead_bytes is None else runtime_overhead_bytes
     what = "CUDA context, cuBLAS/NCCL workspaces" if device == "cuda" else "Python + torch + diffusers process"
     notes = []
@@ -419,7 +421,9 @@ def _step_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTerm]
     return terms
 
 
-def _encode_phase_term(visiting_bytes: int, step_transient: int, setup: StepSetup) -> tuple[MemoryTerm, int]:
+def _encode_phase_term(
+    visiting_bytes: int, step_transient: int, setup: StepSetup, vae_encode: bool = True
+) -> tuple[MemoryTerm, int]:
     """What the encode phase needs above the DiT step's transient memory, and the encode phase's own bytes.
 
     The encoders run before the DiT step, whose activations are freed by then: the peak is the larger of the two
@@ -429,7 +433,7 @@ def _encode_phase_term(visiting_bytes: int, step_transient: int, setup: StepSetu
     height, width, _ = setup.shape
     videos = min(setup.batch_size, setup.vae_mini_batch)
     per_pixel = VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL * setup.vae_base_dim * VAE_DTYPE_BYTES
-    vae = per_pixel * height * width * videos
+    vae = per_pixel * height * width * videos if vae_encode else 0  # the feature cache holds the latents
     encode = visiting_bytes + vae
     moved = f"encoders moved to the GPU {visiting_bytes / GB:.2f} GB (low_vram) + " if setup.encoders_offloaded else ""
     term = MemoryTerm(

@@ -9,11 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fantasytalk_cli.cache.keys import cache_settings
+from fantasytalk_cli.cache.lookup import CacheLookup, coverage
+from fantasytalk_cli.cache.store import CACHE_MARKER
 from fantasytalk_cli.config.schema import BucketConfig, FtalkConfig
-from fantasytalk_cli.data.plan import BucketPlan, plan_from_metadata
+from fantasytalk_cli.data.metadata import load_entries
+from fantasytalk_cli.data.plan import BucketPlan, ClipFacts, plan_from_metadata
 from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.planning.memory import MemoryEstimate, estimate_memory
 from fantasytalk_cli.planning.model_dims import ModelDims, configured_model_dims
+from fantasytalk_cli.planning.model_size import CLIP_NAME, UMT5_NAME, VAE_NAME, WAV2VEC_NAME, encoder_params
 from fantasytalk_cli.planning.stats import PlanStats, default_world_size, plan_stats
 
 
@@ -97,6 +102,8 @@ def make_plan_report(
     else:
         dims = configured_model_dims(cfg.model)
     notes.extend(dims.notes)
+    cached = _cached_kinds(cfg, metadata_path, plan, facts, stats, notes)
+    encoders = {name: count for name, count in encoder_params().items() if name not in _not_loaded(cached)}
     bucket_memory: dict[int, MemoryEstimate] = {}
     for row in stats.rows:
         if row.samples:
@@ -112,6 +119,8 @@ def make_plan_report(
                 vae_mini_batch=cfg.model.vae_mini_batch,
                 capacity_gb=gpu_memory_gb,
                 model=dims.source,
+                encoders=encoders,
+                vae_encode="video" not in cached,
             )
     largest = max(bucket_memory.values(), key=lambda est: est.total_bytes, default=None)
     written: list[str] = []
@@ -132,3 +141,36 @@ def make_plan_report(
         write_text_atomic(Path(json_path), json.dumps(report.to_json(), indent=1))
         report.written.append(f"report written to {json_path}")
     return report
+
+
+def _not_loaded(cached: frozenset[str]) -> set[str]:
+    """The encoders training does not load when the cache holds these kinds of features."""
+    names = {"text": {UMT5_NAME}, "audio": {WAV2VEC_NAME}, "video": {VAE_NAME, CLIP_NAME}}
+    return set().union(*(names[kind] for kind in cached)) if cached else set()
+
+
+def _cached_kinds(
+    cfg: FtalkConfig, metadata_path: Path | None, plan: BucketPlan, facts: ClipFacts, stats: PlanStats, notes: list[str]
+) -> frozenset[str]:
+    """With --cache_dir: how much of the planned run the feature cache holds (a note), and the kinds it holds
+    whole (their encoders are left out of the memory estimate, as training leaves them unloaded)."""
+    cache_dir, base = cfg.data.cache_dir, cfg.model.pretrained_model_name_or_path
+    if cache_dir is None:
+        return frozenset()
+    if not (cache_dir / CACHE_MARKER).is_file():
+        notes.append(f"no feature cache in {cache_dir} yet (`ftalk cache` with these flags writes it)")
+        return frozenset()
+    if base is None:
+        notes.append("feature cache coverage needs --pretrained_model_name_or_path (its keys fingerprint the models)")
+        return frozenset()
+    meta = metadata_path if metadata_path is not None else cfg.data.train_data_meta
+    assert meta is not None
+    steps = cfg.train.max_train_steps or cfg.train.num_train_epochs * max(1, stats.steps_per_epoch)
+    epochs = max(1, math.ceil(steps / max(1, stats.steps_per_epoch)))
+    lookup = CacheLookup(cache_dir, cache_settings(cfg.model, cfg.train))
+    found = coverage(lookup, load_entries(meta), facts, plan, seed=cfg.train.seed or 0, data=cfg.data, epochs=epochs)
+    notes.extend(found.notes())
+    kinds = frozenset(kind for kind in ("text", "audio", "video") if found.complete(kind))
+    if kinds:
+        notes.append(f"memory estimated without the encoders the cache stands for ({', '.join(sorted(kinds))})")
+    return kinds

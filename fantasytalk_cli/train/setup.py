@@ -237,8 +237,9 @@ def _cached_kinds(
     their encoders are not loaded."""
     if dataset.cache is None:
         return frozenset()
+    facts = facts_from_entries(entries)
     found = coverage(
-        dataset.cache, entries, dataset.plan, seed=cfg.train.seed or 0, data=cfg.data, epochs=max(1, epochs)
+        dataset.cache, entries, facts, dataset.plan, seed=cfg.train.seed or 0, data=cfg.data, epochs=max(1, epochs)
     )
     for note in found.notes():
         say(f"[yellow]cache:[/] {note}")
