@@ -267,6 +267,11 @@ def test_readme_recipe_blocks_run_on_the_raw_metadata(tiny_world: dict, tmp_path
     sample = readme_block("ftalk sample") + " --image_size 64 --max_num_frames 9 --num_inference_steps 2"
     proc = run_bash("\n".join([args, sample]), user)
     assert "output_dir/checkpoint-2" in proc.stdout and (user / "talk.mp4").is_file()
+    # the README's feature-cache block: cache, then train from it (into a second run folder)
+    cache = readme_block('ftalk cache "${FTALK_ARGS[@]}"')
+    proc = run_bash("\n".join([args, scale, "FTALK_ARGS+=(--output_dir=output_cached)", cache]), user)
+    assert "not loading the encoders of audio, text, video" in proc.stdout
+    assert (user / "output_cached/checkpoint-2/trainable.safetensors").is_file()
 
 
 @pytest.mark.slow
