@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +149,28 @@ def test_plan_shows_coverage_and_leaves_cached_encoders_out_of_the_memory(
     names = {term.name for term in report.memory.terms}
     assert report.memory.total_bytes < without.memory.total_bytes and "frozen encoders" in names
     assert "none" in next(t.formula for t in report.memory.terms if t.name == "frozen encoders")
+
+
+@pytest.mark.slow
+def test_cache_run_killed_mid_way_resumes_without_recomputing(world: dict[str, Path], tmp_path: Path) -> None:
+    """A real SIGKILL of `ftalk cache` after some entries are written: no partial file is left, and the next run
+    reuses every entry the killed one finished (counted) and computes only the rest."""
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "fantasytalk_cli", "cache",
+            *world_argv(world, world["root"] / "unused", cache_dir=cache)]  # fmt: skip
+    proc = subprocess.Popen(expand_multi_value_flags(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = cache / "manifest-rank0.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.is_file() and manifest.read_text().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the cache run ended before it could be killed"
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix not in (".safetensors", ".jsonl", ".json")]
+    finished = sum(1 for _ in cache.rglob("*.safetensors"))
+    resumed = _cache(world, cache)
+    assert sum(resumed.reused.values()) == finished >= 1
+    whole = _cache(world, tmp_path / "whole")  # the same run, never killed
+    assert sum(resumed.computed.values()) + finished == sum(whole.computed.values())
