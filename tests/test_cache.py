@@ -174,3 +174,10 @@ def test_cache_run_killed_mid_way_resumes_without_recomputing(world: dict[str, P
     assert sum(resumed.reused.values()) == finished >= 1
     whole = _cache(world, tmp_path / "whole")  # the same run, never killed
     assert sum(resumed.computed.values()) + finished == sum(whole.computed.values())
+
+
+def test_train_refuses_a_cache_dir_without_a_cache(world: dict[str, Path], tmp_path: Path) -> None:
+    argv = ["train", *world_argv(world, tmp_path / "run", max_train_steps=1, cache_dir=tmp_path / "typo")]
+    result = CliRunner().invoke(app, expand_multi_value_flags(argv))
+    assert result.exit_code != 0 and "no feature cache there" in result.output and "ftalk cache" in result.output
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "run").exists()

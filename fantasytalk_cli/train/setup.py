@@ -23,6 +23,7 @@ from rich.console import Console
 from fantasytalk_cli import __version__
 from fantasytalk_cli.cache.keys import cache_settings
 from fantasytalk_cli.cache.lookup import CacheLookup, coverage
+from fantasytalk_cli.cache.store import CACHE_MARKER
 from fantasytalk_cli.config.load import config_diff, config_to_yaml
 from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
@@ -188,6 +189,11 @@ def _data(
     # across ranks, so that `fail` stops every rank together instead of one raising while the others wait.
     lookup = None
     if cfg.data.cache_dir is not None:
+        if not (cfg.data.cache_dir / CACHE_MARKER).is_file():
+            raise TrainingError(
+                f"--cache_dir {cfg.data.cache_dir}: no feature cache there (no {CACHE_MARKER}); write it first with "
+                "`ftalk cache` and this run's flags, or leave --cache_dir out to compute every feature online"
+            )
         settings = cache_settings(cfg.model, cfg.train)
         lookup = CacheLookup(cfg.data.cache_dir, settings, required=cfg.data.cache_required)
     dataset = ClipBatchDataset(
