@@ -114,6 +114,11 @@ class ModelConfig(Section):
     """Keep the frozen encoders (VAE, text, image, audio) off the accelerator between uses."""
     gradient_checkpointing: bool = False
     """Recompute transformer block activations in the backward pass to save memory."""
+    base_weights_dtype: Literal["bf16", "fp8"] = "bf16"
+    """Storage of the frozen DiT's weights: `bf16` (the mixed precision), or `fp8` (float8_e4m3fn, computed in
+    bf16 layer by layer; halves them). The adapter, norms, embeddings and modulation tables keep their precision."""
+    activation_offload: bool = False
+    """Keep the tensors the backward pass needs (with gradient checkpointing: the block inputs) in host memory."""
     vae_mini_batch: int = Field(1, ge=1)
     """Videos encoded by the VAE at once."""
     audio_scale: float = 1.0

@@ -48,6 +48,7 @@ from fantasytalk_cli.train.distributed import (
     share_from_main,
 )
 from fantasytalk_cli.train.flow import FlowSchedule
+from fantasytalk_cli.train.memory_options import check_memory_options, store_in_fp8
 from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
 from fantasytalk_cli.train.preflight import check_model_paths, plan_run_folder, set_aside_previous_run
 from fantasytalk_cli.train.state import RunState
@@ -115,6 +116,7 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     check_model_paths(cfg.model)
     validation = check_validation(cfg.train, cfg.checkpoint.output_dir)
     accelerator, strategy = build_accelerator(cfg.dist, cfg.train, cfg.checkpoint, cfg.train.report_to)
+    check_memory_options(cfg.model, strategy.name)
     tell = functools.partial(console.print, soft_wrap=True)
     say = tell if accelerator.is_main_process else (lambda *a, **k: None)
     for note in (*strategy.notes, *folder.notes):
@@ -135,6 +137,9 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     )
     transformer, optimizer, lr_scheduler = accelerator.prepare(models.transformer, optimizer, lr_scheduler)
     install_state_hooks(accelerator, strategy)
+    if cfg.model.base_weights_dtype == "fp8":  # after DDP's initial broadcast, which has no float8 collective
+        frozen_bytes = store_in_fp8(accelerator.unwrap_model(transformer), compute_dtype(strategy, models.frozen_dtype))
+        say(f"model: frozen DiT weights stored in float8_e4m3fn: {frozen_bytes / 1e9:.2f} GB")
     run = Run(
         cfg, accelerator, strategy, models, transformer, optimizer, lr_scheduler, loader, RunState(sampler),
         _step_context(cfg, accelerator, strategy, models), len(entries), max_steps, steps_per_epoch, console, say, tell,
@@ -297,6 +302,7 @@ def _step_context(
         device=accelerator.device,
         dtype=compute_dtype(strategy, models.frozen_dtype),
         autocast=accelerator.autocast,
+        activation_offload=cfg.model.activation_offload,
     )
 
 

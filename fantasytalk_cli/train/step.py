@@ -28,6 +28,7 @@ from fantasytalk_cli.train.flow import (
     loss_weights,
     sample_timestep_indices,
 )
+from fantasytalk_cli.train.memory_options import activations_on_host
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class StepContext:
     dtype: torch.dtype
     """Dtype of the conditioning tensors fed to the transformer."""
     autocast: Callable[[], Any]
+    activation_offload: bool = False
+    """Keep the tensors the backward needs in host memory (`memory_options.activations_on_host`)."""
 
 
 @dataclass
@@ -186,7 +189,7 @@ def training_step(
         "audio_features": audio.to(ctx.dtype),
         "audio_scale": audio_scale,
     }
-    with ctx.autocast():
+    with ctx.autocast(), activations_on_host(ctx.activation_offload):
         pred = model(**inputs)[0]
     result = flow_matching_loss(
         pred, noise - latents, loss_weights(sigmas, cfg.weighting_scheme).to(ctx.device), cfg.loss_outlier_threshold

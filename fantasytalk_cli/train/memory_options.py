@@ -1,0 +1,63 @@
+"""The memory options for fitting the 14B on smaller cards: the frozen DiT stored in float8, the activations the
+backward pass needs kept in host memory. Both are existing mechanisms: diffusers' layerwise casting (its hooks
+upcast each layer's weights to the compute dtype for its forward; autograd keeps that upcast copy for the backward,
+so gradients are exactly those of the upcast weights) and `torch.autograd.graph.save_on_cpu`.
+
+Refused with the reason where a combination cannot work: fp8 storage with DeepSpeed or FSDP, which own the
+parameters' dtype and layout (ZeRO flattens and casts every parameter to its own precision; FSDP needs one dtype
+per wrapped unit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+from fantasytalk_cli.config.schema import ModelConfig
+from fantasytalk_cli.errors import FtalkUsageError
+
+ADAPTER_PATTERNS = ("proj_model", "processor")
+"""Module-name patterns of the trainable audio adapter: never cast."""
+
+
+class MemoryOptionError(FtalkUsageError):
+    """A memory option the chosen strategy cannot combine with."""
+
+
+def check_memory_options(model: ModelConfig, strategy: str) -> None:
+    """Refuse, before anything loads, the combinations that cannot work (see the module docstring)."""
+    if model.base_weights_dtype == "fp8" and strategy in ("zero2", "zero3", "fsdp"):
+        raise MemoryOptionError(
+            f"--base_weights_dtype fp8 cannot run under {strategy}: DeepSpeed and FSDP own the parameters' storage "
+            "(ZeRO casts every parameter to its own precision, FSDP needs one dtype per wrapped block). Use DDP (or "
+            "one process) with fp8, or bf16 weights sharded by ZeRO-3/FSDP"
+        )
+
+
+def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Store the frozen DiT's linear and convolution weights in float8_e4m3fn, computed in ``compute_dtype`` layer by
+    layer (diffusers' layerwise casting, with the model's own skip patterns: embeddings, norms; plus the adapter).
+    Returns the bytes the frozen weights take now."""
+    patterns = (
+        tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(model._skip_layerwise_casting_patterns or ()) + ADAPTER_PATTERNS
+    )
+    model.enable_layerwise_casting(  # type: ignore[operator]
+        storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype, skip_modules_pattern=patterns
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if any(p.dtype == torch.float8_e4m3fn for p in trainable):
+        raise MemoryOptionError("a trainable parameter was cast to fp8: check --trainable_modules against the adapter")
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+@contextlib.contextmanager
+def activations_on_host(enabled: bool) -> Iterator[None]:
+    """Inside: every tensor autograd saves for the backward goes to host memory (pinned where CUDA exists)."""
+    if not enabled:
+        yield
+        return
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        yield
