@@ -12,14 +12,20 @@ from accelerate.state import AcceleratorState
 from rich.console import Console
 from safetensors.torch import load_file
 
+from fantasytalk_cli.config import load_config
 from fantasytalk_cli.config.schema import ModelConfig
+from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG
 from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
 from fantasytalk_cli.models.weights import build_empty
+from fantasytalk_cli.planning.fit import OPTION_ORDER, MemoryOptions, cheapest_fitting, fit_warning
+from fantasytalk_cli.planning.memory import estimate_memory
+from fantasytalk_cli.planning.report import make_plan_report
 from fantasytalk_cli.train.loop import run_training
 from fantasytalk_cli.train.memory_options import MemoryOptionError, check_memory_options, store_in_fp8
+from tests.test_plan import entry as plan_entry
 from tests.tiny_world import world_config
 
 FP8_LOSS_TOLERANCE = 0.02
@@ -84,3 +90,70 @@ def test_fp8_is_refused_where_deepspeed_or_fsdp_own_the_weights(strategy: str) -
         check_memory_options(ModelConfig(base_weights_dtype="fp8"), strategy)
     check_memory_options(ModelConfig(base_weights_dtype="fp8"), "ddp")
     check_memory_options(ModelConfig(activation_offload=True), strategy)
+
+
+BF16, OFFLOAD, FP8, FP8_OFFLOAD = OPTION_ORDER
+
+
+@pytest.mark.parametrize(
+    ("totals_gb", "capacity_gb", "expected"),
+    [
+        ({BF16: 60, OFFLOAD: 50, FP8: 40, FP8_OFFLOAD: 30}, 80, BF16),  # fits as is: nothing to pass
+        ({BF16: 75, OFFLOAD: 50, FP8: 40, FP8_OFFLOAD: 30}, 80, OFFLOAD),  # 75 > 0.9 x 80: offload before fp8
+        ({BF16: 75, OFFLOAD: 73, FP8: 60, FP8_OFFLOAD: 30}, 80, FP8),  # bf16 cannot fit: fp8
+        ({BF16: 99, OFFLOAD: 90, FP8: 80, FP8_OFFLOAD: 70}, 80, FP8_OFFLOAD),
+        ({BF16: 99, OFFLOAD: 90, FP8: 80, FP8_OFFLOAD: 75}, 80, None),  # nothing fits
+        ({BF16: 99, OFFLOAD: 60}, 80, OFFLOAD),  # ZeRO/FSDP: no fp8 combinations to choose from
+        ({BF16: 99, OFFLOAD: 90}, 80, None),
+    ],
+)
+def test_cheapest_fitting_combination(
+    totals_gb: dict[MemoryOptions, int], capacity_gb: int, expected: MemoryOptions | None
+) -> None:
+    totals = {opt: gb * 10**9 for opt, gb in totals_gb.items()}
+    assert cheapest_fitting(totals, capacity_gb * 10**9) == expected
+
+
+def test_estimate_covers_the_options() -> None:
+    """On the 14B at 512x512x81 with checkpointing: fp8 removes about half the frozen weights (one block's upcast
+    copy kept for the backward), offload keeps one block's activations on the GPU."""
+    shape = (512, 512, 81)
+    base = estimate_memory(WAN21_I2V_14B_CONFIG, shape, gradient_checkpointing=True)
+    fp8 = estimate_memory(WAN21_I2V_14B_CONFIG, shape, gradient_checkpointing=True, base_weights_dtype="fp8")
+    offload = estimate_memory(WAN21_I2V_14B_CONFIG, shape, gradient_checkpointing=True, activation_offload=True)
+    frozen = next(t.bytes for t in base.terms if t.name == "frozen DiT weights")
+    saved = base.total_bytes - fp8.total_bytes
+    assert 0.45 * frozen < saved < 0.5 * frozen
+    assert base.total_bytes > offload.total_bytes
+    act = next(t for t in offload.terms if t.name.startswith("activations"))
+    assert "offload" in act.name and "host memory" in act.formula
+
+
+def test_plan_names_the_cheapest_fitting_options(tmp_path: Path) -> None:
+    """plan-buckets --gpu_memory on the 14B config: every bucket says what fits, and a note lists the options."""
+    meta = tmp_path / "meta.json"
+    write_entries_atomic(meta, [plan_entry(i, 512, 512, 120, 25.0) for i in range(4)])
+    cfg = load_config(None, {"train_data_meta": meta, "video_sample_size": 512, "video_sample_n_frames": 81,
+                             "gradient_checkpointing": True})  # fmt: skip
+    for gpu_gb in (24, 48, 80):
+        report = make_plan_report(cfg, world_size=1, gpu_memory_gb=gpu_gb)
+        assert report.fits_with and set(report.fits_with) == set(report.bucket_memory)
+        assert any(
+            n.startswith(f"memory options for the largest bucket (512x512x81) on {gpu_gb} GB") for n in report.notes
+        )
+
+
+def test_train_warns_when_the_chosen_options_do_not_fit() -> None:
+    """The warning `train` prints on a GPU before its first step (here with a stated capacity)."""
+
+    def estimate(options: MemoryOptions) -> object:
+        return estimate_memory(
+            WAN21_I2V_14B_CONFIG, (512, 512, 81), gradient_checkpointing=True,
+            base_weights_dtype=options.base_weights_dtype, activation_offload=options.activation_offload,
+        )  # fmt: skip
+
+    assert fit_warning(estimate, MemoryOptions(), 200 * 10**9, fp8_allowed=True) is None  # type: ignore[arg-type]
+    warning = fit_warning(estimate, MemoryOptions(), 80 * 10**9, fp8_allowed=True)  # type: ignore[arg-type]
+    assert warning is not None and "512x512x81" in warning and "pass --activation_offload" in warning
+    hopeless = fit_warning(estimate, MemoryOptions(), 24 * 10**9, fp8_allowed=False)  # type: ignore[arg-type]
+    assert hopeless is not None and "no memory option fits" in hopeless

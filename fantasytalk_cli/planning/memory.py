@@ -39,6 +39,7 @@ from fantasytalk_cli.planning.model_size import (
     CPU_ENCODERS_WITH_LOW_VRAM,
     FP32_ENCODERS,
     TransformerDims,
+    block_linear_params,
     block_params,
     encoder_params,
     transformer_params,
@@ -179,6 +180,10 @@ class StepSetup:
     audio_window_tokens: int
     vae_base_dim: int
     vae_mini_batch: int
+    fp8_base: bool = False
+    """The frozen DiT's block linears stored in float8 (`--base_weights_dtype fp8`)."""
+    activation_offload: bool = False
+    """The tensors the backward needs kept in host memory (`--activation_offload`)."""
 
     @property
     def tokens(self) -> int:
@@ -237,6 +242,8 @@ def estimate_memory(
     vae_base_dim: int = 96,
     vae_mini_batch: int = 1,
     vae_encode: bool = True,
+    base_weights_dtype: str = "bf16",
+    activation_offload: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of one training step on samples of `shape` = (H, W, frames).
 
@@ -262,6 +269,8 @@ def estimate_memory(
         audio_window_tokens=audio_window_tokens,
         vae_base_dim=vae_base_dim,
         vae_mini_batch=vae_mini_batch,
+        fp8_base=base_weights_dtype == "fp8",
+        activation_offload=activation_offload,
     )
     encoder_counts = dict(encoder_params() if encoders is None else encoders)
     resident = _weight_terms(config, setup)
@@ -303,13 +312,7 @@ def _weight_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTer
         where = f" / {devices} {setup.unit}s, sharded ({setup.strategy})"
     else:
         where = f", replicated on every {setup.unit} ({setup.strategy})"
-    terms = [
-        MemoryTerm(
-            "frozen DiT weights",
-            f"{frozen:,} params x {weight_bytes} B ({setup.weight_dtype}) = {frozen * weight_bytes / GB:.1f} GB{where}",
-            frozen * weight_bytes // (devices if setup.sharded else 1),
-        )
-    ]
+    terms = [_frozen_term(dims, frozen, setup, where)]
     if setup.sharded and devices > 1:
         per_block = block_params(dims) + 2 * dims.audio_proj_dim * dims.dim
         terms.append(
@@ -335,6 +338,29 @@ def _weight_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTer
     if setup.strategy == "ddp" and devices > 1:
         terms.append(MemoryTerm("DDP gradient buckets", f"{adapter:,} params x 4 B", adapter * 4))
     return terms
+
+
+def _frozen_term(dims: TransformerDims, frozen: int, setup: StepSetup, where: str) -> MemoryTerm:
+    """The frozen DiT's weights: in the weight dtype, or with the block linears in float8 (one byte each), plus
+    the upcast copies autograd keeps for the backward (one block's with gradient checkpointing, else all)."""
+    weight_bytes, share = setup.weight_bytes, setup.devices if setup.sharded else 1
+    if not setup.fp8_base:
+        total = frozen * weight_bytes
+        return MemoryTerm(
+            "frozen DiT weights",
+            f"{frozen:,} params x {weight_bytes} B ({setup.weight_dtype}) = {total / GB:.1f} GB{where}",
+            total // share,
+        )
+    linear = dims.layers * block_linear_params(dims)
+    kept = 1 if setup.gradient_checkpointing else dims.layers
+    upcast = kept * block_linear_params(dims) * weight_bytes
+    total = linear + (frozen - linear) * weight_bytes
+    return MemoryTerm(
+        "frozen DiT weights (fp8 blocks)",
+        f"{linear:,} block linear params x 1 B + {frozen - linear:,} others x {weight_bytes} B = {total / GB:.1f} GB"
+        f"{where}, + {kept} block(s) upcast to {setup.weight_dtype} for the backward",
+        total // share + upcast,
+    )
 
 
 def _encoder_term(encoders: Mapping[str, int], setup: StepSetup) -> tuple[MemoryTerm, int]:
@@ -371,7 +397,11 @@ def _step_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTerm]
     # per sample per block: cross-attention context keys/values (+ pre-norm keys) and the audio windows' k/v
     audio_kv = latent_frames(frames) * setup.audio_window_tokens * (dims.audio_proj_dim + 2 * dims.dim) * compute
     context_per_block = 3 * context * dims.dim * compute + audio_kv
-    if setup.gradient_checkpointing:
+    if setup.activation_offload:  # what the backward needs waits in host memory; one block's worth is on the GPU
+        saved = per_layer * tokens * batch
+        formula = f"1 block {per_token} x {tokens:,} tokens x {batch} (the rest in host memory: activation offload)"
+        context_bytes = context_per_block * batch
+    elif setup.gradient_checkpointing:
         saved = dims.layers * compute * dims.dim * tokens * batch + per_layer * tokens * batch
         formula = (
             f"{dims.layers} layers x {compute}*{dims.dim} B block inputs x {tokens:,} tokens x {batch} "
@@ -383,6 +413,8 @@ def _step_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTerm]
         formula = f"{dims.layers} layers x {per_token} x {tokens:,} tokens x {batch}"
         context_bytes = dims.layers * context_per_block * batch
     checkpointing = "with" if setup.gradient_checkpointing else "no"
+    if setup.activation_offload:
+        checkpointing += " + offload"
     working = (2 * compute * dims.dim + 4 * dims.dim + 2 * compute * dims.ffn) * tokens * batch
     patch = math.prod(dims.patch)
     io_per_token = (

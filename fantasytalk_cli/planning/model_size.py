@@ -127,6 +127,14 @@ def block_params(d: TransformerDims) -> int:
     return attn + cross + norm2 + ffn + 6 * dim
 
 
+def block_linear_params(d: TransformerDims) -> int:
+    """The frozen linear weights (and biases) of one Wan block: what fp8 storage stores in one byte."""
+    linears = 8 * _linear(d.dim, d.dim) + _linear(d.dim, d.ffn) + _linear(d.ffn, d.dim)
+    if d.added_kv_dim:
+        linears += 2 * _linear(d.added_kv_dim, d.dim)
+    return linears
+
+
 def transformer_params(config: Mapping[str, Any]) -> tuple[int, int]:
     """(frozen DiT parameters, trainable audio-adapter parameters) of a transformer config, analytically.
 
@@ -228,3 +236,17 @@ def encoder_params() -> dict[str, int]:
         VAE_NAME: wan_vae_params(),
         WAV2VEC_NAME: wav2vec2_params(),
     }
+
+
+ENCODERS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "text": (UMT5_NAME,),
+    "audio": (WAV2VEC_NAME,),
+    "video": (VAE_NAME, CLIP_NAME),
+}
+"""The encoders that compute each kind of feature the feature cache can hold."""
+
+
+def encoders_in_use(cached: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Parameters of the frozen encoders training loads when the cache holds the ``cached`` kinds of features."""
+    dropped = {name for kind in cached for name in ENCODERS_OF_KIND[kind]}
+    return {name: count for name, count in encoder_params().items() if name not in dropped}

@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from fantasytalk_cli.planning.fit import MemoryOptions
 from fantasytalk_cli.planning.memory import GB, MemoryEstimate
 from fantasytalk_cli.planning.report import PlanReport
 
@@ -25,14 +26,18 @@ def render_plan_report(report: PlanReport) -> Any:
         caption=(
             "F frames, T latent frames, tokens per sample, batches per rank; short/small: clips dropped as too "
             f"short / too small (shown at their ratio's full size); left: leftover, {left_word}; "
-            "crop: pixels cropped away; GB: estimated peak per GPU (! = at risk)"
+            "crop: pixels cropped away; GB: estimated peak per GPU (! = at risk); fits with: the cheapest memory "
+            "options that fit the GPU size given (--base_weights_dtype fp8, --activation_offload)"
         ),
         caption_justify="left",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         collapse_padding=True,
     )
-    for name in ("HxW", "F", "T", "tokens", "samples", "batches", "short", "small", "left", "crop", "GB"):
+    columns = ["HxW", "F", "T", "tokens", "samples", "batches", "short", "small", "left", "crop", "GB"]
+    if report.fits_with:
+        columns.append("fits with")
+    for name in columns:
         table.add_column(name, justify="right", no_wrap=True)
     for row in st.rows:
         est = report.bucket_memory.get(row.bucket)
@@ -49,6 +54,7 @@ def render_plan_report(report: PlanReport) -> Any:
             f"{row.leftover:,}" if row.leftover else "",
             "" if not row.samples or not math.isfinite(row.crop_waste) else f"{row.crop_waste:.0%}",
             mem,
+            *([_fit(report.fits_with, row.bucket)] if report.fits_with else []),
         )
     gb = st.train_batch_size * st.world_size
     leftover_what = "carried to the next epoch" if st.leftover_policy == "carry" else "dropped this epoch"
@@ -119,3 +125,12 @@ def _memory_table(est: MemoryEstimate) -> Any:
         share += " [bold red]AT RISK[/]" if est.at_risk else ""
     table.add_row("[bold]total[/]", f"[bold]{total}[/]", share)
     return Group(table, *(Text(f"note: {note}") for note in est.notes))
+
+
+def _fit(fits_with: dict[int, MemoryOptions | None], bucket: int) -> str:
+    if bucket not in fits_with:
+        return ""
+    options = fits_with[bucket]
+    if options is None:
+        return "[bold red]nothing[/]"
+    return "as is" if options == MemoryOptions() else options.label().replace(" weights", "")

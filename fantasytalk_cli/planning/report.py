@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ from fantasytalk_cli.config.schema import BucketConfig, FtalkConfig
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import BucketPlan, ClipFacts, plan_from_metadata
 from fantasytalk_cli.fileio import write_text_atomic
-from fantasytalk_cli.planning.memory import MemoryEstimate, estimate_memory
+from fantasytalk_cli.planning.fit import MemoryOptions, cheapest_fitting, estimates_by_option
+from fantasytalk_cli.planning.memory import GB, MemoryEstimate, estimate_memory
 from fantasytalk_cli.planning.model_dims import ModelDims, configured_model_dims
-from fantasytalk_cli.planning.model_size import CLIP_NAME, UMT5_NAME, VAE_NAME, WAV2VEC_NAME, encoder_params
-from fantasytalk_cli.planning.stats import PlanStats, default_world_size, plan_stats
+from fantasytalk_cli.planning.model_size import encoders_in_use
+from fantasytalk_cli.planning.stats import BucketRow, PlanStats, default_world_size, plan_stats
 
 
 @dataclass(eq=False)
@@ -33,6 +34,8 @@ class PlanReport:
     bucket_memory: dict[int, MemoryEstimate]
     notes: list[str]
     written: list[str]
+    fits_with: dict[int, MemoryOptions | None] = field(default_factory=dict)
+    """With a GPU size: per bucket, the cheapest memory options that fit (None: none does)."""
 
     @property
     def at_risk(self) -> list[int]:
@@ -66,6 +69,7 @@ class PlanReport:
                 "memory": None if self.memory is None else self.memory.to_json(),
                 "bucket_memory": {str(b): est.total_bytes for b, est in self.bucket_memory.items()},
                 "at_risk": self.at_risk,
+                "fits_with": {str(b): None if o is None else o.flags() for b, o in self.fits_with.items()},
                 "notes": self.notes,
                 "ok": self.ok,
             }
@@ -103,11 +107,16 @@ def make_plan_report(
         dims = configured_model_dims(cfg.model)
     notes.extend(dims.notes)
     cached = _cached_kinds(cfg, metadata_path, plan, facts, stats, notes)
-    encoders = {name: count for name, count in encoder_params().items() if name not in _not_loaded(cached)}
+    encoders = encoders_in_use(cached)
     bucket_memory: dict[int, MemoryEstimate] = {}
+    fits_with: dict[int, MemoryOptions | None] = {}
+    per_option: dict[int, dict[MemoryOptions, int]] = {}
     for row in stats.rows:
-        if row.samples:
-            bucket_memory[row.bucket] = estimate_memory(
+        if not row.samples:
+            continue
+
+        def estimate(options: MemoryOptions, row: BucketRow = row) -> MemoryEstimate:
+            return estimate_memory(
                 dims.config,
                 (row.height, row.width, row.frames),
                 batch_size=cfg.train.train_batch_size,
@@ -121,8 +130,20 @@ def make_plan_report(
                 model=dims.source,
                 encoders=encoders,
                 vae_encode="video" not in cached,
+                base_weights_dtype=options.base_weights_dtype,
+                activation_offload=options.activation_offload,
             )
+
+        chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload)
+        bucket_memory[row.bucket] = estimate(chosen)
+        if gpu_memory_gb is not None:
+            options = estimates_by_option(estimate, fp8_allowed=strategy == "ddp")
+            totals = {opt: est.total_bytes for opt, est in options.items()}
+            fits_with[row.bucket] = cheapest_fitting(totals, int(gpu_memory_gb * GB))
+            per_option[row.bucket] = totals
     largest = max(bucket_memory.values(), key=lambda est: est.total_bytes, default=None)
+    if per_option and gpu_memory_gb is not None:
+        notes.append(_options_note(bucket_memory, per_option, fits_with, gpu_memory_gb))
     written: list[str] = []
     if write_path is not None:
         plan.save(Path(write_path))
@@ -135,18 +156,13 @@ def make_plan_report(
         bucket_memory=bucket_memory,
         notes=notes,
         written=written,
+        fits_with=fits_with,
     )
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(json_path), json.dumps(report.to_json(), indent=1))
         report.written.append(f"report written to {json_path}")
     return report
-
-
-def _not_loaded(cached: frozenset[str]) -> set[str]:
-    """The encoders training does not load when the cache holds these kinds of features."""
-    names = {"text": {UMT5_NAME}, "audio": {WAV2VEC_NAME}, "video": {VAE_NAME, CLIP_NAME}}
-    return set().union(*(names[kind] for kind in cached)) if cached else set()
 
 
 def _cached_kinds(
@@ -174,3 +190,23 @@ def _cached_kinds(
     if kinds:
         notes.append(f"memory estimated without the encoders the cache stands for ({', '.join(sorted(kinds))})")
     return kinds
+
+
+def _options_note(
+    bucket_memory: dict[int, MemoryEstimate],
+    per_option: dict[int, dict[MemoryOptions, int]],
+    fits_with: dict[int, MemoryOptions | None],
+    gpu_memory_gb: float,
+) -> str:
+    """One line: the largest bucket's estimate with each combination of memory options, and what to pass."""
+    bucket = max(bucket_memory, key=lambda b: bucket_memory[b].total_bytes)
+    shape = "x".join(str(v) for v in bucket_memory[bucket].shape)
+    shown = "; ".join(f"{opt.label()} {total / GB:.1f} GB" for opt, total in per_option[bucket].items())
+    choice = fits_with[bucket]
+    verdict = (
+        f"pass {choice.flags()}"
+        if choice is not None
+        else "none fits: more GPUs with --strategy zero3 or fsdp, "
+        "gradient checkpointing, a feature cache (--cache_dir), or smaller buckets"
+    )
+    return f"memory options for the largest bucket ({shape}) on {gpu_memory_gb:g} GB: {shown}; {verdict}"

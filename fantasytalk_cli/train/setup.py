@@ -29,11 +29,14 @@ from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, ModelConfig, 
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report
-from fantasytalk_cli.data.plan import facts_from_entries, load_plan_checked
+from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_checked
 from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_text_atomic
+from fantasytalk_cli.planning.fit import MemoryOptions, fit_warning
+from fantasytalk_cli.planning.memory import MemoryEstimate, estimate_memory
+from fantasytalk_cli.planning.model_size import encoders_in_use
 from fantasytalk_cli.train.checkpoint import (
     install_state_hooks,
     load_training_checkpoint,
@@ -127,6 +130,8 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     max_steps = cfg.train.max_train_steps or cfg.train.num_train_epochs * steps_per_epoch
     cached = _cached_kinds(cfg, loader.dataset, entries, math.ceil(max_steps / steps_per_epoch), say)
     models = _models(cfg, accelerator, strategy, say, cached)
+    if accelerator.device.type == "cuda":
+        _warn_if_unfit(cfg, accelerator, strategy, loader.dataset.plan, models, cached, say)
     optimizer = build_optimizer(models.transformer, cfg.train)
     # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
     lr_scheduler = get_scheduler(
@@ -239,6 +244,40 @@ def entries_with_facts(
     for index, facts in filled.facts.items():
         entries[index] = dataclasses.replace(entries[index], probe=facts)
     return entries, [filled.note()]
+
+
+def _warn_if_unfit(
+    cfg: FtalkConfig,
+    accelerator: Accelerator,
+    strategy: Strategy,
+    plan: BucketPlan,
+    models: TrainingModels,
+    cached: frozenset[str],
+    say: Callable[..., None],
+) -> None:
+    """Before the first step: warn when the largest planned bucket is estimated not to fit this GPU."""
+    shapes = {plan.grid.shape(b) for b in plan.assignment(0).tolist() if b >= 0}
+    if not shapes:
+        return
+    height, width, frames = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+    config = dict(models.transformer.config)
+    encoders = encoders_in_use(cached)
+
+    def estimate(options: MemoryOptions) -> MemoryEstimate:
+        return estimate_memory(
+            config, (height, width, frames), batch_size=cfg.train.train_batch_size,
+            strategy=strategy.name if strategy.name in ("zero2", "zero3", "fsdp") else "ddp",  # type: ignore[arg-type]
+            devices=accelerator.num_processes, mixed_precision=cfg.train.mixed_precision,
+            gradient_checkpointing=cfg.model.gradient_checkpointing, low_vram=cfg.model.low_vram,
+            vae_mini_batch=cfg.model.vae_mini_batch, encoders=encoders, vae_encode="video" not in cached,
+            base_weights_dtype=options.base_weights_dtype, activation_offload=options.activation_offload,
+        )  # fmt: skip
+
+    capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
+    chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload)
+    warning = fit_warning(estimate, chosen, capacity, fp8_allowed=strategy.name not in ("zero2", "zero3", "fsdp"))
+    if warning is not None:
+        say(f"[yellow]memory:[/] {warning}")
 
 
 def _cached_kinds(

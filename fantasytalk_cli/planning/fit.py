@@ -1,0 +1,79 @@
+"""Which memory options make a bucket fit a GPU: each combination of `--base_weights_dtype` and
+`--activation_offload` estimated, and the cheapest that fits chosen in a fixed order of cost."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fantasytalk_cli.planning.memory import RISK_FRACTION, MemoryEstimate
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """One combination of the memory options."""
+
+    base_weights_dtype: str = "bf16"
+    activation_offload: bool = False
+
+    def label(self) -> str:
+        parts = ["fp8 weights" if self.base_weights_dtype == "fp8" else "bf16 weights"]
+        if self.activation_offload:
+            parts.append("activation offload")
+        return " + ".join(parts)
+
+    def flags(self) -> str:
+        """The command-line flags that choose it."""
+        flags = [f"--base_weights_dtype {self.base_weights_dtype}"] if self.base_weights_dtype == "fp8" else []
+        return " ".join([*flags, *(["--activation_offload"] if self.activation_offload else [])]) or "(none)"
+
+
+OPTION_ORDER = (
+    MemoryOptions("bf16", False),
+    MemoryOptions("bf16", True),
+    MemoryOptions("fp8", False),
+    MemoryOptions("fp8", True),
+)
+"""Cheapest first: no option; then activation offload (costs host-device copies, not precision); then fp8 weights
+(costs precision), without and with offload. bf16 is chosen whenever it fits."""
+
+
+def cheapest_fitting(
+    totals: Mapping[MemoryOptions, int], capacity_bytes: int, *, fraction: float = RISK_FRACTION
+) -> MemoryOptions | None:
+    """The first combination in `OPTION_ORDER` whose total is within ``fraction`` of the capacity (combinations
+    absent from ``totals`` cannot run with the strategy); None when none fits."""
+    for options in OPTION_ORDER:
+        total = totals.get(options)
+        if total is not None and total <= fraction * capacity_bytes:
+            return options
+    return None
+
+
+def estimates_by_option(
+    estimate: Callable[[MemoryOptions], MemoryEstimate], *, fp8_allowed: bool
+) -> dict[MemoryOptions, MemoryEstimate]:
+    """``estimate(options)`` for every combination the strategy can run."""
+    return {opt: estimate(opt) for opt in OPTION_ORDER if fp8_allowed or opt.base_weights_dtype != "fp8"}
+
+
+def fit_warning(
+    estimate: Callable[[MemoryOptions], MemoryEstimate],
+    chosen: MemoryOptions,
+    capacity_bytes: int,
+    *,
+    fp8_allowed: bool,
+) -> str | None:
+    """What `train` says before its first step when the largest bucket's estimate with the chosen options exceeds
+    the safe share of the device (None when it fits), with the cheapest options that would."""
+    mine = estimate(chosen)
+    if mine.total_bytes <= RISK_FRACTION * capacity_bytes:
+        return None
+    totals = {opt: est.total_bytes for opt, est in estimates_by_option(estimate, fp8_allowed=fp8_allowed).items()}
+    better = cheapest_fitting(totals, capacity_bytes)
+    advice = f"pass {better.flags()}" if better is not None else "no memory option fits: see `ftalk plan-buckets`"
+    shape = "x".join(str(v) for v in mine.shape)
+    return (
+        f"the largest bucket ({shape}) is estimated at {mine.total_gb:.1f} GB per GPU with {chosen.label()}, over "
+        f"{RISK_FRACTION:.0%} of the device's {capacity_bytes / 1e9:.0f} GB: {advice}"
+    )
