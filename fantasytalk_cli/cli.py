@@ -61,6 +61,8 @@ PLAN_FIELDS = (
     "model.low_vram",
     "model.gradient_checkpointing",
     "model.vae_mini_batch",
+    "model.base_weights_dtype",
+    "model.activation_offload",
     "dist.strategy",
 )
 """What planning reads besides data and buckets: the batch and seed of the plan, the memory estimate's inputs."""
