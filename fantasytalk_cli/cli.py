@@ -26,7 +26,8 @@ F = TypeVar("F", bound=Any)
 
 app = typer.Typer(
     name="ftalk",
-    help="Train the FantasyTalking audio adapter on your own talking clips: validate, plan, train, convert. "
+    help="Train the FantasyTalking audio adapter on your own talking clips: validate, plan, cache, train, sample, "
+    "convert. "
     "Flags may be spelled with underscores (as in the reference trainer) or dashes.",
     rich_markup_mode=None,
     context_settings={"token_normalize_func": normalize_flag},
