@@ -57,9 +57,12 @@ def test_fp8_halves_the_frozen_14b() -> None:
 
 def _train(world: dict[str, Path], run: Path, **overrides: object) -> list[float]:
     cfg = world_config(world, run, **overrides)
+    # accelerate keeps one process-wide state, set by whichever test made an Accelerator first: reset it so this run
+    # (and the next test) chooses its own mixed precision
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return run_training(cfg, Console(quiet=True)).losses
-    finally:  # accelerate keeps one process-wide state: let the next run choose its own mixed precision
+    finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
