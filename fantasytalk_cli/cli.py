@@ -64,6 +64,7 @@ PLAN_FIELDS = (
     "model.vae_mini_batch",
     "model.base_weights_dtype",
     "model.activation_offload",
+    "model.blocks_to_offload",
     "dist.strategy",
 )
 """What planning reads besides data and buckets: the batch and seed of the plan, the memory estimate's inputs."""

@@ -22,7 +22,9 @@ from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_tr
 from fantasytalk_cli.models.weights import build_empty
 from fantasytalk_cli.planning.fit import OPTION_ORDER, MemoryOptions, cheapest_fitting, fit_warning
 from fantasytalk_cli.planning.memory import estimate_memory
+from fantasytalk_cli.planning.model_size import TransformerDims, block_params
 from fantasytalk_cli.planning.report import make_plan_report
+from fantasytalk_cli.train.block_offload import offload_blocks
 from fantasytalk_cli.train.loop import run_training
 from fantasytalk_cli.train.memory_options import MemoryOptionError, check_memory_options, store_in_fp8
 from tests.test_plan import entry as plan_entry
@@ -160,3 +162,66 @@ def test_train_warns_when_the_chosen_options_do_not_fit() -> None:
     assert warning is not None and "512x512x81" in warning and "pass --activation_offload" in warning
     hopeless = fit_warning(estimate, MemoryOptions(), 24 * 10**9, fp8_allowed=False)  # type: ignore[arg-type]
     assert hopeless is not None and "no memory option fits" in hopeless
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_offload_gives_the_same_weights(tiny_world: dict[str, Path], tmp_path: Path, checkpointing: bool) -> None:
+    common = {"max_train_steps": 4, "checkpointing_steps": 4, "gradient_checkpointing": checkpointing}
+    _train(tiny_world, tmp_path / "plain", **common)
+    _train(tiny_world, tmp_path / "offload", blocks_to_offload=2, **common)
+    want = load_file(tmp_path / "plain" / "checkpoint-4" / "trainable.safetensors")
+    got = load_file(tmp_path / "offload" / "checkpoint-4" / "trainable.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_block_offload_moves_only_frozen_weights_each_forward_and_recompute(tiny_world: dict[str, Path]) -> None:
+    """The hooks copy the frozen weights in for the forward and for the recompute of gradient checkpointing, and
+    put the host copies back; the adapter's trainable k/v are never moved."""
+    model = load_transformer(tiny_world["model"], **TINY_AUDIO_DIMS)
+    set_trainable(model, ["processor.", "proj_model."])
+    model.enable_gradient_checkpointing()
+    model.train()
+    trainable = {n: p.data_ptr() for n, p in model.named_parameters() if p.requires_grad}
+    offload = offload_blocks(model, 1, torch.device("cpu"))
+    assert offload is not None
+    last = model.blocks[-1]
+    host = [p.data_ptr() for p in last.parameters() if not p.requires_grad]
+    cfg = model.config
+    hidden = torch.randn(1, 36, 2, 4, 4)
+    out = model(hidden, torch.tensor([500.0]), torch.randn(1, 6, cfg.text_dim), torch.randn(1, 5, cfg.image_dim),
+                torch.randn(1, 20, cfg.audio_in_dim), 1.0)[0]  # fmt: skip
+    out.square().mean().backward()
+    assert offload.onloads == 2  # the forward, then the recompute in the backward
+    frozen = [p for p in last.parameters() if not p.requires_grad]
+    assert [p.data_ptr() for p in frozen] == host  # the host copies are back in place
+    assert all(
+        p.data_ptr() == trainable[n] and p.grad is not None for n, p in model.named_parameters() if p.requires_grad
+    )
+
+
+def test_block_offload_is_refused_where_deepspeed_or_fsdp_place_the_weights() -> None:
+    for strategy in ("zero2", "zero3", "fsdp"):
+        with pytest.raises(MemoryOptionError, match=f"blocks_to_offload cannot run under {strategy}"):
+            check_memory_options(ModelConfig(blocks_to_offload=4), strategy)
+    check_memory_options(ModelConfig(blocks_to_offload=4), "ddp")
+
+
+def test_fewest_offloaded_blocks_first_then_bf16() -> None:
+    two_blocks = MemoryOptions("bf16", False, 2)
+    totals = {BF16: 99 * 10**9, FP8: 70 * 10**9, two_blocks: 60 * 10**9, MemoryOptions("bf16", False, 1): 75 * 10**9}
+    assert cheapest_fitting(totals, 80 * 10**9) == FP8  # fp8 without offloaded blocks before bf16 with 2
+    del totals[FP8]
+    assert cheapest_fitting(totals, 80 * 10**9) == two_blocks  # 1 block (75 GB) is over 90% of 80 GB
+    assert two_blocks.flags() == "--blocks_to_offload 2"
+
+
+def test_estimate_of_block_offload() -> None:
+    """With checkpointing, offloading n blocks frees n - 2 blocks' frozen weights (one computes, one is prefetched);
+    without checkpointing nothing (autograd keeps every block's device copy)."""
+    shape = (512, 512, 81)
+    base = estimate_memory(WAN21_I2V_14B_CONFIG, shape, gradient_checkpointing=True)
+    ten = estimate_memory(WAN21_I2V_14B_CONFIG, shape, gradient_checkpointing=True, blocks_to_offload=10)
+    per_block = block_params(TransformerDims.from_config(WAN21_I2V_14B_CONFIG)) * 2
+    assert base.total_bytes - ten.total_bytes == 8 * per_block
+    no_gc = estimate_memory(WAN21_I2V_14B_CONFIG, shape, blocks_to_offload=10)
+    assert no_gc.total_bytes == estimate_memory(WAN21_I2V_14B_CONFIG, shape).total_bytes

@@ -15,17 +15,27 @@ class MemoryOptions:
 
     base_weights_dtype: str = "bf16"
     activation_offload: bool = False
+    blocks_to_offload: int = 0
 
     def label(self) -> str:
         parts = ["fp8 weights" if self.base_weights_dtype == "fp8" else "bf16 weights"]
         if self.activation_offload:
             parts.append("activation offload")
+        if self.blocks_to_offload:
+            parts.append(f"{self.blocks_to_offload} blocks offloaded")
         return " + ".join(parts)
 
     def flags(self) -> str:
         """The command-line flags that choose it."""
         flags = [f"--base_weights_dtype {self.base_weights_dtype}"] if self.base_weights_dtype == "fp8" else []
-        return " ".join([*flags, *(["--activation_offload"] if self.activation_offload else [])]) or "(none)"
+        flags += ["--activation_offload"] if self.activation_offload else []
+        flags += [f"--blocks_to_offload {self.blocks_to_offload}"] if self.blocks_to_offload else []
+        return " ".join(flags) or "(none)"
+
+    def cost(self) -> tuple[int, int]:
+        """Sort key, cheapest first: fewest offloaded blocks, then `OPTION_ORDER`."""
+        base = MemoryOptions(self.base_weights_dtype, self.activation_offload)
+        return self.blocks_to_offload, OPTION_ORDER.index(base)
 
 
 OPTION_ORDER = (
@@ -41,20 +51,28 @@ OPTION_ORDER = (
 def cheapest_fitting(
     totals: Mapping[MemoryOptions, int], capacity_bytes: int, *, fraction: float = RISK_FRACTION
 ) -> MemoryOptions | None:
-    """The first combination in `OPTION_ORDER` whose total is within ``fraction`` of the capacity (combinations
-    absent from ``totals`` cannot run with the strategy); None when none fits."""
-    for options in OPTION_ORDER:
-        total = totals.get(options)
-        if total is not None and total <= fraction * capacity_bytes:
+    """The cheapest combination (`MemoryOptions.cost`: fewest offloaded blocks, then bf16 before fp8) whose total
+    is within ``fraction`` of the capacity (combinations absent from ``totals`` cannot run with the strategy); None
+    when none fits."""
+    for options in sorted(totals, key=MemoryOptions.cost):
+        if totals[options] <= fraction * capacity_bytes:
             return options
     return None
 
 
 def estimates_by_option(
-    estimate: Callable[[MemoryOptions], MemoryEstimate], *, fp8_allowed: bool
+    estimate: Callable[[MemoryOptions], MemoryEstimate], *, fp8_allowed: bool, max_blocks: int = 0
 ) -> dict[MemoryOptions, MemoryEstimate]:
-    """``estimate(options)`` for every combination the strategy can run."""
-    return {opt: estimate(opt) for opt in OPTION_ORDER if fp8_allowed or opt.base_weights_dtype != "fp8"}
+    """``estimate(options)`` for every combination the strategy can run, with 0..``max_blocks`` blocks offloaded
+    (0 where the strategy places the weights itself)."""
+    return {
+        MemoryOptions(opt.base_weights_dtype, opt.activation_offload, blocks): estimate(
+            MemoryOptions(opt.base_weights_dtype, opt.activation_offload, blocks)
+        )
+        for blocks in range(max_blocks + 1)
+        for opt in OPTION_ORDER
+        if fp8_allowed or opt.base_weights_dtype != "fp8"
+    }
 
 
 def fit_warning(
@@ -63,13 +81,15 @@ def fit_warning(
     capacity_bytes: int,
     *,
     fp8_allowed: bool,
+    max_blocks: int = 0,
 ) -> str | None:
     """What `train` says before its first step when the largest bucket's estimate with the chosen options exceeds
     the safe share of the device (None when it fits), with the cheapest options that would."""
     mine = estimate(chosen)
     if mine.total_bytes <= RISK_FRACTION * capacity_bytes:
         return None
-    totals = {opt: est.total_bytes for opt, est in estimates_by_option(estimate, fp8_allowed=fp8_allowed).items()}
+    options = estimates_by_option(estimate, fp8_allowed=fp8_allowed, max_blocks=max_blocks)
+    totals = {opt: est.total_bytes for opt, est in options.items()}
     better = cheapest_fitting(totals, capacity_bytes)
     advice = f"pass {better.flags()}" if better is not None else "no memory option fits: see `ftalk plan-buckets`"
     shape = "x".join(str(v) for v in mine.shape)

@@ -184,6 +184,8 @@ class StepSetup:
     """The frozen DiT's block linears stored in float8 (`--base_weights_dtype fp8`)."""
     activation_offload: bool = False
     """The tensors the backward needs kept in host memory (`--activation_offload`)."""
+    blocks_offloaded: int = 0
+    """Blocks whose frozen weights live in host memory (`--blocks_to_offload`)."""
 
     @property
     def tokens(self) -> int:
@@ -244,6 +246,7 @@ def estimate_memory(
     vae_encode: bool = True,
     base_weights_dtype: str = "bf16",
     activation_offload: bool = False,
+    blocks_to_offload: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of one training step on samples of `shape` = (H, W, frames).
 
@@ -271,6 +274,7 @@ def estimate_memory(
         vae_mini_batch=vae_mini_batch,
         fp8_base=base_weights_dtype == "fp8",
         activation_offload=activation_offload,
+        blocks_offloaded=blocks_to_offload,
     )
     encoder_counts = dict(encoder_params() if encoders is None else encoders)
     resident = _weight_terms(config, setup)
@@ -342,24 +346,37 @@ def _weight_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTer
 
 def _frozen_term(dims: TransformerDims, frozen: int, setup: StepSetup, where: str) -> MemoryTerm:
     """The frozen DiT's weights: in the weight dtype, or with the block linears in float8 (one byte each), plus
-    the upcast copies autograd keeps for the backward (one block's with gradient checkpointing, else all)."""
+    the upcast copies autograd keeps for the backward (one block's with gradient checkpointing, else all); minus
+    the blocks offloaded to host memory, plus those in flight (the computing one and the prefetched one with
+    gradient checkpointing; without it autograd keeps every offloaded block's device copy)."""
     weight_bytes, share = setup.weight_bytes, setup.devices if setup.sharded else 1
+    linear = block_linear_params(dims)
+    others = block_params(dims) - linear
+    block_bytes = linear * (1 if setup.fp8_base else weight_bytes) + others * weight_bytes
+    offloaded = min(setup.blocks_offloaded, dims.layers)
+    in_flight = min(offloaded, 2) if setup.gradient_checkpointing else offloaded
+    moved = (offloaded - in_flight) * block_bytes
+    offload_text = (
+        f", - {offloaded} blocks in host memory + {in_flight} in flight ({block_bytes / GB:.2f} GB each)"
+        if offloaded
+        else ""
+    )
     if not setup.fp8_base:
         total = frozen * weight_bytes
         return MemoryTerm(
             "frozen DiT weights",
-            f"{frozen:,} params x {weight_bytes} B ({setup.weight_dtype}) = {total / GB:.1f} GB{where}",
-            total // share,
+            f"{frozen:,} params x {weight_bytes} B ({setup.weight_dtype}) = {total / GB:.1f} GB{where}{offload_text}",
+            total // share - moved,
         )
-    linear = dims.layers * block_linear_params(dims)
+    all_linear = dims.layers * linear
     kept = 1 if setup.gradient_checkpointing else dims.layers
-    upcast = kept * block_linear_params(dims) * weight_bytes
-    total = linear + (frozen - linear) * weight_bytes
+    upcast = kept * linear * weight_bytes
+    total = all_linear + (frozen - all_linear) * weight_bytes
     return MemoryTerm(
         "frozen DiT weights (fp8 blocks)",
-        f"{linear:,} block linear params x 1 B + {frozen - linear:,} others x {weight_bytes} B = {total / GB:.1f} GB"
-        f"{where}, + {kept} block(s) upcast to {setup.weight_dtype} for the backward",
-        total // share + upcast,
+        f"{all_linear:,} block linear params x 1 B + {frozen - all_linear:,} others x {weight_bytes} B = "
+        f"{total / GB:.1f} GB{where}, + {kept} block(s) upcast to {setup.weight_dtype} for the backward{offload_text}",
+        total // share + upcast - moved,
     )
 
 

@@ -132,12 +132,14 @@ def make_plan_report(
                 vae_encode="video" not in cached,
                 base_weights_dtype=options.base_weights_dtype,
                 activation_offload=options.activation_offload,
+                blocks_to_offload=options.blocks_to_offload,
             )
 
-        chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload)
+        chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload, cfg.model.blocks_to_offload)
         bucket_memory[row.bucket] = estimate(chosen)
         if gpu_memory_gb is not None:
-            options = estimates_by_option(estimate, fp8_allowed=strategy == "ddp")
+            layers = int(dims.config.get("num_layers", 0)) if strategy == "ddp" else 0
+            options = estimates_by_option(estimate, fp8_allowed=strategy == "ddp", max_blocks=layers)
             totals = {opt: est.total_bytes for opt, est in options.items()}
             fits_with[row.bucket] = cheapest_fitting(totals, int(gpu_memory_gb * GB))
             per_option[row.bucket] = totals
@@ -201,7 +203,9 @@ def _options_note(
     """One line: the largest bucket's estimate with each combination of memory options, and what to pass."""
     bucket = max(bucket_memory, key=lambda b: bucket_memory[b].total_bytes)
     shape = "x".join(str(v) for v in bucket_memory[bucket].shape)
-    shown = "; ".join(f"{opt.label()} {total / GB:.1f} GB" for opt, total in per_option[bucket].items())
+    shown = "; ".join(
+        f"{opt.label()} {total / GB:.1f} GB" for opt, total in per_option[bucket].items() if not opt.blocks_to_offload
+    )
     choice = fits_with[bucket]
     verdict = (
         f"pass {choice.flags()}"

@@ -29,6 +29,12 @@ class MemoryOptionError(FtalkUsageError):
 
 def check_memory_options(model: ModelConfig, strategy: str) -> None:
     """Refuse, before anything loads, the combinations that cannot work (see the module docstring)."""
+    if model.blocks_to_offload and strategy in ("zero2", "zero3", "fsdp"):
+        raise MemoryOptionError(
+            f"--blocks_to_offload cannot run under {strategy}: DeepSpeed and FSDP place (ZeRO-3 and FSDP: shard and "
+            "gather) the weights themselves. Use DDP (or one process) with block offload, or ZeRO-3/FSDP's own "
+            "sharding (more GPUs) instead"
+        )
     if model.base_weights_dtype == "fp8" and strategy in ("zero2", "zero3", "fsdp"):
         raise MemoryOptionError(
             f"--base_weights_dtype fp8 cannot run under {strategy}: DeepSpeed and FSDP own the parameters' storage "

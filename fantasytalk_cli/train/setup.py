@@ -37,6 +37,7 @@ from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.planning.fit import MemoryOptions, fit_warning
 from fantasytalk_cli.planning.memory import MemoryEstimate, estimate_memory
 from fantasytalk_cli.planning.model_size import encoders_in_use
+from fantasytalk_cli.train.block_offload import offload_blocks
 from fantasytalk_cli.train.checkpoint import (
     install_state_hooks,
     load_training_checkpoint,
@@ -145,6 +146,12 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     if cfg.model.base_weights_dtype == "fp8":  # after DDP's initial broadcast, which has no float8 collective
         frozen_bytes = store_in_fp8(accelerator.unwrap_model(transformer), compute_dtype(strategy, models.frozen_dtype))
         say(f"model: frozen DiT weights stored in float8_e4m3fn: {frozen_bytes / 1e9:.2f} GB")
+    if cfg.model.blocks_to_offload:
+        try:
+            offload_blocks(accelerator.unwrap_model(transformer), cfg.model.blocks_to_offload, accelerator.device)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from exc
+        say(f"model: the frozen weights of the last {cfg.model.blocks_to_offload} blocks live in host memory")
     run = Run(
         cfg, accelerator, strategy, models, transformer, optimizer, lr_scheduler, loader, RunState(sampler),
         _step_context(cfg, accelerator, strategy, models), len(entries), max_steps, steps_per_epoch, console, say, tell,
@@ -271,11 +278,14 @@ def _warn_if_unfit(
             gradient_checkpointing=cfg.model.gradient_checkpointing, low_vram=cfg.model.low_vram,
             vae_mini_batch=cfg.model.vae_mini_batch, encoders=encoders, vae_encode="video" not in cached,
             base_weights_dtype=options.base_weights_dtype, activation_offload=options.activation_offload,
+            blocks_to_offload=options.blocks_to_offload,
         )  # fmt: skip
 
     capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
-    chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload)
-    warning = fit_warning(estimate, chosen, capacity, fp8_allowed=strategy.name not in ("zero2", "zero3", "fsdp"))
+    chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload, cfg.model.blocks_to_offload)
+    unsharded = strategy.name not in ("zero2", "zero3", "fsdp")
+    layers = int(config.get("num_layers", 0)) if unsharded else 0
+    warning = fit_warning(estimate, chosen, capacity, fp8_allowed=unsharded, max_blocks=layers)
     if warning is not None:
         say(f"[yellow]memory:[/] {warning}")
 
