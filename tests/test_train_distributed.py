@@ -130,3 +130,25 @@ def test_validation_samples_without_changing_the_weights(
     want = load_file(plain / "checkpoint-2" / "trainable.safetensors")
     got = load_file(sampled / "checkpoint-2" / "trainable.safetensors")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_memory_options_compose_with_two_process_ddp(tiny_world: dict, tmp_path: Path) -> None:
+    """DDP over 2 processes with activation offload and an offloaded block trains to bitwise the same weights as
+    plain DDP; with fp8 weights (storage cast after DDP's initial broadcast) it trains and saves."""
+    env = dict(STRATEGIES["ddp"])
+    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 2, "gradient_checkpointing": True}
+    plain, offload, fp8 = tmp_path / "plain", tmp_path / "offload", tmp_path / "fp8"
+    launch(world_argv(tiny_world, plain, **common), env, tmp_path / "p1", plain / "checkpoint-2")
+    options = {"activation_offload": True, "blocks_to_offload": 1}
+    out = launch(world_argv(tiny_world, offload, **common, **options), env, tmp_path / "p2", offload / "checkpoint-2")
+    assert "the frozen weights of the last 1 blocks live in host memory" in out
+    want = load_file(plain / "checkpoint-2" / "trainable.safetensors")
+    got = load_file(offload / "checkpoint-2" / "trainable.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    out = launch(
+        world_argv(tiny_world, fp8, **common, base_weights_dtype="fp8"), env, tmp_path / "p3", fp8 / "checkpoint-2"
+    )
+    assert "stored in float8_e4m3fn" in out
+    trained = load_file(fp8 / "checkpoint-2" / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in trained.values())
