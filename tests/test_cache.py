@@ -41,7 +41,7 @@ def world(tiny_world: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
 
 def _cache(world: dict[str, Path], cache: Path, **overrides: object):  # noqa: ANN202
     cfg = world_config(world, world["root"] / "unused", cache_dir=cache, **overrides)
-    return build_cache(cfg, say=lambda _: None)
+    return build_cache(cfg)
 
 
 def _train(world: dict[str, Path], run: Path, *extra: str, **overrides: object) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from fantasytalk_cli.cache.fingerprint import MediaHashes
 from fantasytalk_cli.cache.keys import EMPTY_CAPTION, CacheItem, CacheSettings, cache_settings, planned_items
+from fantasytalk_cli.cache.lookup import VIDEO_TENSORS
 from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.config.schema import FtalkConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
@@ -137,9 +138,7 @@ class _Encoders:
         return self._wav2vec
 
 
-def build_cache(
-    cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None = None, say: Callable[[str], None] = print
-) -> CacheReport:
+def build_cache(cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None = None) -> CacheReport:
     """Fill ``cfg.data.cache_dir`` with this process's share (see the module docstring)."""
     data = cfg.data
     if data.cache_dir is None:
@@ -162,20 +161,19 @@ def build_cache(
     report = CacheReport(data.cache_dir, rank, world, len(mine), epochs, data.fixed_window, notes=notes + plan_notes)
     if plan.random_frame_crop:
         report.notes.append("random_frame_crop: batches it shortens are not cached (computed online)")
-    hashes = MediaHashes(data.cache_dir, writer_name=f"rank{rank}")
-    encoders = _Encoders(cfg, _device())
-    writer = f"rank{rank}"
+    writer = _Writer(store, settings, MediaHashes(data.cache_dir, writer_name=f"rank{rank}"),
+                     _Encoders(cfg, _device()), report, f"rank{rank}", data.media_root())  # fmt: skip
     if rank == 0:
-        _text(store, settings, EMPTY_CAPTION, None, encoders, report, writer)
+        writer.text(EMPTY_CAPTION, None)
     texts_done: set[str] = set()
     for done, item in enumerate(mine, start=1):
         entry = entries[item.index]
         try:
             if entry.text not in texts_done:
-                _text(store, settings, entry.text, item.index, encoders, report, writer)
+                writer.text(entry.text, item.index)
                 texts_done.add(entry.text)
-            _audio(store, settings, entry, item, hashes, encoders, report, writer, data.media_root())
-            _video(store, settings, entry, item, hashes, encoders, report, writer, data.media_root())
+            writer.audio(entry, item)
+            writer.video(entry, item)
         except (OSError, RuntimeError, ValueError) as exc:  # one clip's decoder or file error: listed, not fatal
             report.failed.append(f"entry {item.index} ({entry.file_path}): {type(exc).__name__}: {exc}")
         if progress is not None:
@@ -185,77 +183,60 @@ def build_cache(
     return report
 
 
-def _cached(store: CacheStore, kind: str, key: str, report: CacheReport) -> bool:
-    """The entry is there and reads back (a corrupt one is recomputed)."""
-    if store.has(kind, key) and store.read(kind, key) is not None:  # type: ignore[arg-type]
-        report.reused[kind] += 1
-        return True
-    return False
+@dataclass
+class _Writer:
+    """Computes and stores one process's entries: each is skipped when it is there and reads back (counted as
+    reused; a corrupt one is recomputed), else computed, written, recorded in this process's manifest, counted."""
 
+    store: CacheStore
+    settings: CacheSettings
+    hashes: MediaHashes
+    encoders: _Encoders
+    report: CacheReport
+    name: str
+    root: Path | None
 
-def _text(
-    store: CacheStore,
-    settings: CacheSettings,
-    caption: str,
-    index: int | None,
-    encoders: _Encoders,
-    report: CacheReport,
-    writer: str,
-) -> None:
-    key = settings.text_key(caption)
-    if _cached(store, "text", key, report):
-        return
-    with torch.no_grad():
-        embedding = encoders.frozen.text.encode([caption]).cpu()
-    path = store.write("text", key, {"text": embedding}, {"caption": caption})
-    store.record(writer, {"kind": "text", "key": key, "entry": index, "file": str(path.relative_to(store.root))})
-    report.computed["text"] += 1
+    def _there(self, kind: str, key: str) -> bool:
+        if self.store.has(kind, key) and self.store.read(kind, key) is not None:  # type: ignore[arg-type]
+            self.report.reused[kind] += 1
+            return True
+        return False
 
+    def _put(
+        self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], entry: int | None
+    ) -> None:
+        path = self.store.write(kind, key, tensors, meta)  # type: ignore[arg-type]
+        self.store.record(
+            self.name, {"kind": kind, "key": key, "entry": entry, "file": str(path.relative_to(self.store.root))}
+        )
+        self.report.computed[kind] += 1
 
-def _audio(
-    store: CacheStore,
-    settings: CacheSettings,
-    entry: MetadataEntry,
-    item: CacheItem,
-    hashes: MediaHashes,
-    encoders: _Encoders,
-    report: CacheReport,
-    writer: str,
-    root: Path | None,
-) -> None:
-    path = resolve_media_path(root, entry.audio_path)
-    key = settings.audio_key(hashes.sha256(path), item.window)
-    if _cached(store, "audio", key, report):
-        return
-    w = item.window
-    clip = read_audio_for_frames(path, w.start_frame, w.num_frames, w.stride, w.fps)
-    with torch.no_grad():
-        features = encoders.wav2vec(clip).cpu()
-    out = store.write("audio", key, {"audio": features}, {"entry": str(item.index), "path": str(path)})
-    store.record(writer, {"kind": "audio", "key": key, "entry": item.index, "file": str(out.relative_to(store.root))})
-    report.computed["audio"] += 1
+    def text(self, caption: str, index: int | None) -> None:
+        key = self.settings.text_key(caption)
+        if not self._there("text", key):
+            with torch.no_grad():
+                embedding = self.encoders.frozen.text.encode([caption]).cpu()
+            self._put("text", key, {"text": embedding}, {"caption": caption}, index)
 
+    def audio(self, entry: MetadataEntry, item: CacheItem) -> None:
+        path = resolve_media_path(self.root, entry.audio_path)
+        key = self.settings.audio_key(self.hashes.sha256(path), item.window)
+        if self._there("audio", key):
+            return
+        w = item.window
+        clip = read_audio_for_frames(path, w.start_frame, w.num_frames, w.stride, w.fps)
+        with torch.no_grad():
+            features = self.encoders.wav2vec(clip).cpu()
+        self._put("audio", key, {"audio": features}, {"entry": str(item.index), "path": str(path)}, item.index)
 
-def _video(
-    store: CacheStore,
-    settings: CacheSettings,
-    entry: MetadataEntry,
-    item: CacheItem,
-    hashes: MediaHashes,
-    encoders: _Encoders,
-    report: CacheReport,
-    writer: str,
-    root: Path | None,
-) -> None:
-    path = resolve_media_path(root, entry.file_path)
-    key = settings.video_key(hashes.sha256(path), item.window, item.height, item.width)
-    if _cached(store, "video", key, report):
-        return
-    frozen = encoders.frozen
-    pixels = to_bucket(read_frames(path, item.window.frame_indices), item.height, item.width)
-    with torch.no_grad(), frozen.on(encoders.device):
-        video = encode_video(frozen, to_model_pixels(pixels.unsqueeze(0), encoders.device))
-    tensors = {name: getattr(video, name).cpu() for name in ("mean", "std", "first", "image")}
-    out = store.write("video", key, tensors, {"entry": str(item.index), "path": str(path)})
-    store.record(writer, {"kind": "video", "key": key, "entry": item.index, "file": str(out.relative_to(store.root))})
-    report.computed["video"] += 1
+    def video(self, entry: MetadataEntry, item: CacheItem) -> None:
+        path = resolve_media_path(self.root, entry.file_path)
+        key = self.settings.video_key(self.hashes.sha256(path), item.window, item.height, item.width)
+        if self._there("video", key):
+            return
+        frozen, device = self.encoders.frozen, self.encoders.device
+        pixels = to_bucket(read_frames(path, item.window.frame_indices), item.height, item.width)
+        with torch.no_grad(), frozen.on(device):
+            video = encode_video(frozen, to_model_pixels(pixels.unsqueeze(0), device))
+        tensors = {name: getattr(video, name).cpu() for name in VIDEO_TENSORS}
+        self._put("video", key, tensors, {"entry": str(item.index), "path": str(path)}, item.index)
