@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from fantasytalk_cli.planning.memory import RISK_FRACTION, MemoryEstimate
+from fantasytalk_cli.config.schema import FtalkConfig, ModelConfig
+from fantasytalk_cli.planning.memory import RISK_FRACTION, MemoryEstimate, estimate_memory
+from fantasytalk_cli.planning.model_size import encoders_in_use
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,53 @@ def fit_warning(
         f"the largest bucket ({shape}) is estimated at {mine.total_gb:.1f} GB per GPU with {chosen.label()}, over "
         f"{RISK_FRACTION:.0%} of the device's {capacity_bytes / 1e9:.0f} GB: {advice}"
     )
+
+
+SHARDING_STRATEGIES = ("zero2", "zero3", "fsdp")
+"""Strategies that place the weights themselves: no fp8 storage, no block offload."""
+
+
+def chosen_options(model: ModelConfig) -> MemoryOptions:
+    """The memory options a run's config chooses."""
+    return MemoryOptions(model.base_weights_dtype, model.activation_offload, model.blocks_to_offload)
+
+
+def run_estimate(
+    cfg: FtalkConfig,
+    transformer_config: Mapping[str, Any],
+    shape: tuple[int, int, int],
+    options: MemoryOptions,
+    *,
+    strategy: str,
+    devices: int,
+    cached: frozenset[str] = frozenset(),
+    capacity_gb: float | None = None,
+    model: str = "",
+) -> MemoryEstimate:
+    """`estimate_memory` for a run of ``cfg`` with ``options`` (the encoders the feature cache stands for left out);
+    a strategy other than ZeRO/FSDP is estimated as DDP."""
+    return estimate_memory(
+        transformer_config,
+        shape,
+        batch_size=cfg.train.train_batch_size,
+        strategy=strategy if strategy in SHARDING_STRATEGIES else "ddp",  # type: ignore[arg-type]
+        devices=devices,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        low_vram=cfg.model.low_vram,
+        vae_mini_batch=cfg.model.vae_mini_batch,
+        capacity_gb=capacity_gb,
+        model=model,
+        encoders=encoders_in_use(cached),
+        vae_encode="video" not in cached,
+        base_weights_dtype=options.base_weights_dtype,
+        activation_offload=options.activation_offload,
+        blocks_to_offload=options.blocks_to_offload,
+    )
+
+
+def search_space(strategy: str, transformer_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`estimates_by_option`'s keywords for ``strategy``: fp8 and 0..all blocks offloaded only where it does not
+    place the weights itself."""
+    unsharded = strategy not in SHARDING_STRATEGIES
+    return {"fp8_allowed": unsharded, "max_blocks": int(transformer_config.get("num_layers", 0)) if unsharded else 0}

@@ -16,10 +16,16 @@ from fantasytalk_cli.config.schema import BucketConfig, FtalkConfig
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import BucketPlan, ClipFacts, plan_from_metadata
 from fantasytalk_cli.fileio import write_text_atomic
-from fantasytalk_cli.planning.fit import MemoryOptions, cheapest_fitting, estimates_by_option
-from fantasytalk_cli.planning.memory import GB, MemoryEstimate, estimate_memory
+from fantasytalk_cli.planning.fit import (
+    MemoryOptions,
+    cheapest_fitting,
+    chosen_options,
+    estimates_by_option,
+    run_estimate,
+    search_space,
+)
+from fantasytalk_cli.planning.memory import GB, MemoryEstimate
 from fantasytalk_cli.planning.model_dims import ModelDims, configured_model_dims
-from fantasytalk_cli.planning.model_size import encoders_in_use
 from fantasytalk_cli.planning.stats import BucketRow, PlanStats, default_world_size, plan_stats
 
 
@@ -107,7 +113,6 @@ def make_plan_report(
         dims = configured_model_dims(cfg.model)
     notes.extend(dims.notes)
     cached = _cached_kinds(cfg, metadata_path, plan, facts, stats, notes)
-    encoders = encoders_in_use(cached)
     bucket_memory: dict[int, MemoryEstimate] = {}
     fits_with: dict[int, MemoryOptions | None] = {}
     per_option: dict[int, dict[MemoryOptions, int]] = {}
@@ -116,30 +121,13 @@ def make_plan_report(
             continue
 
         def estimate(options: MemoryOptions, row: BucketRow = row) -> MemoryEstimate:
-            return estimate_memory(
-                dims.config,
-                (row.height, row.width, row.frames),
-                batch_size=cfg.train.train_batch_size,
-                strategy=strategy,  # type: ignore[arg-type]
-                devices=devices,
-                mixed_precision=cfg.train.mixed_precision,
-                gradient_checkpointing=cfg.model.gradient_checkpointing,
-                low_vram=cfg.model.low_vram,
-                vae_mini_batch=cfg.model.vae_mini_batch,
-                capacity_gb=gpu_memory_gb,
-                model=dims.source,
-                encoders=encoders,
-                vae_encode="video" not in cached,
-                base_weights_dtype=options.base_weights_dtype,
-                activation_offload=options.activation_offload,
-                blocks_to_offload=options.blocks_to_offload,
-            )
+            shape = (row.height, row.width, row.frames)
+            return run_estimate(cfg, dims.config, shape, options, strategy=strategy, devices=devices, cached=cached,
+                                capacity_gb=gpu_memory_gb, model=dims.source)  # fmt: skip
 
-        chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload, cfg.model.blocks_to_offload)
-        bucket_memory[row.bucket] = estimate(chosen)
+        bucket_memory[row.bucket] = estimate(chosen_options(cfg.model))
         if gpu_memory_gb is not None:
-            layers = int(dims.config.get("num_layers", 0)) if strategy == "ddp" else 0
-            options = estimates_by_option(estimate, fp8_allowed=strategy == "ddp", max_blocks=layers)
+            options = estimates_by_option(estimate, **search_space(strategy, dims.config))
             totals = {opt: est.total_bytes for opt, est in options.items()}
             fits_with[row.bucket] = cheapest_fitting(totals, int(gpu_memory_gb * GB))
             per_option[row.bucket] = totals

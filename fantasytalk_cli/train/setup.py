@@ -34,9 +34,8 @@ from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_text_atomic
-from fantasytalk_cli.planning.fit import MemoryOptions, fit_warning
-from fantasytalk_cli.planning.memory import MemoryEstimate, estimate_memory
-from fantasytalk_cli.planning.model_size import encoders_in_use
+from fantasytalk_cli.planning.fit import MemoryOptions, chosen_options, fit_warning, run_estimate, search_space
+from fantasytalk_cli.planning.memory import MemoryEstimate
 from fantasytalk_cli.train.block_offload import offload_blocks
 from fantasytalk_cli.train.checkpoint import (
     install_state_hooks,
@@ -268,24 +267,13 @@ def _warn_if_unfit(
         return
     height, width, frames = max(shapes, key=lambda s: s[0] * s[1] * s[2])
     config = dict(models.transformer.config)
-    encoders = encoders_in_use(cached)
 
     def estimate(options: MemoryOptions) -> MemoryEstimate:
-        return estimate_memory(
-            config, (height, width, frames), batch_size=cfg.train.train_batch_size,
-            strategy=strategy.name if strategy.name in ("zero2", "zero3", "fsdp") else "ddp",  # type: ignore[arg-type]
-            devices=accelerator.num_processes, mixed_precision=cfg.train.mixed_precision,
-            gradient_checkpointing=cfg.model.gradient_checkpointing, low_vram=cfg.model.low_vram,
-            vae_mini_batch=cfg.model.vae_mini_batch, encoders=encoders, vae_encode="video" not in cached,
-            base_weights_dtype=options.base_weights_dtype, activation_offload=options.activation_offload,
-            blocks_to_offload=options.blocks_to_offload,
-        )  # fmt: skip
+        return run_estimate(cfg, config, (height, width, frames), options, strategy=strategy.name,
+                            devices=accelerator.num_processes, cached=cached)  # fmt: skip
 
     capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
-    chosen = MemoryOptions(cfg.model.base_weights_dtype, cfg.model.activation_offload, cfg.model.blocks_to_offload)
-    unsharded = strategy.name not in ("zero2", "zero3", "fsdp")
-    layers = int(config.get("num_layers", 0)) if unsharded else 0
-    warning = fit_warning(estimate, chosen, capacity, fp8_allowed=unsharded, max_blocks=layers)
+    warning = fit_warning(estimate, chosen_options(cfg.model), capacity, **search_space(strategy.name, config))
     if warning is not None:
         say(f"[yellow]memory:[/] {warning}")
 
