@@ -152,7 +152,7 @@ def sample_videos(
     clip = ImageEncoder(load_image_encoder(base, dtype=dtype, wan_yaml=wan_yaml, device=device))
     wav2vec = Wav2Vec2Features.from_pretrained(find_wav2vec(model), device=device)
     conditions = [
-        _conditions(vae, clip, wav2vec, req, prompts[i], prompts[-1], options.fps, options.image_size, device)
+        request_conditions(vae, clip, wav2vec, req, prompts[i], prompts[-1], options, device)
         for i, req in enumerate(checked)
     ]
     _free(clip, wav2vec)
@@ -186,20 +186,21 @@ def sample_videos(
     return results
 
 
-def _conditions(
+def request_conditions(
     vae: VaeEncoder,
     clip: ImageEncoder,
     wav2vec: Wav2Vec2Features,
     req: CheckedRequest,
     text: torch.Tensor,
     negative: torch.Tensor,
-    fps: float,
-    image_size: int,
+    options: SampleOptions,
     device: torch.device,
 ) -> Conditions:
-    image = load_image(req.request.image, req.video_wh, image_size=image_size)
+    """One checked request's conditions: its image (CLIP, and the I2V condition through the VAE) and audio encoded,
+    with its prompt's and the negative prompt's embeddings (encoded beforehand, all prompts at once)."""
+    image = load_image(req.request.image, req.video_wh, image_size=options.image_size)
     clip_embedding, y = image_conditions(vae, clip, image, req.num_frames, device)
-    audio = audio_condition(wav2vec, req.request.audio, req.num_frames, fps, device)
+    audio = audio_condition(wav2vec, req.request.audio, req.num_frames, options.fps, device)
     return Conditions(text=text, negative_text=negative, image=clip_embedding, y=y, audio=audio)
 
 

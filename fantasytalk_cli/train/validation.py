@@ -21,10 +21,10 @@ import torch
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.models.dit_loading import load_transformer
-from fantasytalk_cli.sample.conditions import audio_condition, encode_prompts, image_conditions, to_uint8_frames
-from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Conditions, Guidance
-from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests, load_image
-from fantasytalk_cli.sample.run import SampleOptions, generate_latents
+from fantasytalk_cli.sample.conditions import encode_prompts, to_uint8_frames
+from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
+from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests
+from fantasytalk_cli.sample.run import SampleOptions, generate_latents, request_conditions
 from fantasytalk_cli.sample.video_io import write_mp4
 from fantasytalk_cli.train.distributed import gather_trainable_state
 
@@ -136,12 +136,12 @@ def _sample_all(run: Run, validation: Validation, model: torch.nn.Module, step: 
     with encoders.on(device):
         prompts = [req.request.prompt for req in validation.requests] + [options.negative_prompt]
         texts = encode_prompts(encoders.text, prompts, device)
-        conditions = []
-        for i, req in enumerate(validation.requests):
-            image = load_image(req.request.image, req.video_wh, image_size=options.image_size)
-            clip, y = image_conditions(encoders.vae, encoders.image, image, req.num_frames, device)
-            audio = audio_condition(run.models.wav2vec, req.request.audio, req.num_frames, options.fps, device)
-            conditions.append(Conditions(text=texts[i], negative_text=texts[-1], image=clip, y=y, audio=audio))
+        conditions = [
+            request_conditions(
+                encoders.vae, encoders.image, run.models.wav2vec, req, texts[i], texts[-1], options, device
+            )
+            for i, req in enumerate(validation.requests)
+        ]
     latents = [generate_latents(model, cond, options, dtype=run.ctx.dtype) for cond in conditions]
     written = []
     with encoders.on(device):
