@@ -181,3 +181,19 @@ def test_train_refuses_a_cache_dir_without_a_cache(world: dict[str, Path], tmp_p
     result = CliRunner().invoke(app, expand_multi_value_flags(argv))
     assert result.exit_code != 0 and "no feature cache there" in result.output and "ftalk cache" in result.output
     assert not (tmp_path / "typo").exists() and not (tmp_path / "run").exists()
+
+
+def test_validation_with_a_complete_cache_keeps_the_encoders(
+    world: dict[str, Path], tmp_path: Path, sample_inputs: dict[str, Path]
+) -> None:
+    _cache(world, tmp_path / "cache")
+    validation = {
+        "validation_image_paths": [sample_inputs["image"]],
+        "validation_audio_paths": [sample_inputs["audio"]],
+        "validation_num_inference_steps": 1,
+        "validation_image_size": 64,
+        "validation_max_num_frames": 5,
+    }
+    out = _train(world, tmp_path / "run", cache_dir=tmp_path / "cache", max_train_steps=1, **validation)
+    assert "the encoders stay loaded for the validation samples" in out
+    assert len(list((tmp_path / "run" / "samples" / "step-1").glob("*.mp4"))) == 1

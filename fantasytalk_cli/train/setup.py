@@ -129,6 +129,9 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.gradient_accumulation_steps)
     max_steps = cfg.train.max_train_steps or cfg.train.num_train_epochs * steps_per_epoch
     cached = _cached_kinds(cfg, loader.dataset, entries, math.ceil(max_steps / steps_per_epoch), say)
+    if cached and validation is not None:  # sampling the validation pairs runs every encoder
+        say("cache: the encoders stay loaded for the validation samples (--validation_image_paths)")
+        cached = frozenset()
     models = _models(cfg, accelerator, strategy, say, cached)
     if accelerator.device.type == "cuda":
         _warn_if_unfit(cfg, accelerator, strategy, loader.dataset.plan, models, cached, say)
