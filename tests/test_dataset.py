@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from fantasytalk_cli.data.buckets import cover_crop
-from fantasytalk_cli.data.dataset import ClipBatchDataset, SampleError, to_bucket, to_model_pixels
+from fantasytalk_cli.data.dataset import (
+    ClipBatchDataset,
+    SampleError,
+    resize_float,
+    resize_to_bucket,
+    to_model_pixels,
+)
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import plan_from_metadata
 from fantasytalk_cli.data.sampler import BucketBatchSampler
@@ -34,13 +40,15 @@ def test_batches_have_the_planned_shape_and_exact_audio(tiny_world: dict, tmp_pa
     dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3)
     batch = next(iter(sampler))
     out = dataset[batch]
-    assert out["pixels"].shape == (len(batch), batch.frames, batch.height, batch.width, 3)
-    assert out["pixels"].dtype == torch.uint8  # converted to [-1, 1] floats on the device by the step
-    pixels = to_model_pixels(out["pixels"], torch.device("cpu"))
+    assert len(out["pixels"]) == len(batch)  # as decoded: resized and converted on the device by the step
+    for index, clip in zip(out["indices"], out["pixels"], strict=True):
+        probe = entries[index].probe
+        assert clip.shape == (batch.frames, probe.height, probe.width, 3) and clip.dtype == torch.uint8
+    pixels = to_model_pixels(out["pixels"], batch.height, batch.width, torch.device("cpu"))
     assert pixels.shape == (len(batch), 3, batch.frames, batch.height, batch.width)
     assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.dtype == torch.float32
-    expected = out["pixels"][0, 0, 0, 0, 0].item() / 127.5 - 1  # channel 0 of frame 0, top-left pixel
-    assert pixels[0, 0, 0, 0, 0].item() == pytest.approx(expected)
+    want = torch.stack([_float_reference(clip.numpy(), batch.height, batch.width) for clip in out["pixels"]])
+    assert torch.allclose(pixels, want.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, atol=1.01 / 127.5)
     for index, audio in zip(out["indices"], out["audio"], strict=True):
         probe = entries[index].probe
         span = batch.frames * int(plan.stride[index]) / probe.fps  # frames x stride / fps seconds
@@ -56,7 +64,7 @@ def test_broken_clip_is_skipped_and_reported(tiny_world: dict, tmp_path: Path) -
     entries = list(entries)
     entries[batch[0]] = dataclasses.replace(entries[batch[0]], file_path=str(broken))
     out = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3, policy="skip")[batch]
-    assert out["pixels"].shape[0] == len(batch) - 1
+    assert len(out["pixels"]) == len(batch) - 1
     assert [f.index for f in out["failures"]] == [batch[0]]
     assert str(broken) in out["failures"][0].path
     with pytest.raises(SampleError, match=r"broken\.mp4.*bad_sample_policy skip"):
@@ -75,7 +83,7 @@ def test_planned_entry_without_probe_facts_is_a_failed_sample(tiny_world: dict, 
 
 
 def _float_reference(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """The float path `to_bucket` replaced: frames to float, antialiased bilinear resize to cover, round, crop."""
+    """The original float path: frames to float, antialiased bilinear resize to cover, round, crop; uint8 NHWC."""
     box = cover_crop(frames.shape[1], frames.shape[2], height, width)
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     size = (box.resize_height, box.resize_width)
@@ -87,21 +95,26 @@ def _float_reference(frames: np.ndarray, height: int, width: int) -> torch.Tenso
     ("source", "bucket"),
     [((120, 208), (128, 128)), ((208, 120), (128, 128)), ((256, 256), (128, 160)), ((96, 96), (160, 128))],
 )
-def test_uint8_resize_matches_the_float_path_within_one_grey_level(
-    source: tuple[int, int], bucket: tuple[int, int]
+@pytest.mark.parametrize("route", ["cpu (uint8 kernel)", "accelerator (float chunks)"])
+def test_resize_matches_the_float_path_within_one_grey_level(
+    source: tuple[int, int], bucket: tuple[int, int], route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Up- and downscales of both orientations: the uint8 channels-last resize is the float path to 1 grey level."""
+    """Up- and downscales of both orientations, on both routes `resize_to_bucket` takes: the float path to 1 grey
+    level. The accelerator's route runs here on the CPU, with chunks smaller than the clip."""
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, size=(3, *source, 3), dtype=np.uint8)  # worst case for rounding: no smooth areas
     ramp = np.broadcast_to(np.linspace(0, 255, source[1], dtype=np.float32)[None, None, :, None], (2, *source, 3))
     frames = np.concatenate([noise, ramp.round().astype(np.uint8)])
-    got = to_bucket(frames, *bucket)
-    want = _float_reference(frames, *bucket)
-    assert got.shape == want.shape == (5, *bucket, 3) and got.dtype == torch.uint8
-    assert (got.int() - want.int()).abs().max().item() <= 1
+    if route.startswith("accelerator"):
+        monkeypatch.setattr("fantasytalk_cli.data.dataset.RESIZE_CHUNK", 2)
+        monkeypatch.setattr("fantasytalk_cli.data.dataset.resize_uint8", resize_float)
+    got = resize_to_bucket(torch.from_numpy(frames), *bucket)
+    want = _float_reference(frames, *bucket).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert got.shape == want.shape == (3, 5, *bucket) and got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1.01 / 127.5
 
 
-def test_clip_that_fits_is_not_copied() -> None:
-    frames = np.zeros((2, 64, 80, 3), dtype=np.uint8)
-    out = to_bucket(frames, 64, 64)
-    assert out.shape == (2, 64, 64, 3) and out.data_ptr() == torch.from_numpy(frames)[:, :, 8:].data_ptr()
+def test_clip_that_fits_is_only_cropped() -> None:
+    frames = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(2, 64, 80, 3), dtype=np.uint8))
+    out = resize_to_bucket(frames, 64, 64)
+    assert torch.equal(out, frames[:, :, 8:72].permute(3, 0, 1, 2).float() / 127.5 - 1)

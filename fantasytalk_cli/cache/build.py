@@ -25,7 +25,7 @@ from fantasytalk_cli.cache.lookup import VIDEO_TENSORS
 from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.config.schema import FtalkConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
-from fantasytalk_cli.data.dataset import read_frames, to_bucket, to_model_pixels
+from fantasytalk_cli.data.dataset import read_frames, to_model_pixels
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, resolve_media_path
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
 from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
@@ -235,8 +235,8 @@ class _Writer:
         if self._there("video", key):
             return
         frozen, device = self.encoders.frozen, self.encoders.device
-        pixels = to_bucket(read_frames(path, item.window.frame_indices), item.height, item.width)
+        frames = torch.from_numpy(read_frames(path, item.window.frame_indices))
         with torch.no_grad(), frozen.on(device):
-            video = encode_video(frozen, to_model_pixels(pixels.unsqueeze(0), device))
+            video = encode_video(frozen, to_model_pixels([frames], item.height, item.width, device))
         tensors = {name: getattr(video, name).cpu() for name in VIDEO_TENSORS}
         self._put("video", key, tensors, {"entry": str(item.index), "path": str(path)}, item.index)

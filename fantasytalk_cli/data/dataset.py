@@ -1,9 +1,9 @@
 """The training dataset: one `PlannedBatch` in, one model-ready batch out.
 
 The sampler decides every batch's shape (bucket height, width, frames); the dataset reads exactly the
-planned frames with decord, resizes to cover and centre-crops into the bucket, and cuts the audio to
-exactly the sampled frames' time span. Used with `DataLoader(dataset, sampler=batch_sampler,
-batch_size=None)`, so workers receive whole planned batches.
+planned frames with decord and cuts the audio to exactly the sampled frames' time span; the step resizes the
+frames to cover and centre-crops them into the bucket on the device (`to_model_pixels`). Used with
+`DataLoader(dataset, sampler=batch_sampler, batch_size=None)`, so workers receive whole planned batches.
 
 A clip that fails to load is never retried: with policy `skip` it leaves the batch and is reported
 in `failures` (the loop logs, counts and bounds them); with `fail` the error names the file.
@@ -53,28 +53,55 @@ def read_frames(path: Path, indices: Sequence[int]) -> np.ndarray:
     return reader.get_batch(list(indices)).asnumpy()
 
 
-def to_bucket(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """uint8 [F, H, W, 3] -> uint8 [F, height, width, 3] (a view): resize to cover, centre crop.
-
-    Stays uint8 and channels-last as decoded: torch resizes uint8 channels-last frames directly (its antialiased
-    bilinear uint8 kernel, 10-20x faster than converting 81 frames to float first, and within one grey level
-    of the float path: tests/test_dataset.py pins it). A clip that already fits is not copied at all; the
-    batch's `torch.stack` makes the one contiguous copy. `to_model_pixels` makes the [3, F, H, W] floats in
-    [-1, 1] on the device."""
-    box = cover_crop(frames.shape[1], frames.shape[2], height, width)
-    video = torch.from_numpy(frames)
-    if (box.resize_height, box.resize_width) != tuple(video.shape[1:3]):
-        size = (box.resize_height, box.resize_width)
-        channels_last = video.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: the uint8 fast path's layout
-        video = F.interpolate(channels_last, size=size, mode="bilinear", antialias=True).permute(0, 2, 3, 1)
-    return video[:, box.top : box.top + height, box.left : box.left + width, :]
+def to_model_pixels(frames: Sequence[torch.Tensor], height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Each clip's decoded uint8 frames [F, H, W, 3] (any source size) -> float32 [B, 3, F, height, width] in
+    [-1, 1] on `device`: the uint8 frames travel as decoded, and are resized to cover, centre-cropped and converted
+    where compute is (see `resize_to_bucket`)."""
+    return torch.stack([resize_to_bucket(clip.to(device, non_blocking=True), height, width) for clip in frames])
 
 
-def to_model_pixels(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [B, F, H, W, 3] from the loader -> float32 [B, 3, F, H, W] in [-1, 1] on `device`
-    (the cheap uint8 copy first, the layout change and conversion where compute is)."""
-    video = pixels.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).contiguous()
-    return video.float().div_(127.5).sub_(1.0)
+RESIZE_CHUNK = 8
+"""Frames resized at once in float off the CPU: bounds the float copy of a large source (1080p: 200 MB per 8)."""
+
+
+def resize_to_bucket(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float32 [3, F, height, width] in [-1, 1] on the same device: resize to cover (bilinear,
+    antialiased), centre crop, whole grey levels.
+
+    The resize runs in the training process on the device, not in the DataLoader workers: on CPU-poor nodes the
+    workers are decode-bound, and an exact antialiased resize of 81 frames costs them about as much again as the
+    decode (`bench/dataloader.py` shows the parts). On the CPU, torch's uint8 channels-last antialiased kernel
+    (10-20x faster than converting to float first); on an accelerator, which has no uint8 antialiased kernel, float
+    in chunks of `RESIZE_CHUNK` frames, rounded to whole grey levels. Both are the float path to one grey level
+    (tests/test_dataset.py pins it); a clip that already fits is only cropped."""
+    box = cover_crop(video.shape[1], video.shape[2], height, width)
+    size = (box.resize_height, box.resize_width)
+    channels_first = video.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: the uint8 fast path's layout
+    if size == tuple(video.shape[1:3]):
+        resized = channels_first
+    elif video.device.type == "cpu":
+        resized = resize_uint8(channels_first, size)
+    else:
+        resized = resize_float(channels_first, size)
+    cropped = resized[:, :, box.top : box.top + height, box.left : box.left + width]
+    planar = cropped.permute(1, 0, 2, 3).contiguous()  # the layout change in uint8 on the CPU: a quarter the bytes
+    return planar.float().div_(127.5).sub_(1.0)
+
+
+def resize_uint8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [F, 3, H, W] (channels-last memory) -> uint8 [F, 3, *size]: torch's antialiased bilinear uint8 kernel."""
+    return F.interpolate(frames, size=size, mode="bilinear", antialias=True)
+
+
+def resize_float(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [F, 3, H, W] -> float32 [F, 3, *size] in whole grey levels: antialiased bilinear in float,
+    `RESIZE_CHUNK` frames at a time."""
+    out = torch.empty((frames.shape[0], 3, *size), dtype=torch.float32, device=frames.device)
+    for start in range(0, frames.shape[0], RESIZE_CHUNK):
+        chunk = frames[start : start + RESIZE_CHUNK].float()
+        resized = F.interpolate(chunk, size=size, mode="bilinear", antialias=True)
+        out[start : start + RESIZE_CHUNK] = resized.round_().clamp_(0, 255)
+    return out
 
 
 class ClipBatchDataset(torch.utils.data.Dataset):
@@ -148,7 +175,7 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         sample: dict[str, Any] = {"text": entry.text, "index": index, "video": video, "pixels": None}
         if video is None:
             video_path = resolve_media_path(self.media_root, entry.file_path)
-            sample["pixels"] = to_bucket(read_frames(video_path, window.frame_indices), batch.height, batch.width)
+            sample["pixels"] = torch.from_numpy(read_frames(video_path, window.frame_indices))  # resized on device
         sample["audio_cache"] = self.cache.audio(audio_path, window) if self.cache is not None else None
         sample["text_cache"] = self.cache.text(entry.text) if self.cache is not None else None
         if sample["audio_cache"] is not None:
@@ -189,12 +216,13 @@ class ClipBatchDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, Any]], batch: PlannedBatch, failures: list[Failure]) -> dict[str, Any]:
-    """Stack one planned batch. Audio lengths differ when fps differ: each clip keeps its own samples
-    (the step encodes them one by one), so nothing is padded or cut. Cached video encodings replace the pixels
+    """Stack one planned batch. Each clip's frames stay as decoded (uint8, its own source size) until the step
+    resizes them on the device (`to_model_pixels`). Audio lengths differ when fps differ: each clip keeps its own
+    samples (the step encodes them one by one), so nothing is padded or cut. Cached video encodings replace the pixels
     only when every sample has them."""
     cached = bool(samples) and all(s["video"] is not None for s in samples)
     return {
-        "pixels": None if cached or not samples else torch.stack([s["pixels"] for s in samples]),
+        "pixels": None if cached or not samples else [s["pixels"] for s in samples],
         "video": {k: torch.cat([s["video"][k] for s in samples]) for k in VIDEO_TENSORS} if cached else None,
         "audio": [s["audio"] for s in samples],
         "audio_cache": [s["audio_cache"] for s in samples],

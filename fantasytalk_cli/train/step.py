@@ -119,7 +119,8 @@ def video_conditions(encoders: FrozenEncoders, batch: dict[str, Any], device: to
     cached = batch.get("video")
     if cached is not None:
         return VideoConditions(*(cached[k].to(device) for k in ("mean", "std", "first", "image")))
-    return encode_video(encoders, to_model_pixels(batch["pixels"], device))  # uint8 from the loader -> [-1, 1]
+    height, width, _ = batch["shape"]
+    return encode_video(encoders, to_model_pixels(batch["pixels"], height, width, device))
 
 
 def text_conditions(encoders: FrozenEncoders, batch: dict[str, Any], drop: torch.Tensor) -> torch.Tensor:
