@@ -47,6 +47,44 @@ def test_fp8_storage_halves_the_linear_weights_and_leaves_the_adapter(tiny_world
     assert model.scale_shift_table.dtype == torch.float32  # modulation tables and norms keep their precision
 
 
+def test_fp8_streams_shard_by_shard_into_float8(tiny_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--base_weights_dtype fp8` loads each block linear straight into float8 (the host never holds the DiT in
+    bf16): bitwise the file's values cast to float8 (the tiny files are fp32: one rounding, not two via bf16), every
+    other weight as a bf16 load gives it."""
+    import fantasytalk_cli.models.weights as weights
+
+    assigned: dict[str, torch.dtype] = {}
+    real_set_tensor = weights.set_tensor
+
+    def recording(model: torch.nn.Module, name: str, value: torch.Tensor, **kwargs: object) -> None:
+        assigned[name] = kwargs["dtype"]  # type: ignore[assignment]
+        real_set_tensor(model, name, value, **kwargs)  # type: ignore[arg-type]
+
+    def fp8_storage(meta: FantasyTalkingTransformer) -> None:
+        set_trainable(meta, ["processor.", "proj_model."])
+        store_in_fp8(meta, torch.bfloat16)
+
+    load = {"dtype": torch.bfloat16, "adapter_dtype": torch.float32, **TINY_AUDIO_DIMS}
+    monkeypatch.setattr(weights, "set_tensor", recording)
+    torch.manual_seed(0)  # the same fresh adapter for both
+    streamed = load_transformer(tiny_world["model"], on_meta=fp8_storage, **load)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    cast_after = load_transformer(tiny_world["model"], **{**load, "dtype": torch.float32})  # type: ignore[arg-type]
+    set_trainable(cast_after, ["processor.", "proj_model."])
+    store_in_fp8(cast_after, torch.bfloat16)
+    linear = "blocks.0.ffn.net.0.proj.weight"
+    assert assigned[linear] == torch.float8_e4m3fn and streamed.get_parameter(linear).dtype == torch.float8_e4m3fn
+    streamed_state, after_state = streamed.state_dict(), cast_after.state_dict()
+    assert streamed_state.keys() == after_state.keys()
+    for name, tensor in after_state.items():
+        got = streamed_state[name]
+        if tensor.dtype == torch.float8_e4m3fn:
+            assert got.dtype == tensor.dtype and torch.equal(got.view(torch.uint8), tensor.view(torch.uint8)), name
+        else:
+            assert got.dtype != torch.float8_e4m3fn and torch.equal(got, tensor.to(got.dtype)), name
+
+
 def test_fp8_halves_the_frozen_14b() -> None:
     """The real 14B config, built on the meta device: its frozen bytes in fp8 storage are half those in bf16 (the
     embeddings, norms, modulation tables and output head kept in bf16 are about 1.5% of it)."""

@@ -135,7 +135,8 @@ def test_validation_samples_without_changing_the_weights(
 @pytest.mark.slow
 def test_memory_options_compose_with_two_process_ddp(tiny_world: dict, tmp_path: Path) -> None:
     """DDP over 2 processes with activation offload and an offloaded block trains to bitwise the same weights as
-    plain DDP; with fp8 weights (storage cast after DDP's initial broadcast) it trains and saves."""
+    plain DDP; with fp8 weights (read straight into float8, left out of DDP's initial broadcast: gloo has no float8
+    collective) it trains and saves."""
     env = dict(STRATEGIES["ddp"])
     common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 2, "gradient_checkpointing": True}
     plain, offload, fp8 = tmp_path / "plain", tmp_path / "offload", tmp_path / "fp8"

@@ -3,6 +3,7 @@ shard by shard into a meta-built model, or into a model partitioned as it is bui
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def meta_transformer(
     return build_empty(lambda: FantasyTalkingTransformer(**kwargs))
 
 
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def load_transformer(
     model_dir: Path,
     *,
@@ -65,6 +69,7 @@ def load_transformer(
     audio_proj_dim: int | None = None,
     adapter_dtype: torch.dtype | None = None,
     sharded: ShardedBuild | None = None,
+    on_meta: Callable[[FantasyTalkingTransformer], None] | None = None,
 ) -> FantasyTalkingTransformer:
     """The FantasyTalking DiT with the Wan2.1 base weights of ``model_dir`` (either layout), streamed shard by shard.
 
@@ -77,16 +82,27 @@ def load_transformer(
     With ``sharded`` (ZeRO-3 ``zero3_init``) the model is built inside its context, so every rank holds
     only its partition; each tensor is read on the reading rank only and written through ``sharded.write``
     (which gathers that one parameter): no rank ever holds the whole transformer.
+
+    ``on_meta`` is called with the model built on the meta device, before any weight is read (not with
+    ``sharded``): a parameter it gives a float8 dtype (`store_in_fp8`) is read straight into float8, one tensor
+    at a time, so the host's peak stays near the float8 size instead of the load dtype's.
     """
     layout, source, kwargs = _transformer_kwargs(Path(model_dir), wan_yaml, audio_in_dim, audio_proj_dim)
     model = build_empty(lambda: FantasyTalkingTransformer(**kwargs))
     plan = plan_for(model, source, DitAdapter(layout, adapter_absent="base"))
     if sharded is not None:
+        if on_meta is not None:
+            raise ValueError("on_meta does not apply to a transformer built partitioned (ZeRO-3)")
         return _load_sharded(kwargs, source, plan, sharded)
+    if on_meta is not None:
+        on_meta(model)
+    stored = {name: p.dtype for name, p in model.named_parameters() if p.dtype in FLOAT8_DTYPES}
     adapter_dtype = adapter_dtype or dtype
     keep_fp32 = fp32_rule(model, dtype)
 
     def dtype_for(name: str) -> torch.dtype:
+        if name in stored:
+            return stored[name]
         if is_adapter_name(name):
             return adapter_dtype
         return torch.float32 if keep_fp32(name) else dtype

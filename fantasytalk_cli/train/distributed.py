@@ -27,6 +27,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 
 from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.models.dit_loading import FLOAT8_DTYPES
 from fantasytalk_cli.models.weights import ShardedBuild
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,18 @@ def compute_dtype(strategy: Strategy, frozen_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the conditioning tensors fed to the transformer: that of its frozen weights, or fp32 under
     FSDP (which casts to its compute dtype itself)."""
     return torch.float32 if strategy.uniform_dtype else frozen_dtype
+
+
+def keep_float8_out_of_ddp_sync(model: torch.nn.Module) -> int:
+    """Leave the float8-stored frozen weights (`--base_weights_dtype fp8`) out of what DDP syncs; returns how many.
+
+    DDP broadcasts every parameter from rank 0 when it wraps the model, and there is no float8 collective (gloo has
+    none, NCCL only in recent versions). Nothing is lost: every rank read these weights from the same files, and
+    frozen weights have no gradients to reduce. DDP's own ignore list carries them."""
+    names = [n for n, p in model.named_parameters() if p.dtype in FLOAT8_DTYPES and not p.requires_grad]
+    if names:
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return len(names)
 
 
 def backward(accelerator: Accelerator, loss: torch.Tensor, *, skip_update: bool) -> None:

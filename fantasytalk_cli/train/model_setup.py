@@ -3,7 +3,8 @@ dtypes), the frozen encoders and wav2vec2, from `cfg.model`.
 
 Precision: frozen weights in the mixed-precision dtype (bf16), trainable weights in fp32 (the
 reference updates bf16 weights directly). FSDP flattens each unit's parameters together and needs one
-dtype per unit, so under FSDP the base stays fp32 and FSDP's mixed-precision policy computes in bf16.
+dtype per unit, so under FSDP the base stays fp32 and FSDP's mixed-precision policy computes in bf16. With
+`--base_weights_dtype fp8` the frozen DiT's linears are read straight into float8 (computed in the frozen dtype).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
 from fantasytalk_cli.models.weights import ShardedBuild
+from fantasytalk_cli.train.memory_options import store_in_fp8
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -62,17 +64,26 @@ def load_training_models(
     frozen = DTYPES[train.mixed_precision]
     notes: list[str] = []
     wav2vec_dir = find_wav2vec(model)
+
+    def fp8_storage(meta: FantasyTalkingTransformer) -> None:  # on meta: refused before, and streamed as, fp8
+        set_trainable(meta, model.trainable_modules)
+        store_in_fp8(meta, frozen)
+
     transformer = load_transformer(
         base,
         dtype=torch.float32 if uniform_dtype else frozen,
         wan_yaml=wan_yaml,
         adapter_dtype=torch.float32,
         sharded=sharded,
+        on_meta=fp8_storage if model.base_weights_dtype == "fp8" else None,
         **adapter_dims(wav2vec_dir, model.transformer_path),
     )
     if model.transformer_path is not None:
         notes.append(load_adapter_or_transformer(model.transformer_path, transformer, sharded).summary())
     count = set_trainable(transformer, model.trainable_modules)
+    if model.base_weights_dtype == "fp8":
+        frozen_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters() if not p.requires_grad)
+        notes.append(f"frozen DiT weights stored in float8_e4m3fn: {frozen_bytes / 1e9:.2f} GB")
     for param in transformer.parameters():
         if sharded is None and param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # trainable weights and their optimizer state stay fp32

@@ -46,12 +46,13 @@ from fantasytalk_cli.train.distributed import (
     Strategy,
     build_accelerator,
     compute_dtype,
+    keep_float8_out_of_ddp_sync,
     plain_construction,
     sharded_build,
     share_from_main,
 )
 from fantasytalk_cli.train.flow import FlowSchedule
-from fantasytalk_cli.train.memory_options import check_memory_options, store_in_fp8
+from fantasytalk_cli.train.memory_options import check_memory_options
 from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
 from fantasytalk_cli.train.preflight import check_model_paths, plan_run_folder, set_aside_previous_run
 from fantasytalk_cli.train.state import RunState
@@ -143,11 +144,9 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
         num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
+    keep_float8_out_of_ddp_sync(models.transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(models.transformer, optimizer, lr_scheduler)
     install_state_hooks(accelerator, strategy)
-    if cfg.model.base_weights_dtype == "fp8":  # after DDP's initial broadcast, which has no float8 collective
-        frozen_bytes = store_in_fp8(accelerator.unwrap_model(transformer), compute_dtype(strategy, models.frozen_dtype))
-        say(f"model: frozen DiT weights stored in float8_e4m3fn: {frozen_bytes / 1e9:.2f} GB")
     if cfg.model.blocks_to_offload:
         try:
             offload_blocks(accelerator.unwrap_model(transformer), cfg.model.blocks_to_offload, accelerator.device)
