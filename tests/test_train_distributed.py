@@ -153,3 +153,22 @@ def test_memory_options_compose_with_two_process_ddp(tiny_world: dict, tmp_path:
     assert "stored in float8_e4m3fn" in out
     trained = load_file(fp8 / "checkpoint-2" / "trainable.safetensors")
     assert all(torch.isfinite(t).all() for t in trained.values())
+
+
+@pytest.mark.slow
+def test_activation_offload_composes_with_fsdp(tiny_world: dict, tmp_path: Path) -> None:
+    """FSDP2 over 2 processes with activation offload trains to bitwise the same weights as without (fp8 and block
+    offload are refused under FSDP: tests/test_memory_options.py)."""
+    env = dict(STRATEGIES["fsdp2"])
+    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 2, "gradient_checkpointing": True}
+    plain, offload = tmp_path / "plain", tmp_path / "offload"
+    launch(world_argv(tiny_world, plain, **common), env, tmp_path / "p1", plain / "checkpoint-2")
+    launch(
+        world_argv(tiny_world, offload, **common, activation_offload=True),
+        env,
+        tmp_path / "p2",
+        offload / "checkpoint-2",
+    )
+    want = load_file(plain / "checkpoint-2" / "trainable.safetensors")
+    got = load_file(offload / "checkpoint-2" / "trainable.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
