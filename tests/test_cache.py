@@ -5,6 +5,7 @@ or refused with --cache_required; processes split the work and the cache is thei
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -134,6 +135,11 @@ def test_processes_split_the_work(world: dict[str, Path], tmp_path: Path, monkey
     assert {line["file"] for line in CacheStore(tmp_path / "cache").manifest()} == {
         line["file"] for line in CacheStore(tmp_path / "single").manifest()
     }
+    # one merged manifest, written by the process that finished last, equal to the 1-process one
+    assert reports[0].merged is None and reports[1].merged == tmp_path / "cache" / "manifest.json"
+    assert single.merged is not None
+    merged = json.loads(reports[1].merged.read_text())
+    assert merged == json.loads(single.merged.read_text()) and sum(merged["counts"].values()) == len(merged["entries"])
 
 
 def test_plan_shows_coverage_and_leaves_cached_encoders_out_of_the_memory(

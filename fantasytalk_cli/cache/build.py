@@ -53,6 +53,8 @@ class CacheReport:
     corrupt: list[str] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    merged: Path | None = None
+    """The merged manifest, when this process was the last of its run to finish."""
 
     def summary(self) -> list[str]:
         kinds = ("text", "audio", "video")
@@ -75,6 +77,10 @@ class CacheReport:
         ]
         lines += [f"recomputed a corrupt entry: {c}" for c in self.corrupt]
         lines += [f"failed: {f}" for f in self.failed]
+        if self.merged is not None:
+            lines.append(f"merged manifest of all {self.world_size} processes: {self.merged}")
+        elif self.world_size > 1:
+            lines.append("the merged manifest (manifest.json) is written by the last process to finish")
         return lines + [f"note: {n}" for n in self.notes]
 
 
@@ -149,6 +155,7 @@ def build_cache(cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None
     start = time.perf_counter()
     rank, world = _rank()
     store = CacheStore(data.cache_dir)
+    store.start_rank(rank)
     settings = cache_settings(cfg.model, cfg.train)
     entries, notes = _entries(cfg, world)
     facts = facts_from_entries(entries)
@@ -179,6 +186,7 @@ def build_cache(cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None
         if progress is not None:
             progress(done, len(mine))
     report.corrupt = list(store.corrupt)
+    report.merged = store.finish_rank(rank, world)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -4,6 +4,9 @@ manifests of what was built.
     <root>/cache.json                                  {"format": "ftalk-feature-cache", "version": 1}
     <root>/<kind>/<key[:2]>/<key>.safetensors          tensors + metadata (format, version, kind, key, ...)
     <root>/manifest-<rank>.jsonl                       one line per entry built, appended by that rank
+    <root>/done-<rank>.json                            that rank finished a run of world size N
+    <root>/manifest.json                               the merged manifest: every rank's entries, once each,
+                                                       written when every rank of the run has finished
 
 A file is written atomically, so a reader sees a whole file or none; a damaged one (truncated, another
 key, another version) reads as missing and is listed in `CacheStore.corrupt`: the caller recomputes it.
@@ -28,6 +31,7 @@ CACHE_FORMAT = "ftalk-feature-cache"
 CACHE_VERSION = 1
 CACHE_MARKER = "cache.json"
 MANIFEST_GLOB = "manifest-*.jsonl"
+MERGED_MANIFEST = "manifest.json"
 
 Kind = Literal["text", "audio", "video"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -145,6 +149,39 @@ class CacheStore:
     def manifest(self) -> list[dict[str, Any]]:
         """The lines of every rank's manifest (files in name order, torn or malformed lines skipped)."""
         return [record for path in sorted(self.root.glob(MANIFEST_GLOB)) for record in read_json_lines(path)[0]]
+
+    def start_rank(self, rank: int) -> None:
+        """A new run of this rank begins: its finished-marker of an earlier run no longer counts."""
+        (self.root / f"done-{rank}.json").unlink(missing_ok=True)
+
+    def finish_rank(self, rank: int, world_size: int) -> Path | None:
+        """Mark this rank finished; when every rank of this world size has, write the merged manifest (the path).
+
+        No collective is needed: a rank's marker is written after its last manifest line, so the rank that finds
+        every marker reads every line. Ranks finishing together both write the same content, atomically."""
+        write_text_atomic(self.root / f"done-{rank}.json", json.dumps({"rank": rank, "world_size": world_size}))
+        for other in range(world_size):
+            try:
+                marker = json.loads((self.root / f"done-{other}.json").read_text())
+            except (OSError, ValueError):
+                return None
+            if marker.get("world_size") != world_size:
+                return None
+        return self.write_merged_manifest()
+
+    def write_merged_manifest(self) -> Path:
+        """`manifest.json`: every entry of every rank's manifest once, by (kind, key): the same whichever rank
+        built what, so a 2-process cache's equals a 1-process one's."""
+        entries = {(r["kind"], r["key"]): r["file"] for r in self.manifest() if {"kind", "key", "file"} <= set(r)}
+        merged = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "counts": {kind: sum(1 for k, _ in entries if k == kind) for kind in KINDS},
+            "entries": [{"kind": k, "key": key, "file": file} for (k, key), file in sorted(entries.items())],
+        }
+        path = self.root / MERGED_MANIFEST
+        write_text_atomic(path, json.dumps(merged, indent=1) + "\n")
+        return path
 
 
 def _metadata_problem(metadata: dict[str, str] | None, kind: str, key: str) -> str | None:
