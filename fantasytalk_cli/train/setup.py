@@ -221,6 +221,7 @@ def _data(
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
         num_workers=cfg.data.dataloader_num_workers, persistent_workers=False,
+        pin_memory=accelerator.device.type == "cuda",  # the step's uint8 copies to the GPU then do not block
     )  # fmt: skip
     return entries, sampler, loader
 
