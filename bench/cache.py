@@ -42,7 +42,6 @@ import argparse
 import io
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,6 +75,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from rich.console import Console
 
     import fantasytalk_cli.train.loop as loop_module
+    from bench._memory import peak_rss_mb
     from bench._world import world_config
     from bench.train_overhead import loop_run
 
@@ -105,17 +105,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "weights": str(cfg.checkpoint.output_dir / f"checkpoint-{run.state.step}" / "trainable.safetensors"),
         "peak_rss_mb": peak_rss_mb(),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started its program: the kernel's high-water mark of its
-    address space (`VmHWM`). Not `ru_maxrss`: across `exec` Linux keeps the forked parent image's peak in it."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # elsewhere: the best there is
 
 
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:

@@ -2,13 +2,14 @@
 
 Writes a mid-size FantasyTalking DiT (a wider/shallower Wan config, ~1.6 GB of float32 base weights) in the original
 Wan layout (original key names, 7 shards + index, Wan ``config.json``) to a temporary folder, then loads it with
-`load_transformer` in a fresh subprocess per dtype and reads that process's peak RSS (``ru_maxrss``). The figure
-that matters is the growth over the process's RSS just before loading, divided by the loaded model's bytes: about
-1.0 means one copy of the model (built on meta, filled shard by shard), 2.0 would mean a full state dict plus a model.
+`load_transformer` in a fresh subprocess per dtype and reads that process's peak RSS (`VmHWM`: bench/_memory.py).
+The figure that matters is the growth over the process's RSS just before loading, divided by the loaded model's
+bytes: about 1.0 means one copy of the model (built on meta, filled shard by shard), 2.0 would mean a full state
+dict plus a model.
 `fp8` is `--base_weights_dtype fp8` (block linears read straight into float8): its ratio is against the fp8 model's
 bytes, so about 1.0 means the load never held the bf16 model.
 
-Run: ``.venv/bin/python bench/load.py [--layers 20 --dim 1024 --ffn 4096 --shards 7]``. Target: ratio <= 1.3.
+Run: ``.venv/bin/python -m bench.load [--layers 20 --dim 1024 --ffn 4096 --shards 7]``. Target: ratio <= 1.3.
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ from fantasytalk_cli.models.state_dict_adapters import dit_name_to_original
 from fantasytalk_cli.models.weights import build_empty, model_shapes
 
 GIB = 1024**3
+REPO = Path(__file__).resolve().parents[1]
+"""The child imports `bench._memory` from here."""
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import psutil, torch
 from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.transformer import set_trainable
 from fantasytalk_cli.train.memory_options import store_in_fp8  # imports done before the baseline is taken
+from bench._memory import peak_rss_mb
 folder, setting = sys.argv[1], sys.argv[2]
 fp8 = setting == "fp8"  # --base_weights_dtype fp8: bf16 load, block linears read straight into float8
 
@@ -54,7 +58,7 @@ model = load_transformer(folder, dtype=torch.bfloat16 if fp8 else getattr(torch,
 seconds = time.perf_counter() - start
 tensors = list(model.parameters()) + list(model.buffers())
 checksum = sum(float(t.float().sum()) for t in tensors)  # touch every page: lazily mapped weights count too
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_mb() * 2**20
 model_bytes = sum(t.numel() * t.element_size() for t in tensors)
 print(json.dumps({"before": before, "peak": peak, "seconds": seconds, "model": model_bytes}))
 """
@@ -119,7 +123,8 @@ def write_model(folder: Path, dim: int, layers: int, ffn: int, shards: int) -> i
 
 def measure(folder: Path, dtype: str) -> dict[str, float]:
     """Load in a fresh process and return its memory figures."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], capture_output=True, text=True, check=True,
+                         cwd=REPO)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

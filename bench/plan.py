@@ -13,7 +13,7 @@ The other phases explain where the time goes, each in its own process so its pea
   the sampler's epoch-0 batches for one rank of 8 (the planning alone, without the metadata file);
 - `save`: the plan file written and read back (`--write` / `load_plan_checked`).
 
-Run: `.venv/bin/python bench/plan.py [--entries N]`; exits 1 when a target is missed.
+Run: `.venv/bin/python -m bench.plan [--entries N]`; exits 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench._memory import PEAK_WRAPPER, peak_rss_mb
+
+REPO = Path(__file__).resolve().parents[1]
 
 TIME_BUDGET_S = 10.0
 RSS_BUDGET_MB = 1024.0
@@ -65,10 +68,6 @@ def config() -> Any:
             "train_batch_size": 1,
         }
     )
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def phase_arrays(n: int) -> dict[str, Any]:
@@ -107,7 +106,7 @@ def phase_arrays(n: int) -> dict[str, Any]:
         "phase": "arrays",
         "steps": steps,
         "total_s": total,
-        "peak_rss_mb": _peak_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "buckets": len(stats.rows),
         "trained": stats.trained_samples,
         "dropped": stats.dropped,
@@ -132,7 +131,7 @@ def phase_save(n: int) -> dict[str, Any]:
         back = BucketPlan.load(path)
         steps["load plan file"] = time.perf_counter() - t
         assert np.array_equal(back.assignment(0), plan.assignment(0))
-    return {"phase": "save", "steps": steps, "total_s": sum(steps.values()), "peak_rss_mb": _peak_mb(),
+    return {"phase": "save", "steps": steps, "total_s": sum(steps.values()), "peak_rss_mb": peak_rss_mb(),
             "file_mb": size / 2**20}  # fmt: skip
 
 
@@ -185,7 +184,7 @@ def phase_jsonl(n: int, path: Path) -> dict[str, Any]:
         plan.save(Path(tmp) / "plan.json")
         steps["save plan file"] = time.perf_counter() - t
     return {"phase": "jsonl", "steps": steps, "total_s": time.perf_counter() - t0,
-            "cpu_s": time.process_time() - cpu0, "peak_rss_mb": _peak_mb(),
+            "cpu_s": time.process_time() - cpu0, "peak_rss_mb": peak_rss_mb(),
             "file_mb": path.stat().st_size / 2**20, "entries": len(facts)}  # fmt: skip
 
 
@@ -196,24 +195,26 @@ def phase_cli(n: int, path: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path, plan_path, report_path = Path(tmp) / "run.yaml", Path(tmp) / "plan.json", Path(tmp) / "report.json"
         cfg_path.write_text(config_to_yaml(config()))
-        cmd = [sys.executable, "-m", "fantasytalk_cli", "plan-buckets", "--config", str(cfg_path),
+        peak_file = Path(tmp) / "peak"
+        cmd = [sys.executable, "-c", PEAK_WRAPPER, str(peak_file), "plan-buckets", "--config", str(cfg_path),
                "--train_data_meta", str(path), "--world-size", "8", "--strategy", "zero2",
                "--write", str(plan_path), "--json", str(report_path)]  # fmt: skip
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"plan-buckets failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
         report = json.loads(report_path.read_text())
         plan_mb = plan_path.stat().st_size / 2**20
+        peak_mb = float(peak_file.read_text())
     stats = report["stats"]
     return {
         "phase": "cli",
         "steps": {"ftalk plan-buckets --write --json": wall},
         "total_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "peak_rss_mb": peak_mb,
         "entries": stats["num_entries"],
         "buckets": len(stats["rows"]),
         "trained": stats["trained_samples"],
@@ -223,8 +224,8 @@ def phase_cli(n: int, path: Path) -> dict[str, Any]:
 
 
 def run_phase(name: str, n: int, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--entries", str(n), "--phase", name, *extra]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cmd = [sys.executable, "-m", "bench.plan", "--entries", str(n), "--phase", name, *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
