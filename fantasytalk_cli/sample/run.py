@@ -2,6 +2,13 @@
 CLIP, the VAE encoder side and wav2vec2 for the images and audio, then the transformer for all videos, then the VAE
 to decode), so the 14B weights load once for a whole batch and the encoders never sit beside them.
 
+Training's memory options that mean something without a backward pass apply to the transformer the same way:
+`--base_weights_dtype fp8` (`store_in_fp8` on the meta model, so the block linears stream straight into float8)
+and `--blocks_to_offload N` (`offload_blocks`; nothing trains, so all of an offloaded block's weights live in host
+memory; the transformer then loads on the host and only what stays resident moves to the device).
+`--activation_offload` keeps what a backward pass needs: sampling has none, so it is accepted (a training run's
+config serves sampling unchanged) and said to do nothing.
+
 `generate` is the part shared with validation during training: conditions, denoising and decoding on models the
 caller already holds.
 """
@@ -9,6 +16,7 @@ caller already holds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +39,8 @@ from fantasytalk_cli.sample.conditions import audio_condition, encode_prompts, i
 from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Conditions, Guidance, denoise, steps_count
 from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests, load_image
 from fantasytalk_cli.sample.video_io import Mp4Info, frame_strip, write_mp4
+from fantasytalk_cli.train.block_offload import offload_blocks, place_resident
+from fantasytalk_cli.train.memory_options import MemoryOptionError, store_in_fp8
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -113,7 +123,15 @@ def prepare(
     adapter = resolve_adapter(adapter_path if adapter_path is not None else model.transformer_path)
     dims = _audio_dims(model, adapter)
     meta = meta_transformer(model.pretrained_model_name_or_path, wan_yaml=load_wan_yaml(model.config_path), **dims)
+    blocks = len(meta.blocks)
+    if model.blocks_to_offload > blocks:
+        raise MemoryOptionError(f"--blocks_to_offload {model.blocks_to_offload}: the transformer has {blocks} blocks")
     notes = [check_adapter(adapter, meta)] + [note for req in checked for note in req.notes]
+    if model.activation_offload:
+        notes.append(
+            "--activation_offload does nothing here: it keeps what the backward pass of training needs in host "
+            "memory, and sampling has no backward pass"
+        )
     return checked, adapter, dims, notes
 
 
@@ -159,8 +177,17 @@ def sample_videos(
     clip = wav2vec = None  # type: ignore[assignment]
 
     say(f"loading the transformer; {steps_count(options.guidance)} passes per video")
-    transformer = load_transformer(base, dtype=dtype, wan_yaml=wan_yaml, device=device, **dims)
+    transformer = load_transformer(
+        base,
+        dtype=dtype,
+        wan_yaml=wan_yaml,
+        device="cpu" if model.blocks_to_offload else device,  # offloaded weights never visit the device whole
+        on_meta=functools.partial(frozen_in_fp8, dtype=dtype) if model.base_weights_dtype == "fp8" else None,
+        **dims,
+    )
     say(load_adapter(adapter, transformer))
+    for line in apply_memory_options(transformer, model, device):
+        say(line)
     latents = [
         generate_latents(
             transformer,
@@ -184,6 +211,28 @@ def sample_videos(
     if options.strip is not None and results:
         frame_strip(results[0].frames, options.strip)
     return results
+
+
+def frozen_in_fp8(meta: torch.nn.Module, *, dtype: torch.dtype) -> None:
+    """`load_transformer`'s ``on_meta`` for `--base_weights_dtype fp8`: nothing trains, the block linears are stored
+    in float8 and computed in ``dtype`` (`store_in_fp8`), so they are read straight into float8."""
+    meta.requires_grad_(False)
+    store_in_fp8(meta, dtype)
+
+
+def apply_memory_options(transformer: torch.nn.Module, model: ModelConfig, device: torch.device) -> list[str]:
+    """Say what fp8 storage did, and offload the last `--blocks_to_offload` blocks of a transformer loaded on the host
+    (after the fp8 cast, as in training), the resident rest moved to ``device``. Returns the lines to say."""
+    done = []
+    if model.base_weights_dtype == "fp8":
+        stored = sum(p.numel() * p.element_size() for p in transformer.parameters())
+        done.append(f"model: the transformer's block weights stored in float8_e4m3fn: {stored / 1e9:.2f} GB in all")
+    if model.blocks_to_offload:
+        transformer.requires_grad_(False)  # nothing trains: every weight of an offloaded block waits on the host
+        offload = offload_blocks(transformer, model.blocks_to_offload, device)
+        place_resident(transformer, offload, device)
+        done.append(f"model: the weights of the last {model.blocks_to_offload} blocks live in host memory")
+    return done
 
 
 def request_conditions(
