@@ -4,8 +4,10 @@ Random weights (nothing to download) built on the device: the Wan2.1-I2V-14B tra
 blocks (default: 40 on a GPU with 80 GB or more, else as many as the memory allows and the figures extrapolated to
 40, stated in the table), the audio adapter trainable in fp32, gradient checkpointing on, bf16 autocast. Per
 sample shape (default 512x512x81 and 720x1280x81) and setting (`bf16`, `fp8` = `--base_weights_dtype fp8`,
-`offload` = `--activation_offload`, `fp8+offload`), `--steps` timed steps after one warm-up: forward, loss,
-backward, AdamW on the adapter.
+`offload` = `--activation_offload`, `blocksN` = `--blocks_to_offload N`, joined with `+`: default `bf16`, `fp8`,
+`offload`, `fp8+offload`, `blocks8`, `fp8+offload+blocks8`; `blocks1` at tiny dims), `--steps` timed steps after
+one warm-up: forward, loss, backward, AdamW on the adapter. Offloaded blocks are set up as training does
+(`offload_blocks` after the fp8 cast); a setting that offloads more blocks than are built is skipped.
 
 FLOPs counted per step (the MFU numerator), with S tokens per sample, C context tokens (512 text + 257 image), W
 audio window tokens per latent frame, D width, F FFN width, L blocks:
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
+import re
 import statistics
 import time
 from typing import Any
@@ -36,11 +40,34 @@ from fantasytalk_cli.data.buckets import latent_frames, token_count
 from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
 from fantasytalk_cli.models.weights import fp32_rule
+from fantasytalk_cli.planning.fit import MemoryOptions
 from fantasytalk_cli.planning.memory import AUDIO_WINDOW_TOKENS, CONTEXT_TOKENS, GB, estimate_memory
 from fantasytalk_cli.planning.model_size import TransformerDims
+from fantasytalk_cli.train.block_offload import offload_blocks
 from fantasytalk_cli.train.memory_options import activations_on_host, store_in_fp8
 
-SETTINGS = {"bf16": ("bf16", False), "fp8": ("fp8", False), "offload": ("bf16", True), "fp8+offload": ("fp8", True)}
+SETTINGS = "bf16,fp8,offload,fp8+offload,blocks8,fp8+offload+blocks8"
+TINY_SETTINGS = SETTINGS.replace("blocks8", "blocks1")
+"""The default settings; the tiny DiT has 2 blocks."""
+PARTS = {
+    "bf16": ("base_weights_dtype", "bf16"),
+    "fp8": ("base_weights_dtype", "fp8"),
+    "offload": ("activation_offload", True),
+}
+"""Setting parts and the `MemoryOptions` field each sets (`blocksN` sets `blocks_to_offload`)."""
+BLOCKS = re.compile(r"blocks(\d+)")
+
+
+def parse_setting(setting: str) -> MemoryOptions:
+    """`bf16` or `fp8`, `offload`, `blocksN` joined with `+`, each at most once (bf16 when neither is named)."""
+    options: dict[str, Any] = {}
+    for part in setting.split("+"):
+        blocks = BLOCKS.fullmatch(part)
+        key, value = ("blocks_to_offload", int(blocks.group(1))) if blocks else PARTS.get(part, (None, None))
+        if key is None or key in options:
+            raise ValueError(f"setting {setting!r}: join bf16 or fp8, offload and blocksN with '+', each at most once")
+        options[key] = value
+    return MemoryOptions(**options)
 
 
 def step_flops(config: dict[str, Any], tokens: int, latent: int) -> float:
@@ -84,8 +111,10 @@ def inputs(config: dict[str, Any], shape: tuple[int, int, int], device: torch.de
 def run_setting(
     config: dict[str, Any], shape: tuple[int, int, int], setting: str, steps: int, device: torch.device
 ) -> dict[str, float]:
-    weights, offload = SETTINGS[setting]
+    options = parse_setting(setting)
+    weights, offload = options.base_weights_dtype, options.activation_offload
     model = build(config, device, weights == "fp8")
+    offload_blocks(model, options.blocks_to_offload, device)  # after the fp8 cast, as training does
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batch = inputs(config, shape, device)
     cuda = device.type == "cuda"
@@ -108,11 +137,13 @@ def run_setting(
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if cuda else float("nan")
     del model, optimizer, batch
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     estimate = estimate_memory(
         config, shape, gradient_checkpointing=True, encoders={}, vae_encode=False, runtime_overhead_bytes=0,
-        base_weights_dtype=weights, activation_offload=offload, device="cuda",
+        base_weights_dtype=weights, activation_offload=offload, blocks_to_offload=options.blocks_to_offload,
+        device="cuda",
     )  # fmt: skip
     return {"seconds": statistics.median(times), "peak": peak, "estimate": estimate.total_bytes}
 
@@ -122,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny dims (the default without a GPU)")
     parser.add_argument("--blocks", type=int, default=None, help="blocks built (default: 40 if memory allows)")
     parser.add_argument("--shapes", default=None, help="HxWxF list (default 512x512x81,720x1280x81; tiny 32x32x5)")
-    parser.add_argument("--settings", default="bf16,fp8,offload,fp8+offload")
+    parser.add_argument(
+        "--settings", default=None, help=f"bf16|fp8, offload, blocksN joined with + (default {SETTINGS}; tiny: blocks1)"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--peak_tflops", type=float, default=989.0)
     args = parser.parse_args(argv)
@@ -137,16 +170,25 @@ def main(argv: list[str] | None = None) -> None:
     config = {**base, "num_layers": blocks}
     scale = full_blocks / blocks
     shapes = args.shapes or ("32x32x5" if tiny else "512x512x81,720x1280x81")
+    settings = (args.settings or (TINY_SETTINGS if tiny else SETTINGS)).split(",")
+    for setting in settings:
+        try:
+            parse_setting(setting)  # a typo fails before the first setting runs
+        except ValueError as exc:
+            parser.error(str(exc))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (tiny dims: not GPU figures)"
     print(f"device: {name}; {'tiny' if tiny else '14B'} dims, {blocks} of {full_blocks} blocks"
           + (f" (time and memory of the blocks extrapolated x{scale:.2f})" if scale != 1 else ""))  # fmt: skip
     head = ("shape", "setting", "s/step", "tok/s", "MFU", "peak GB", "est GB", "peak/est")
-    print(f"{head[0]:<14} {head[1]:<12} " + " ".join(f"{h:>8}" for h in head[2:]))
+    print(f"{head[0]:<14} {head[1]:<20} " + " ".join(f"{h:>8}" for h in head[2:]))
     for text in shapes.split(","):
         height, width, frames = (int(v) for v in text.split("x"))
         tokens = token_count(height, width, frames)
         flops = step_flops(base, tokens, latent_frames(frames))
-        for setting in args.settings.split(","):
+        for setting in settings:
+            if parse_setting(setting).blocks_to_offload > blocks:
+                print(f"{text:<14} {setting:<20} skipped: offloads more blocks than the {blocks} built")
+                continue
             out_of_memory = torch.cuda.OutOfMemoryError if device.type == "cuda" else ()
             with contextlib.suppress(*((out_of_memory,) if out_of_memory else ())):
                 got = run_setting(config, (height, width, frames), setting, args.steps, device)
@@ -154,10 +196,10 @@ def main(argv: list[str] | None = None) -> None:
                 mfu = flops / seconds / (args.peak_tflops * 1e12) if device.type == "cuda" else math.nan
                 peak = got["peak"] / GB
                 est = got["estimate"] / GB
-                print(f"{text:<14} {setting:<12} {seconds:8.3f} {tokens / seconds:10.0f} {mfu:6.1%} {peak:8.2f} "
+                print(f"{text:<14} {setting:<20} {seconds:8.3f} {tokens / seconds:10.0f} {mfu:6.1%} {peak:8.2f} "
                       f"{est:8.2f} {peak / est if peak == peak else math.nan:8.2f}")  # fmt: skip
                 continue
-            print(f"{text:<14} {setting:<12} out of memory")
+            print(f"{text:<14} {setting:<20} out of memory")
     print("MFU: step FLOPs (3 x forward, see the module docstring) / time / peak; est: the plan's estimate without "
           "encoders; on a CPU the figures only show the bench runs")  # fmt: skip
 
