@@ -58,9 +58,12 @@ CONTEXT_TOKENS = (512, 257)
 AUDIO_WINDOW_TOKENS = 17
 """wav2vec2 tokens per latent frame's audio window (81 frames at 23 fps; ``docs/model.md#audio-windows``)."""
 
-VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL = 44
-"""Peak live bytes of a Wan VAE encode per frame pixel, per base channel, per dtype byte (diffusers
-`AutoencoderKLWan`, measured on CPU: ~16.8 KB per pixel in fp32 at base_dim 96, for 17 or 33 frames alike)."""
+VAE_ENCODE_BYTES_PER_PIXEL_FIXED = 900
+VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL = 32
+"""Peak live bytes of the step's video encode (the posterior of the clip, then the first-frame condition: two Wan
+VAE encodes) per frame pixel, per dtype byte: FIXED + PER_CHANNEL x base_dim. Measured on CPU (diffusers
+`AutoencoderKLWan`, fp32, RSS): 15.7 KB per pixel at base_dim 96 (the real VAE), 4.6 KB at base_dim 8 (the tiny
+one), linear in the pixels (96 to 384 px squares), the same for 17 and 33 frames (causal chunks)."""
 VAE_DTYPE_BYTES = 4
 """Training runs the VAE in fp32 whatever the mixed precision (`load_training_models`: `vae_dtype=torch.float32`)."""
 
@@ -273,8 +276,9 @@ def estimate_memory(
         vae_base_dim=vae_base_dim,
         vae_mini_batch=vae_mini_batch,
         fp8_base=base_weights_dtype == "fp8",
-        activation_offload=activation_offload,
-        blocks_offloaded=blocks_to_offload,
+        # on the CPU host memory is the device's: offloading there moves nothing out of it
+        activation_offload=activation_offload and device == "cuda",
+        blocks_offloaded=blocks_to_offload if device == "cuda" else 0,
     )
     encoder_counts = dict(encoder_params() if encoders is None else encoders)
     resident = _weight_terms(config, setup)
@@ -285,6 +289,8 @@ def estimate_memory(
     overhead = RUNTIME_OVERHEAD_BYTES[device] if runtime_overhead_bytes is None else runtime_overhead_bytes
     what = "CUDA context, cuBLAS/NCCL workspaces" if device == "cuda" else "Python + torch + diffusers process"
     notes = []
+    if device != "cuda" and (activation_offload or blocks_to_offload):
+        notes.append("activation and block offload save nothing on the CPU: host memory is the device's memory")
     if not gradient_checkpointing and device == "cuda":
         notes.append("gradient_checkpointing off: every block keeps its activations (turn it on to save most of them)")
     if encode_bytes > step_transient:
@@ -481,13 +487,15 @@ def _encode_phase_term(
     onto the GPU for it."""
     height, width, _ = setup.shape
     videos = min(setup.batch_size, setup.vae_mini_batch)
-    per_pixel = VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL * setup.vae_base_dim * VAE_DTYPE_BYTES
+    per_channel = VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL
+    per_pixel = (VAE_ENCODE_BYTES_PER_PIXEL_FIXED + per_channel * setup.vae_base_dim) * VAE_DTYPE_BYTES
     vae = per_pixel * height * width * videos if vae_encode else 0  # the feature cache holds the latents
     encode = visiting_bytes + vae
     moved = f"encoders moved to the GPU {visiting_bytes / GB:.2f} GB (low_vram) + " if setup.encoders_offloaded else ""
     term = MemoryTerm(
         "encode phase above the DiT step",
-        f"max(0, {moved}VAE encode {VAE_ENCODE_BYTES_PER_PIXEL_PER_CHANNEL}*{setup.vae_base_dim}*{VAE_DTYPE_BYTES} B x "
+        f"max(0, {moved}VAE encode ({VAE_ENCODE_BYTES_PER_PIXEL_FIXED} + {per_channel}*{setup.vae_base_dim})"
+        f"*{VAE_DTYPE_BYTES} B x "
         f"{height}x{width} pixels x {videos} videos = {vae / GB:.2f} GB - DiT step {step_transient / GB:.2f} GB)",
         max(0, encode - step_transient),
     )
