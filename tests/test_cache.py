@@ -23,11 +23,13 @@ from typer.testing import CliRunner
 
 from fantasytalk_cli.cache import build as cache_build
 from fantasytalk_cli.cache.build import build_cache
-from fantasytalk_cli.cache.store import CacheStore
+from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.config.flags import expand_multi_value_flags
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.metadata_write import write_entries_atomic
+from fantasytalk_cli.data.synthetic import METADATA_NAME
+from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
 from fantasytalk_cli.planning.report import make_plan_report
 from tests.tiny_world import world_argv, world_config
 
@@ -203,3 +205,19 @@ def test_validation_with_a_complete_cache_keeps_the_encoders(
     out = _train(world, tmp_path / "run", cache_dir=tmp_path / "cache", max_train_steps=1, **validation)
     assert "the encoders stay loaded for the validation samples" in out
     assert len(list((tmp_path / "run" / "samples" / "step-1").glob("*.mp4"))) == 1
+
+
+def test_processes_on_raw_metadata_read_the_probe_cache(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several processes on the raw metadata (no probe facts in it) never probe: they read the probe cache that
+    `validate-metadata` fills, and refuse, naming that command, when it lacks entries."""
+    raw = world["data"] / METADATA_NAME
+    monkeypatch.setattr(cache_build, "_rank", lambda: (1, 2))
+    with pytest.raises(CacheError, match=r"lack probe facts.*ftalk validate-metadata"):
+        _cache(world, tmp_path / "cache", train_data_meta=raw)  # the copied data's files are not in the probe cache
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    cfg = world_config(world, world["root"] / "unused", train_data_meta=raw)
+    assert validate_metadata(cfg.data, cfg.buckets, ValidateOptions(workers=1)).ok  # fills the probe cache
+    report = _cache(world, tmp_path / "cache", train_data_meta=raw)
+    assert report.items > 0 and any("read from the probe cache" in note for note in report.notes)

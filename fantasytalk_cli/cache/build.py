@@ -28,7 +28,7 @@ from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import read_frames, to_model_pixels
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, resolve_media_path
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
-from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
+from fantasytalk_cli.data.probing import cached_facts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.models.audio import Wav2Vec2Features, read_audio_for_frames
 from fantasytalk_cli.models.dit_config import find_wav2vec
 from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
@@ -101,13 +101,20 @@ def _entries(cfg: FtalkConfig, world_size: int) -> tuple[list[MetadataEntry], li
     lacking = [(e.index, e.file_path, e.audio_path) for e in entries if e.probe is None]
     if not lacking:
         return entries, []
-    if world_size > 1:
-        raise CacheError(
-            f"{cfg.data.train_data_meta}: {len(lacking)} entries lack probe facts; with several processes each would "
-            "probe them at once. Run `ftalk validate-metadata ... --write-clean CLEAN.json` and cache from CLEAN.json"
-            ", or run `ftalk cache` in one process first"
-        )
-    filled = probe_missing_facts(lacking, cfg.data.media_root(), default_cache_path(cfg.data.train_data_meta))
+    probe_cache = default_cache_path(cfg.data.train_data_meta)
+    if world_size > 1:  # several processes read the probe cache; none probes (each would probe every file at once)
+        found = cached_facts(lacking, cfg.data.media_root(), probe_cache)
+        if len(found) < len(lacking):
+            raise CacheError(
+                f"{cfg.data.train_data_meta}: {len(lacking) - len(found)} of its entries lack probe facts, in the file "
+                f"and in the probe cache {probe_cache}; with several processes each would probe them at once. Run "
+                f"`ftalk validate-metadata {cfg.data.train_data_meta}` first (it fills the probe cache), then this "
+                "command again"
+            )
+        for index, facts in found.items():
+            entries[index] = dataclasses.replace(entries[index], probe=facts)
+        return entries, [f"{len(found)} entries carry no probe facts: all read from the probe cache {probe_cache}"]
+    filled = probe_missing_facts(lacking, cfg.data.media_root(), probe_cache)
     for index, facts in filled.facts.items():
         entries[index] = dataclasses.replace(entries[index], probe=facts)
     return entries, [filled.note()]

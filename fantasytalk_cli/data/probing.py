@@ -209,6 +209,21 @@ class FilledFacts:
         return text
 
 
+def cached_facts(
+    missing: Sequence[tuple[int, str, str]], media_root: Path | None, cache_path: Path
+) -> dict[int, ProbeFacts | None]:
+    """Facts of the `(index, file_path, audio_path)` entries the probe cache at `cache_path` holds for the files as
+    they are now, reading it only (nothing probed, nothing written: safe from several processes at once); an
+    entry it lacks is left out."""
+    cache = ProbeCache(cache_path)
+    found: dict[int, ProbeFacts | None] = {}
+    for index, video, audio in missing:
+        item = ProbeItem(index, resolve_media_path(media_root, video), resolve_media_path(media_root, audio))
+        if not probe_jobs(item, cache):
+            found[index] = facts_from_results(item.video, item.audio)
+    return found
+
+
 def probe_missing_facts(
     missing: Sequence[tuple[int, str, str]],
     media_root: Path | None,
