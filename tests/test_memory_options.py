@@ -20,7 +20,7 @@ from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
 from fantasytalk_cli.models.weights import build_empty
-from fantasytalk_cli.planning.fit import OPTION_ORDER, MemoryOptions, cheapest_fitting, fit_warning
+from fantasytalk_cli.planning.fit import OPTION_ORDER, MemoryOptions, cheapest_fitting, fit_warning, search_space
 from fantasytalk_cli.planning.memory import estimate_memory
 from fantasytalk_cli.planning.model_size import TransformerDims, block_params
 from fantasytalk_cli.planning.report import make_plan_report
@@ -237,11 +237,15 @@ def test_block_offload_moves_only_frozen_weights_each_forward_and_recompute(tiny
     )
 
 
-def test_block_offload_is_refused_where_deepspeed_or_fsdp_place_the_weights() -> None:
-    for strategy in ("zero2", "zero3", "fsdp"):
-        with pytest.raises(MemoryOptionError, match=f"blocks_to_offload cannot run under {strategy}"):
+def test_block_offload_is_refused_where_zero3_or_fsdp_shard_the_weights() -> None:
+    for strategy in ("zero3", "fsdp"):
+        with pytest.raises(MemoryOptionError, match=f"blocks_to_offload cannot run under {strategy}: ZeRO-3 and FSDP"):
             check_memory_options(ModelConfig(blocks_to_offload=4), strategy)
-    check_memory_options(ModelConfig(blocks_to_offload=4), "ddp")
+    for strategy in ("ddp", "zero2"):  # the frozen weights stay plain module parameters (2-process test for ZeRO-2)
+        check_memory_options(ModelConfig(blocks_to_offload=4), strategy)
+    assert search_space("zero2", {"num_layers": 40}) == {"fp8_allowed": False, "max_blocks": 40}
+    assert search_space("zero3", {"num_layers": 40}) == {"fp8_allowed": False, "max_blocks": 0}
+    assert search_space("ddp", {"num_layers": 40}) == {"fp8_allowed": True, "max_blocks": 40}
 
 
 def test_fewest_offloaded_blocks_first_then_bf16() -> None:

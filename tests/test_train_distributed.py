@@ -172,3 +172,19 @@ def test_activation_offload_composes_with_fsdp(tiny_world: dict, tmp_path: Path)
     want = load_file(plain / "checkpoint-2" / "trainable.safetensors")
     got = load_file(offload / "checkpoint-2" / "trainable.safetensors")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_block_offload_composes_with_zero2(tiny_world: dict, tmp_path: Path) -> None:
+    """ZeRO-2 over 2 processes with an offloaded block trains to bitwise the same weights as without: ZeRO-2
+    partitions the optimizer state and gradients of the trainable weights; the frozen ones stay module parameters."""
+    env = dict(STRATEGIES["zero2"])
+    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 2, "gradient_checkpointing": True}
+    plain, offload = tmp_path / "plain", tmp_path / "offload"
+    launch(world_argv(tiny_world, plain, **common), env, tmp_path / "p1", plain / "checkpoint-2")
+    argv = world_argv(tiny_world, offload, **common, blocks_to_offload=1)
+    out = launch(argv, env, tmp_path / "p2", offload / "checkpoint-2")
+    assert "the frozen weights of the last 1 blocks live in host memory" in out
+    want = load_file(plain / "checkpoint-2" / "trainable.safetensors")
+    got = load_file(offload / "checkpoint-2" / "trainable.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

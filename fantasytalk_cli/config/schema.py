@@ -121,8 +121,9 @@ class ModelConfig(Section):
     """Keep the tensors the backward pass needs (with gradient checkpointing: the block inputs) in host memory."""
     blocks_to_offload: int = Field(0, ge=0)
     """Keep the frozen weights of this many DiT blocks (the last ones) in pinned host memory, each brought to the
-    device for its forward and its recompute (the adapter's k/v stay on the device). Needs gradient checkpointing
-    to save memory: without it autograd keeps every block's weights for the backward."""
+    device for its forward and its recompute (the adapter's k/v stay on the device). In training it needs gradient
+    checkpointing to save memory (without it autograd keeps every block's weights for the backward), and DDP,
+    ZeRO-2 or one process; in `ftalk sample` every weight of those blocks waits in host memory."""
     vae_mini_batch: int = Field(1, ge=1)
     """Videos encoded by the VAE at once."""
     audio_scale: float = 1.0

@@ -103,7 +103,11 @@ def fit_warning(
 
 
 SHARDING_STRATEGIES = ("zero2", "zero3", "fsdp")
-"""Strategies that place the weights themselves: no fp8 storage, no block offload."""
+"""Strategies that take over the model's parameters (their dtype, and under ZeRO-3 and FSDP their placement)."""
+FP8_REFUSED = SHARDING_STRATEGIES
+"""Where `--base_weights_dtype fp8` is refused (`train/memory_options.py` says why)."""
+BLOCK_OFFLOAD_REFUSED = ("zero3", "fsdp")
+"""Where `--blocks_to_offload` is refused: the strategies that shard and gather the frozen weights themselves."""
 
 
 def chosen_options(model: ModelConfig) -> MemoryOptions:
@@ -146,7 +150,6 @@ def run_estimate(
 
 
 def search_space(strategy: str, transformer_config: Mapping[str, Any]) -> dict[str, Any]:
-    """`estimates_by_option`'s keywords for ``strategy``: fp8 and 0..all blocks offloaded only where it does not
-    place the weights itself."""
-    unsharded = strategy not in SHARDING_STRATEGIES
-    return {"fp8_allowed": unsharded, "max_blocks": int(transformer_config.get("num_layers", 0)) if unsharded else 0}
+    """`estimates_by_option`'s keywords for ``strategy``: fp8 and 0..all blocks offloaded where they are allowed."""
+    blocks = int(transformer_config.get("num_layers", 0)) if strategy not in BLOCK_OFFLOAD_REFUSED else 0
+    return {"fp8_allowed": strategy not in FP8_REFUSED, "max_blocks": blocks}

@@ -4,8 +4,9 @@ upcast each layer's weights to the compute dtype for its forward; autograd keeps
 so gradients are exactly those of the upcast weights) and `torch.autograd.graph.save_on_cpu`.
 
 Refused with the reason where a combination cannot work: fp8 storage with DeepSpeed or FSDP, which own the
-parameters' dtype and layout (ZeRO flattens and casts every parameter to its own precision; FSDP needs one dtype
-per wrapped unit).
+parameters' dtype and layout (ZeRO flattens and casts every parameter to its own precision; FSDP gathers each
+unit's weights in its own dtype around the forward), and block offload under ZeRO-3 and FSDP, which shard and gather
+the frozen weights themselves (under ZeRO-2 the frozen weights stay plain module parameters: it composes).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.errors import FtalkUsageError
+from fantasytalk_cli.planning.fit import BLOCK_OFFLOAD_REFUSED, FP8_REFUSED
 
 ADAPTER_PATTERNS = ("proj_model", "processor")
 """Module-name patterns of the trainable audio adapter: never cast."""
@@ -29,17 +31,18 @@ class MemoryOptionError(FtalkUsageError):
 
 def check_memory_options(model: ModelConfig, strategy: str) -> None:
     """Refuse, before anything loads, the combinations that cannot work (see the module docstring)."""
-    if model.blocks_to_offload and strategy in ("zero2", "zero3", "fsdp"):
+    if model.blocks_to_offload and strategy in BLOCK_OFFLOAD_REFUSED:
         raise MemoryOptionError(
-            f"--blocks_to_offload cannot run under {strategy}: DeepSpeed and FSDP place (ZeRO-3 and FSDP: shard and "
-            "gather) the weights themselves. Use DDP (or one process) with block offload, or ZeRO-3/FSDP's own "
-            "sharding (more GPUs) instead"
+            f"--blocks_to_offload cannot run under {strategy}: ZeRO-3 and FSDP shard the frozen weights and gather "
+            "each block's around its forward themselves. Use DDP, ZeRO-2 (or one process) with block offload, or "
+            "ZeRO-3/FSDP's own sharding (more GPUs) instead"
         )
-    if model.base_weights_dtype == "fp8" and strategy in ("zero2", "zero3", "fsdp"):
+    if model.base_weights_dtype == "fp8" and strategy in FP8_REFUSED:
         raise MemoryOptionError(
             f"--base_weights_dtype fp8 cannot run under {strategy}: DeepSpeed and FSDP own the parameters' storage "
-            "(ZeRO casts every parameter to its own precision, FSDP needs one dtype per wrapped block). Use DDP (or "
-            "one process) with fp8, or bf16 weights sharded by ZeRO-3/FSDP"
+            "(ZeRO casts every parameter to its own precision; FSDP gathers each block's weights in its own dtype "
+            "around the forward, where layerwise casting would swap them). Use DDP (or one process) with fp8, or bf16 "
+            "weights sharded by ZeRO-3/FSDP"
         )
 
 
