@@ -221,3 +221,29 @@ def test_processes_on_raw_metadata_read_the_probe_cache(
     assert validate_metadata(cfg.data, cfg.buckets, ValidateOptions(workers=1)).ok  # fills the probe cache
     report = _cache(world, tmp_path / "cache", train_data_meta=raw)
     assert report.items > 0 and any("read from the probe cache" in note for note in report.notes)
+
+
+def test_whole_clip_features_do_not_slice_into_a_window(world: dict[str, Path]) -> None:
+    """Why audio is cached per frame window, not once per clip and sliced: wav2vec2 normalises its input per call
+    and attends over all of it, so the whole clip's features cut to a window's time span are not the features of
+    that window's audio. At 25 fps a frame is exactly two hops of 320 samples, the best case for slicing: still
+    about 24% relative on the tiny model (a slice would have to hold to ~1e-6 for the cached step to equal the
+    online one)."""
+    from fantasytalk_cli.models.audio import SAMPLE_RATE, Wav2Vec2Features, read_audio_for_frames
+    from fantasytalk_cli.models.dit_config import find_wav2vec
+
+    cfg = world_config(world, world["root"] / "unused")
+    wav2vec = Wav2Vec2Features.from_pretrained(find_wav2vec(cfg.model), dtype=torch.float32)
+    entry = next(e for e in load_entries(world["clean"]) if e.probe and e.probe.fps == 25 and e.probe.num_frames >= 40)
+    audio_path = cfg.data.media_root() / entry.audio_path  # type: ignore[operator]
+    fps, start, frames = entry.probe.fps, 16, 17  # type: ignore[union-attr]
+    whole = read_audio_for_frames(audio_path, 0, entry.probe.num_frames, 1, fps)  # type: ignore[union-attr]
+    window = read_audio_for_frames(audio_path, start, frames, 1, fps)
+    with torch.no_grad():
+        cut = wav2vec(window)[0]
+        full = wav2vec(whole)[0]
+    offset = round(start / fps * SAMPLE_RATE) // 320  # wav2vec2's hop: token k starts at sample 320 k
+    sliced = full[offset : offset + cut.shape[0]]
+    assert sliced.shape == cut.shape
+    relative = ((sliced - cut).norm() / cut.norm()).item()
+    assert relative > 0.01, relative
