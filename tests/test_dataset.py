@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from fantasytalk_cli.data.buckets import cover_crop
 from fantasytalk_cli.data.dataset import (
+    WORKER_RESIZE_AREA,
     ClipBatchDataset,
     SampleError,
+    loader_frames,
     resize_float,
     resize_to_bucket,
     to_model_pixels,
@@ -40,10 +42,13 @@ def test_batches_have_the_planned_shape_and_exact_audio(tiny_world: dict, tmp_pa
     dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=3)
     batch = next(iter(sampler))
     out = dataset[batch]
-    assert len(out["pixels"]) == len(batch)  # as decoded: resized and converted on the device by the step
+    assert len(out["pixels"]) == len(batch)  # uint8: resized (where the worker left that) and converted by the step
     for index, clip in zip(out["indices"], out["pixels"], strict=True):
         probe = entries[index].probe
-        assert clip.shape == (batch.frames, probe.height, probe.width, 3) and clip.dtype == torch.uint8
+        box = cover_crop(probe.height, probe.width, batch.height, batch.width)
+        large = probe.height * probe.width > WORKER_RESIZE_AREA * box.resize_height * box.resize_width
+        size = (batch.height, batch.width) if large else (probe.height, probe.width)
+        assert clip.shape == (batch.frames, *size, 3) and clip.dtype == torch.uint8
     pixels = to_model_pixels(out["pixels"], batch.height, batch.width, torch.device("cpu"))
     assert pixels.shape == (len(batch), 3, batch.frames, batch.height, batch.width)
     assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.dtype == torch.float32
@@ -118,3 +123,17 @@ def test_clip_that_fits_is_only_cropped() -> None:
     frames = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(2, 64, 80, 3), dtype=np.uint8))
     out = resize_to_bucket(frames, 64, 64)
     assert torch.equal(out, frames[:, :, 8:72].permute(3, 0, 1, 2).float() / 127.5 - 1)
+
+
+def test_worker_resizes_only_sources_far_larger_than_their_bucket() -> None:
+    """A source up to `WORKER_RESIZE_AREA` times its cover size travels as decoded (no copy); a larger one is
+    resized to its bucket in the worker, the float path to one grey level, and the step then only converts it."""
+    rng = np.random.default_rng(2)
+    near = rng.integers(0, 256, size=(2, 60, 104, 3), dtype=np.uint8)  # cover 48x83 for 48x48: 1.57x the pixels
+    assert loader_frames(near, 48, 48).data_ptr() == near.__array_interface__["data"][0]
+    far = rng.integers(0, 256, size=(2, 120, 208, 3), dtype=np.uint8)  # 6.3x the pixels of its cover size
+    got = loader_frames(far, 48, 48)
+    assert got.shape == (2, 48, 48, 3) and got.dtype == torch.uint8
+    assert (got.int() - _float_reference(far, 48, 48).int()).abs().max().item() <= 1
+    step = to_model_pixels([got], 48, 48, torch.device("cpu"))[0]
+    assert torch.equal(step, got.permute(3, 0, 1, 2).float() / 127.5 - 1)

@@ -25,7 +25,7 @@ from fantasytalk_cli.cache.lookup import VIDEO_TENSORS
 from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.config.schema import FtalkConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
-from fantasytalk_cli.data.dataset import read_frames, to_model_pixels
+from fantasytalk_cli.data.dataset import loader_frames, read_frames, to_model_pixels
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, resolve_media_path
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
 from fantasytalk_cli.data.probing import cached_facts, default_cache_path, probe_missing_facts
@@ -250,7 +250,7 @@ class _Writer:
         if self._there("video", key):
             return
         frozen, device = self.encoders.frozen, self.encoders.device
-        frames = torch.from_numpy(read_frames(path, item.window.frame_indices))
+        frames = loader_frames(read_frames(path, item.window.frame_indices), item.height, item.width)  # as training
         with torch.no_grad(), frozen.on(device):
             video = encode_video(frozen, to_model_pixels([frames], item.height, item.width, device))
         tensors = {name: getattr(video, name).cpu() for name in VIDEO_TENSORS}

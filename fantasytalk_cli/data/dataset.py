@@ -53,6 +53,25 @@ def read_frames(path: Path, indices: Sequence[int]) -> np.ndarray:
     return reader.get_batch(list(indices)).asnumpy()
 
 
+WORKER_RESIZE_AREA = 2.0
+"""A source with more than this many times the pixels of its resize-to-cover size is resized in the DataLoader
+worker (`loader_frames`): a sample then never travels through the prefetch queue, shared and pinned memory and
+the host-to-device copy at more than twice its bucket's bytes (81 frames of 4K into a 512 bucket: 2 GB as decoded)."""
+
+
+def loader_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """What a worker hands the step for a clip decoded as uint8 [F, H, W, 3]: the frames as decoded (resized on the
+    device by the step, `to_model_pixels`), or, for a source more than `WORKER_RESIZE_AREA` times larger than it
+    needs, resized to cover and centre-cropped here (uint8 [F, height, width, 3], the CPU route of
+    `resize_to_bucket`), which the step then only converts."""
+    video = torch.from_numpy(frames)
+    box = cover_crop(video.shape[1], video.shape[2], height, width)
+    if video.shape[1] * video.shape[2] <= WORKER_RESIZE_AREA * box.resize_height * box.resize_width:
+        return video
+    resized = resize_uint8(video.permute(0, 3, 1, 2), (box.resize_height, box.resize_width)).permute(0, 2, 3, 1)
+    return resized[:, box.top : box.top + height, box.left : box.left + width, :]
+
+
 def to_model_pixels(frames: Sequence[torch.Tensor], height: int, width: int, device: torch.device) -> torch.Tensor:
     """Each clip's decoded uint8 frames [F, H, W, 3] (any source size) -> float32 [B, 3, F, height, width] in
     [-1, 1] on `device`: the uint8 frames travel as decoded, and are resized to cover, centre-cropped and converted
@@ -175,7 +194,7 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         sample: dict[str, Any] = {"text": entry.text, "index": index, "video": video, "pixels": None}
         if video is None:
             video_path = resolve_media_path(self.media_root, entry.file_path)
-            sample["pixels"] = torch.from_numpy(read_frames(video_path, window.frame_indices))  # resized on device
+            sample["pixels"] = loader_frames(read_frames(video_path, window.frame_indices), batch.height, batch.width)
         sample["audio_cache"] = self.cache.audio(audio_path, window) if self.cache is not None else None
         sample["text_cache"] = self.cache.text(entry.text) if self.cache is not None else None
         if sample["audio_cache"] is not None:
@@ -216,10 +235,10 @@ class ClipBatchDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, Any]], batch: PlannedBatch, failures: list[Failure]) -> dict[str, Any]:
-    """Stack one planned batch. Each clip's frames stay as decoded (uint8, its own source size) until the step
-    resizes them on the device (`to_model_pixels`). Audio lengths differ when fps differ: each clip keeps its own
-    samples (the step encodes them one by one), so nothing is padded or cut. Cached video encodings replace the pixels
-    only when every sample has them."""
+    """Stack one planned batch. Each clip's frames stay uint8, as `loader_frames` left them (most at their source
+    size), until the step resizes them on the device (`to_model_pixels`). Audio lengths differ when fps differ:
+    each clip keeps its own samples (the step encodes them one by one), so nothing is padded or cut. Cached video
+    encodings replace the pixels only when every sample has them."""
     cached = bool(samples) and all(s["video"] is not None for s in samples)
     return {
         "pixels": None if cached or not samples else [s["pixels"] for s in samples],
