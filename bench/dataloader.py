@@ -6,7 +6,8 @@ in one process with torch and decord on one thread:
 - `raw decord`: ``decord.VideoReader(path, num_threads=1).get_batch(indices).asnumpy()`` of exactly the frames of
   the sample's planned window (the same `clip_window` the dataset draws), file open included: the floor;
 - `loaded`: ``ClipBatchDataset.load_sample``, what a DataLoader worker does per sample (decord decode of the
-  window, the audio of the frames' span read, downmixed and resampled to 16 kHz);
+  window, the audio of the frames' span read, downmixed and resampled to 16 kHz; a source with more than twice
+  the pixels of its cover size would also be resized here, `loader_frames`: none in these sets);
 - its parts timed one by one on the same sample: `read_frames`, `read_audio_for_frames`;
 - `step pixels`: what the step then does with the frames on its device, timed here on the CPU
   (`to_model_pixels`: resize to cover, centre crop, layout change and [-1, 1] float; the last two the step always
