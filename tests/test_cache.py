@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -247,3 +248,26 @@ def test_whole_clip_features_do_not_slice_into_a_window(world: dict[str, Path]) 
     assert sliced.shape == cut.shape
     relative = ((sliced - cut).norm() / cut.norm()).item()
     assert relative > 0.01, relative
+
+
+def test_read_ahead_threads_write_the_same_cache(world: dict[str, Path], tmp_path: Path) -> None:
+    """`--dataloader_num_workers 2`: two threads decode, read and hash ahead of the encoders; every entry (its
+    tensors bitwise, its metadata) and the merged manifest are those of the cache written without them."""
+    inline = _cache(world, tmp_path / "inline", dataloader_num_workers=0)
+    ahead = _cache(world, tmp_path / "ahead", dataloader_num_workers=2)
+    assert any("2 threads" in note for note in ahead.notes) and ahead.computed == inline.computed
+
+    def entries(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*.safetensors"))
+
+    names = entries(tmp_path / "inline")
+    assert names and names == entries(tmp_path / "ahead")
+    for name in names:
+        with (
+            safe_open(str(tmp_path / "inline" / name), "pt") as a,
+            safe_open(str(tmp_path / "ahead" / name), "pt") as b,
+        ):
+            assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys()), name
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), name  # noqa: SIM118
+    merged = [json.loads((tmp_path / folder / "manifest.json").read_text()) for folder in ("inline", "ahead")]
+    assert merged[0] == merged[1]

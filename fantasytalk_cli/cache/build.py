@@ -10,13 +10,16 @@ and reads back is not computed again (counted as reused); a corrupt one is recom
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fantasytalk_cli.cache.fingerprint import MediaHashes
@@ -180,14 +183,17 @@ def build_cache(cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None
     if rank == 0:
         writer.text(EMPTY_CAPTION, None)
     texts_done: set[str] = set()
-    for done, item in enumerate(mine, start=1):
+    workers = data.dataloader_num_workers
+    if workers:
+        report.notes.append(f"{workers} threads (--dataloader_num_workers) decode and read ahead of the encoders")
+    loaded = _read_ahead(mine, lambda item: writer.load(entries[item.index], item), workers)
+    for done, (item, media) in enumerate(loaded, start=1):
         entry = entries[item.index]
         try:
             if entry.text not in texts_done:
                 writer.text(entry.text, item.index)
                 texts_done.add(entry.text)
-            writer.audio(entry, item)
-            writer.video(entry, item)
+            writer.encode(media)
         except (OSError, RuntimeError, ValueError) as exc:  # one clip's decoder or file error: listed, not fatal
             report.failed.append(f"entry {item.index} ({entry.file_path}): {type(exc).__name__}: {exc}")
         if progress is not None:
@@ -212,10 +218,8 @@ class _Writer:
     root: Path | None
 
     def _there(self, kind: str, key: str) -> bool:
-        if self.store.has(kind, key) and self.store.read(kind, key) is not None:  # type: ignore[arg-type]
-            self.report.reused[kind] += 1
-            return True
-        return False
+        """The entry's file is there and reads back (thread-safe: counts nothing)."""
+        return self.store.has(kind, key) and self.store.read(kind, key) is not None  # type: ignore[arg-type]
 
     def _put(
         self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], entry: int | None
@@ -228,30 +232,88 @@ class _Writer:
 
     def text(self, caption: str, index: int | None) -> None:
         key = self.settings.text_key(caption)
-        if not self._there("text", key):
-            with torch.no_grad():
-                embedding = self.encoders.frozen.text.encode([caption]).cpu()
-            self._put("text", key, {"text": embedding}, {"caption": caption}, index)
-
-    def audio(self, entry: MetadataEntry, item: CacheItem) -> None:
-        path = resolve_media_path(self.root, entry.audio_path)
-        key = self.settings.audio_key(self.hashes.sha256(path), item.window)
-        if self._there("audio", key):
+        if self._there("text", key):
+            self.report.reused["text"] += 1
             return
-        w = item.window
-        clip = read_audio_for_frames(path, w.start_frame, w.num_frames, w.stride, w.fps)
         with torch.no_grad():
-            features = self.encoders.wav2vec(clip).cpu()
-        self._put("audio", key, {"audio": features}, {"entry": str(item.index), "path": str(path)}, item.index)
+            embedding = self.encoders.frozen.text.encode([caption]).cpu()
+        self._put("text", key, {"text": embedding}, {"caption": caption}, index)
 
-    def video(self, entry: MetadataEntry, item: CacheItem) -> None:
-        path = resolve_media_path(self.root, entry.file_path)
-        key = self.settings.video_key(self.hashes.sha256(path), item.window, item.height, item.width)
-        if self._there("video", key):
+    def load(self, entry: MetadataEntry, item: CacheItem) -> _Media:
+        """The keys of one clip window's audio and video entries, and the media the missing ones need (the audio
+        span, the frames as a DataLoader worker hands them to training). Runs in the read-ahead threads; an error
+        is kept for `encode` to raise in the main thread, where it is reported against the entry."""
+        media = _Media(item)
+        try:
+            w = item.window
+            audio_path = resolve_media_path(self.root, entry.audio_path)
+            media.audio_key = self.settings.audio_key(self.hashes.sha256(audio_path), w)
+            if not self._there("audio", media.audio_key):
+                media.audio = read_audio_for_frames(audio_path, w.start_frame, w.num_frames, w.stride, w.fps)
+            video_path = resolve_media_path(self.root, entry.file_path)
+            media.video_key = self.settings.video_key(self.hashes.sha256(video_path), w, item.height, item.width)
+            if not self._there("video", media.video_key):
+                media.frames = loader_frames(read_frames(video_path, w.frame_indices), item.height, item.width)
+            media.paths = (str(audio_path), str(video_path))
+        except (OSError, RuntimeError, ValueError) as exc:
+            media.error = exc
+        return media
+
+    def encode(self, media: _Media) -> None:
+        """Encode and store what `load` found missing; count what was there."""
+        if media.error is not None:
+            raise media.error
+        item, (audio_path, video_path) = media.item, media.paths
+        if media.audio is None:
+            self.report.reused["audio"] += 1
+        else:
+            with torch.no_grad():
+                features = self.encoders.wav2vec(media.audio).cpu()
+            meta = {"entry": str(item.index), "path": audio_path}
+            self._put("audio", media.audio_key, {"audio": features}, meta, item.index)
+        if media.frames is None:
+            self.report.reused["video"] += 1
             return
         frozen, device = self.encoders.frozen, self.encoders.device
-        frames = loader_frames(read_frames(path, item.window.frame_indices), item.height, item.width)  # as training
         with torch.no_grad(), frozen.on(device):
-            video = encode_video(frozen, to_model_pixels([frames], item.height, item.width, device))
+            video = encode_video(frozen, to_model_pixels([media.frames], item.height, item.width, device))
         tensors = {name: getattr(video, name).cpu() for name in VIDEO_TENSORS}
-        self._put("video", key, tensors, {"entry": str(item.index), "path": str(path)}, item.index)
+        self._put("video", media.video_key, tensors, {"entry": str(item.index), "path": video_path}, item.index)
+
+
+@dataclass
+class _Media:
+    """One clip window as `_Writer.load` left it for `_Writer.encode`."""
+
+    item: CacheItem
+    audio_key: str = ""
+    video_key: str = ""
+    audio: np.ndarray | None = None
+    """The window's audio at 16 kHz, when its entry is missing."""
+    frames: torch.Tensor | None = None
+    """The window's frames (`loader_frames`), when its entry is missing."""
+    paths: tuple[str, str] = ("", "")
+    error: Exception | None = None
+
+
+def _read_ahead(
+    items: Sequence[CacheItem], load: Callable[[CacheItem], _Media], workers: int
+) -> Iterator[tuple[CacheItem, _Media]]:
+    """``(item, load(item))`` in order; with ``workers`` > 0, loaded by that many threads, at most 2 x workers
+    ahead of the consumer (decord, soundfile and hashlib release the GIL while they decode, read and hash), so the
+    encoders never wait for a decode that could have run beside them."""
+    if workers <= 0:
+        for item in items:
+            yield item, load(item)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="ftalk-cache-read") as pool:
+        upcoming = iter(items)
+        pending: deque[tuple[CacheItem, Future[_Media]]] = deque(
+            (item, pool.submit(load, item)) for item in itertools.islice(upcoming, 2 * workers)
+        )
+        while pending:
+            item, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(load, following)))
+            yield item, future.result()

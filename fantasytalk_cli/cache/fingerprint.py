@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,8 @@ class MediaHashes:
     """A persistent memo of media content hashes, keyed by (absolute path, size, mtime_ns).
 
     Loads every `media-hashes*.jsonl` in `folder` (each writer — a rank, a process — has its own file, so
-    nothing interleaves); a file whose size or mtime changed since it was recorded is hashed again. Counters:
+    nothing interleaves); a file whose size or mtime changed since it was recorded is hashed again. Safe to call from
+    several threads of one process. Counters:
     `hashed` (files read in full by this process), `reused` (memo hits), `skipped_lines` (malformed lines).
     """
 
@@ -138,6 +140,7 @@ class MediaHashes:
         self.reused = 0
         self.skipped_lines = 0
         self._memo: dict[tuple[str, int, int], str] = {}
+        self._lock = threading.Lock()  # `ftalk cache`'s loader threads hash files at once
         for memo in sorted(self.folder.glob(MEDIA_MEMO_GLOB)) if self.folder.is_dir() else []:
             records, skipped = read_json_lines(memo)
             self.skipped_lines += skipped
@@ -154,14 +157,17 @@ class MediaHashes:
         resolved = Path(path).resolve()
         before = os.stat(resolved)
         key = (str(resolved), before.st_size, before.st_mtime_ns)
-        known = self._memo.get(key)
-        if known is not None:
-            self.reused += 1
-            return known
-        digest = file_sha256(resolved)
-        self.hashed += 1
+        with self._lock:
+            known = self._memo.get(key)
+            if known is not None:
+                self.reused += 1
+                return known
+        digest = file_sha256(resolved)  # outside the lock: threads hash different files at once
         after = os.stat(resolved)
-        if (after.st_size, after.st_mtime_ns) == key[1:]:  # a file written to while it was read is not remembered
-            self._memo[key] = digest
-            append_json_line(self.memo_path, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest})
+        with self._lock:
+            self.hashed += 1
+            if (after.st_size, after.st_mtime_ns) == key[1:] and key not in self._memo:  # not while written to
+                self._memo[key] = digest
+                record = {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest}
+                append_json_line(self.memo_path, record)
         return digest
