@@ -157,3 +157,11 @@ def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def format_size(nbytes: int) -> str:
+    """Bytes for people: the largest of GB, MB and KB (decimal) that fits, with two decimals."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"

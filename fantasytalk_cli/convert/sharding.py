@@ -57,13 +57,6 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def format_size(nbytes: int) -> str:
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
-
-
 @dataclass(frozen=True)
 class Entry:
     """One output tensor: our name, its name in the file, shape and dtype."""

@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, format_size, parse_size, plan_shards
+from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, parse_size, plan_shards
 from fantasytalk_cli.convert.sharding import write_shards as _write_shards
 from fantasytalk_cli.convert.sources import (
     WEIGHTS_NAME,
@@ -29,6 +29,7 @@ from fantasytalk_cli.convert.sources import (
     open_checkpoint,
     recorded_model_config,
 )
+from fantasytalk_cli.fileio import format_size
 from fantasytalk_cli.models.adapter_file import adapter_to_format
 from fantasytalk_cli.models.dit_config import dit_files
 from fantasytalk_cli.models.layout import ModelLoadError

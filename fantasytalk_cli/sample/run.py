@@ -28,6 +28,7 @@ import torch
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.convert.sources import open_checkpoint
+from fantasytalk_cli.fileio import format_size
 from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec
 from fantasytalk_cli.models.dit_loading import load_transformer, meta_transformer
@@ -226,7 +227,7 @@ def apply_memory_options(transformer: torch.nn.Module, model: ModelConfig, devic
     done = []
     if model.base_weights_dtype == "fp8":
         stored = sum(p.numel() * p.element_size() for p in transformer.parameters())
-        done.append(f"model: the transformer's block weights stored in float8_e4m3fn: {stored / 1e9:.2f} GB in all")
+        done.append(f"model: the transformer's block weights stored in float8_e4m3fn: {format_size(stored)} in all")
     if model.blocks_to_offload:
         transformer.requires_grad_(False)  # nothing trains: every weight of an offloaded block waits on the host
         offload = offload_blocks(transformer, model.blocks_to_offload, device)

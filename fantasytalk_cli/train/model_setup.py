@@ -16,6 +16,7 @@ import torch
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.fileio import format_size
 from fantasytalk_cli.models.adapter_file import load_adapter_or_transformer
 from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec
@@ -83,7 +84,7 @@ def load_training_models(
     count = set_trainable(transformer, model.trainable_modules)
     if model.base_weights_dtype == "fp8":
         frozen_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters() if not p.requires_grad)
-        notes.append(f"frozen DiT weights stored in float8_e4m3fn: {frozen_bytes / 1e9:.2f} GB")
+        notes.append(f"frozen DiT weights stored in float8_e4m3fn: {format_size(frozen_bytes)}")
     for param in transformer.parameters():
         if sharded is None and param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # trainable weights and their optimizer state stay fp32
