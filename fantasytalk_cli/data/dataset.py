@@ -87,12 +87,13 @@ def resize_to_bucket(video: torch.Tensor, height: int, width: int) -> torch.Tens
     """uint8 [F, H, W, 3] -> float32 [3, F, height, width] in [-1, 1] on the same device: resize to cover (bilinear,
     antialiased), centre crop, whole grey levels.
 
-    The resize runs in the training process on the device, not in the DataLoader workers: on CPU-poor nodes the
-    workers are decode-bound, and an exact antialiased resize of 81 frames costs them about as much again as the
-    decode (`bench/dataloader.py` shows the parts). On the CPU, torch's uint8 channels-last antialiased kernel
-    (10-20x faster than converting to float first); on an accelerator, which has no uint8 antialiased kernel, float
-    in chunks of `RESIZE_CHUNK` frames, rounded to whole grey levels. Both are the float path to one grey level
-    (tests/test_dataset.py pins it); a clip that already fits is only cropped."""
+    The resize runs in the training process on the device, not in the DataLoader workers (but for sources far
+    larger than their bucket: `loader_frames`): on CPU-poor nodes the workers are decode-bound, and an exact
+    antialiased resize of 81 frames costs them about as much again as the decode (`bench/dataloader.py`). On the
+    CPU, torch's uint8 channels-last antialiased kernel (10-20x faster than converting to float first); on an
+    accelerator, which has no uint8 antialiased kernel, float in chunks of `RESIZE_CHUNK` frames, rounded to whole
+    grey levels. Both are the float path to one grey level (tests/test_dataset.py pins it); a clip that already
+    fits is only cropped."""
     box = cover_crop(video.shape[1], video.shape[2], height, width)
     size = (box.resize_height, box.resize_width)
     channels_first = video.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: the uint8 fast path's layout
@@ -103,7 +104,7 @@ def resize_to_bucket(video: torch.Tensor, height: int, width: int) -> torch.Tens
     else:
         resized = resize_float(channels_first, size)
     cropped = resized[:, :, box.top : box.top + height, box.left : box.left + width]
-    planar = cropped.permute(1, 0, 2, 3).contiguous()  # the layout change in uint8 on the CPU: a quarter the bytes
+    planar = cropped.permute(1, 0, 2, 3).contiguous()  # on the CPU route still uint8: a quarter of float's bytes
     return planar.float().div_(127.5).sub_(1.0)
 
 
