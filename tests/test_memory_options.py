@@ -267,3 +267,15 @@ def test_estimate_of_block_offload() -> None:
     assert base.total_bytes - ten.total_bytes == 8 * per_block
     no_gc = estimate_memory(WAN21_I2V_14B_CONFIG, shape, blocks_to_offload=10)
     assert no_gc.total_bytes == estimate_memory(WAN21_I2V_14B_CONFIG, shape).total_bytes
+
+
+def test_fp8_refuses_a_trainable_base_weight_before_anything_loads(tiny_world: dict[str, Path]) -> None:
+    """A --trainable_modules pattern that reaches a block linear cannot train in float8: refused on the meta model,
+    naming the weights and the fix."""
+
+    def fp8_storage(meta: FantasyTalkingTransformer) -> None:
+        set_trainable(meta, ["processor.", "blocks.0.ffn"])
+        store_in_fp8(meta, torch.bfloat16)
+
+    with pytest.raises(MemoryOptionError, match=r"makes \d+ of them trainable.*blocks\.0\.ffn.*keep --base"):
+        load_transformer(tiny_world["model"], dtype=torch.bfloat16, on_meta=fp8_storage, **TINY_AUDIO_DIMS)

@@ -56,9 +56,13 @@ def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
     model.enable_layerwise_casting(  # type: ignore[operator]
         storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype, skip_modules_pattern=patterns
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if any(p.dtype == torch.float8_e4m3fn for p in trainable):
-        raise MemoryOptionError("a trainable parameter was cast to fp8: check --trainable_modules against the adapter")
+    cast = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float8_e4m3fn]
+    if cast:
+        raise MemoryOptionError(
+            f"--base_weights_dtype fp8 stores the frozen DiT's linear weights in float8, but --trainable_modules makes "
+            f"{len(cast)} of them trainable (e.g. {cast[:3]}): train only the audio adapter "
+            f"({', '.join(ADAPTER_PATTERNS)}) with fp8, or keep --base_weights_dtype bf16"
+        )
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
 
