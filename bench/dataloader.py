@@ -7,21 +7,23 @@ in one process with torch and decord on one thread:
   the sample's planned window (the same `clip_window` the dataset draws), file open included: the floor;
 - `loaded`: ``ClipBatchDataset.load_sample``, what a DataLoader worker does per sample (decord decode of the
   window, the audio of the frames' span read, downmixed and resampled to 16 kHz; a source with more than twice
-  the pixels of its cover size would also be resized here, `loader_frames`: none in these sets);
-- its parts timed one by one on the same sample: `read_frames`, `read_audio_for_frames`;
+  the pixels of its cover size is also resized here, `loader_frames`: only the large set's);
+- its parts timed one by one on the same sample: `read_frames`, `worker resize` (`loader_frames`),
+  `read_audio_for_frames`;
 - `step pixels`: what the step then does with the frames on its device, timed here on the CPU
   (`to_model_pixels`: resize to cover, centre crop, layout change and [-1, 1] float; the last two the step always
   did). It is not part of the ratio: it runs in the training process on the accelerator, not in the decode-bound
   workers; on a CPU-only run it is the step's cost, shown so that nothing is hidden (`ratio w/ step pixels`).
 
 Raw and loaded alternate (order flipped every repeat); a warm-up pass is not timed; each figure is the median
-over repeats of one sample, averaged over samples; the ratio is sum(loaded) / sum(raw). Two data sets: the demo
+over repeats of one sample, averaged over samples; the ratio is sum(loaded) / sum(raw). Three data sets: the demo
 data (`make_demo_dataset`, clips of 96-176 px where fixed costs dominate) and the realistic, resize-heavy one: 512x512,
 480x832 and 832x480 sources (`write_talking_clip`) planned with the seed recipe (512-level aspect-ratio buckets, 81
-frames), so two thirds of the samples are resized. Target on the latter: ratio <= 1.15 (the ratio of means is the
-ratio of throughputs).
+frames), so two thirds of the samples are resized; and, shown for information, 1080p sources (`--large-clips`), far
+larger than their bucket, which the worker resizes so that a sample never travels at more than twice its bucket's
+bytes. Target on the resize-heavy mix: ratio <= 1.15 (the ratio of means is the ratio of throughputs).
 
-Run: ``.venv/bin/python -m bench.dataloader [--repeats 7 --mix-clips 6 --frames 81]``.
+Run: ``.venv/bin/python -m bench.dataloader [--repeats 7 --mix-clips 6 --large-clips 2 --frames 81]``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 from fantasytalk_cli.config import load_config
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data.buckets import clip_window
-from fantasytalk_cli.data.dataset import ClipBatchDataset, read_frames, to_model_pixels
+from fantasytalk_cli.data.dataset import ClipBatchDataset, loader_frames, read_frames, to_model_pixels
 from fantasytalk_cli.data.metadata import load_entries, resolve_media_path
 from fantasytalk_cli.data.plan import plan_from_metadata
 from fantasytalk_cli.data.sampler import BucketBatchSampler, PlannedBatch
@@ -50,7 +52,7 @@ from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
 from fantasytalk_cli.models.audio import read_audio_for_frames
 
 TARGET = 1.15
-PARTS = ("raw decord", "loaded", "read_frames", "read_audio", "step pixels")
+PARTS = ("raw decord", "loaded", "read_frames", "worker resize", "read_audio", "step pixels")
 
 
 @dataclass
@@ -59,6 +61,8 @@ class DataSet:
     root: Path
     clean: Path
     buckets: dict[str, Any]
+    judged: bool = True
+    """Whether the ratio target applies (not to the large set, resized in the worker by design)."""
 
 
 def clean_metadata(root: Path, buckets: dict[str, Any]) -> Path:
@@ -84,12 +88,16 @@ MIX_SHAPES = ((512, 512), (480, 832), (832, 480))
 resize into the 512-level buckets)."""
 
 
-def mix_set(root: Path, clips: int, frames: int) -> DataSet:
-    """`clips` talking clips cycling through `MIX_SHAPES`, 4 s at 25 fps, audio alternating 16 kHz mono / 44.1 kHz
+LARGE_SHAPES = ((1080, 1920),)
+"""(height, width) of the optional large set: 1080p sources, which `loader_frames` resizes in the worker."""
+
+
+def mix_set(root: Path, clips: int, frames: int, shapes: tuple[tuple[int, int], ...] = MIX_SHAPES) -> DataSet:
+    """`clips` talking clips cycling through `shapes`, 4 s at 25 fps, audio alternating 16 kHz mono / 44.1 kHz
     stereo, planned with the seed recipe's buckets (512 level, aspect-ratio buckets, `frames` frames)."""
     entries = []
     for i in range(clips):
-        height, width = MIX_SHAPES[i % len(MIX_SHAPES)]
+        height, width = shapes[i % len(shapes)]
         rate, channels = ((16000, 1), (44100, 2))[i % 2]
         video, audio = f"train/{i:04d}.mp4", f"wav/{i:04d}.wav"
         write_talking_clip(root / video, root / audio, width=width, height=height, fps=25, seconds=4.0,
@@ -97,8 +105,8 @@ def mix_set(root: Path, clips: int, frames: int) -> DataSet:
         entries.append({"file_path": video, "audio_path": audio, "text": "A person talks.", "type": "video"})
     (root / METADATA_NAME).write_text(json.dumps(entries))
     buckets = {"video_sample_size": 512, "video_sample_n_frames": frames, "enable_bucket": True}
-    name = f"512x512/480x832/832x480, {frames} f"
-    return DataSet(name, root, clean_metadata(root, buckets), buckets)
+    name = f"{'/'.join(f'{h}x{w}' for h, w in shapes)}, {frames} f"
+    return DataSet(name, root, clean_metadata(root, buckets), buckets, judged=shapes != LARGE_SHAPES)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -132,13 +140,13 @@ def bench_set(data: DataSet, repeats: int) -> tuple[dict[str, float], int, str]:
         win = window(batch)
         entry = entries[batch[0]]
         t_read, frames = _timed(lambda: read_frames(resolve_media_path(data.root, entry.file_path), win.frame_indices))
-        clip = [torch.from_numpy(frames)]
-        t_resize, _ = _timed(lambda: to_model_pixels(clip, batch.height, batch.width, torch.device("cpu")))
+        t_worker, clip = _timed(lambda: loader_frames(frames, batch.height, batch.width))
+        t_step, _ = _timed(lambda: to_model_pixels([clip], batch.height, batch.width, torch.device("cpu")))
         audio_path = resolve_media_path(data.root, entry.audio_path)
         t_audio, _ = _timed(
             lambda: read_audio_for_frames(audio_path, win.start_frame, win.num_frames, win.stride, win.fps)
         )
-        return {"read_frames": t_read, "read_audio": t_audio, "step pixels": t_resize}
+        return {"read_frames": t_read, "worker resize": t_worker, "read_audio": t_audio, "step pixels": t_step}
 
     times: dict[str, list[list[float]]] = {part: [[] for _ in batches] for part in PARTS}
     for rep in range(repeats + 1):  # repeat 0 warms caches and is not kept
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-clips", type=int, default=12)
     parser.add_argument("--mix-clips", type=int, default=6, help="clips of the resize-heavy set (0: skip it)")
     parser.add_argument("--frames", type=int, default=81, help="frames per sample of the resize-heavy set")
+    parser.add_argument("--large-clips", type=int, default=2, help="1080p clips, resized in the worker (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="ftalk-bench-data-") as tmp:
@@ -167,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         sets = [demo_set(Path(tmp) / "demo", args.demo_clips)]
         if args.mix_clips:
             sets.append(mix_set(Path(tmp) / "mix", args.mix_clips, args.frames))
+        if args.large_clips:
+            sets.append(mix_set(Path(tmp) / "large", args.large_clips, args.frames, LARGE_SHAPES))
         print(f"data written and validated in {time.perf_counter() - start:.0f} s; {args.repeats} repeats per sample")
         widths = [max(len(part), 8) for part in PARTS]
         columns = " ".join(f"{part:>{width}}" for part, width in zip(PARTS, widths, strict=True))
@@ -176,12 +187,13 @@ def main(argv: list[str] | None = None) -> None:
             ms = " ".join(f"{means[p] * 1e3:>{w}.2f}" for p, w in zip(PARTS, widths, strict=True))
             ratio = means["loaded"] / means["raw decord"]
             with_step = (means["loaded"] + means["step pixels"]) / means["raw decord"]
-            verdict = "met" if ratio <= TARGET else "missed"
+            verdict = ("met" if ratio <= TARGET else "missed") if data.judged else "info"
             print(f"{data.name:<28} {count:>7} {ms} {ratio:>5.2f}x ({verdict}) {with_step:>6.2f}x")
             print(f"{'':<28} buckets: {shapes}")
     print(
         "ms per sample (mean over samples of the per-sample median); ratio = loaded / raw decord; "
-        f"target <= {TARGET:.2f}x; read_frames and read_audio are the parts of `loaded` timed one by one; "
+        f"target <= {TARGET:.2f}x (not for the 1080p set: info); read_frames, worker resize and read_audio are the "
+        "parts of `loaded` timed one by one; "
         "step pixels is the step's to_model_pixels on its device, timed on the CPU, outside the ratio"
     )
 

@@ -11,7 +11,7 @@ from bench import dataloader
 
 @pytest.mark.slow
 def test_dataloader_bench_prints_its_stages_and_ratio(capsys: pytest.CaptureFixture[str]) -> None:
-    dataloader.main(["--repeats", "1", "--demo-clips", "4", "--mix-clips", "0"])
+    dataloader.main(["--repeats", "1", "--demo-clips", "4", "--mix-clips", "0", "--large-clips", "0"])
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("data set"))
     for part in dataloader.PARTS:
