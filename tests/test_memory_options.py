@@ -279,3 +279,15 @@ def test_fp8_refuses_a_trainable_base_weight_before_anything_loads(tiny_world: d
 
     with pytest.raises(MemoryOptionError, match=r"makes \d+ of them trainable.*blocks\.0\.ffn.*keep --base"):
         load_transformer(tiny_world["model"], dtype=torch.bfloat16, on_meta=fp8_storage, **TINY_AUDIO_DIMS)
+
+
+def test_all_options_compose_with_low_vram(tiny_world: dict[str, Path], tmp_path: Path) -> None:
+    """fp8, activation offload and an offloaded block together, with and without `low_vram` (which only moves the
+    encoders between host and device around their use): bitwise the same weights after 4 steps."""
+    common = {"max_train_steps": 4, "checkpointing_steps": 4, "gradient_checkpointing": True,
+              "base_weights_dtype": "fp8", "activation_offload": True, "blocks_to_offload": 1}  # fmt: skip
+    _train(tiny_world, tmp_path / "resident", **common)
+    _train(tiny_world, tmp_path / "low_vram", low_vram=True, **common)
+    want = load_file(tmp_path / "resident" / "checkpoint-4" / "trainable.safetensors")
+    got = load_file(tmp_path / "low_vram" / "checkpoint-4" / "trainable.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
