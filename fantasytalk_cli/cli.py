@@ -384,14 +384,8 @@ def convert_zero(
 
 
 SAMPLE_FIELDS = (
-    "model.pretrained_model_name_or_path",
-    "model.transformer_path",
-    "model.wav2vec_path",
-    "model.config_path",
-    "model.audio_scale",
-    "model.base_weights_dtype",
-    "model.blocks_to_offload",
-    "train.mixed_precision",
+    *("model.pretrained_model_name_or_path", "model.transformer_path", "model.wav2vec_path", "model.config_path"),
+    *("model.audio_scale", "model.base_weights_dtype", "model.blocks_to_offload", "train.mixed_precision"),
 )
 UPSTREAM_SEED = 1111
 """Upstream `infer.py`'s seed: `ftalk sample`'s default when `--seed` is not given."""
@@ -474,9 +468,8 @@ def sample(
     """Generate talking videos with the base model and an adapter, as upstream inference does.
 
     --seed N sets the noise (default 1111, upstream's); on a GPU the models run in --mixed_precision (bf16).
-    --base_weights_dtype fp8 and --blocks_to_offload N fit the transformer in less GPU memory as in training (here
-    all of an offloaded block's weights wait in host memory, and no checkpointing is needed); --activation_offload is
-    a training option: it does nothing here (sampling has no backward pass), so a training config serves unchanged."""
+    --base_weights_dtype fp8 and --blocks_to_offload N fit the transformer in less GPU memory, as in training (an
+    offloaded block's weights all wait in host memory); --activation_offload is for training and does nothing here."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from fantasytalk_cli.sample.batch_file import read_batch_file
