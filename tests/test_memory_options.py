@@ -184,6 +184,9 @@ def test_plan_names_the_cheapest_fitting_options(tmp_path: Path) -> None:
         assert any(
             n.startswith(f"memory options for the largest bucket (512x512x81) on {gpu_gb} GB") for n in report.notes
         )
+    roomy = make_plan_report(cfg, world_size=1, gpu_memory_gb=200)
+    assert any(n.startswith("memory options") and n.endswith("it fits as it is: no memory option needed")
+               for n in roomy.notes), roomy.notes  # fmt: skip
 
 
 def test_train_warns_when_the_chosen_options_do_not_fit() -> None:

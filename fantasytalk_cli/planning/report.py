@@ -195,10 +195,11 @@ def _options_note(
         f"{opt.label()} {total / GB:.1f} GB" for opt, total in per_option[bucket].items() if not opt.blocks_to_offload
     )
     choice = fits_with[bucket]
-    verdict = (
-        f"pass {choice.flags()}"
-        if choice is not None
-        else "none fits: more GPUs with --strategy zero3 or fsdp, "
-        "gradient checkpointing, a feature cache (--cache_dir), or smaller buckets"
-    )
+    if choice is None:
+        verdict = (
+            "none fits: more GPUs with --strategy zero3 or fsdp, gradient checkpointing, a feature cache "
+            "(--cache_dir), or smaller buckets"
+        )
+    else:
+        verdict = f"pass {choice.flags()}" if choice != MemoryOptions() else "it fits as it is: no memory option needed"
     return f"memory options for the largest bucket ({shape}) on {gpu_memory_gb:g} GB: {shown}; {verdict}"
