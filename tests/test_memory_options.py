@@ -294,3 +294,17 @@ def test_all_options_compose_with_low_vram(tiny_world: dict[str, Path], tmp_path
     want = load_file(tmp_path / "resident" / "checkpoint-4" / "trainable.safetensors")
     got = load_file(tmp_path / "low_vram" / "checkpoint-4" / "trainable.safetensors")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_too_many_offloaded_blocks_are_refused_before_anything_loads(
+    tiny_world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count is checked against the DiT config's blocks at set-up's start, not after the 14B has loaded."""
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the models were loaded before the block count was checked")
+
+    monkeypatch.setattr("fantasytalk_cli.train.setup.load_training_models", must_not_load)
+    with pytest.raises(MemoryOptionError, match="--blocks_to_offload 3: the transformer has 2 blocks; give at most 2"):
+        _train(tiny_world, tmp_path / "run", blocks_to_offload=3)
+    assert not (tmp_path / "run").exists()

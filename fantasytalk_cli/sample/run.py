@@ -40,8 +40,8 @@ from fantasytalk_cli.sample.conditions import audio_condition, encode_prompts, i
 from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Conditions, Guidance, denoise, steps_count
 from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests, load_image
 from fantasytalk_cli.sample.video_io import Mp4Info, frame_strip, write_mp4
-from fantasytalk_cli.train.block_offload import offload_blocks, place_resident
-from fantasytalk_cli.train.memory_options import MemoryOptionError, store_in_fp8
+from fantasytalk_cli.train.block_offload import check_block_count, offload_blocks, place_resident
+from fantasytalk_cli.train.memory_options import store_in_fp8
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -124,9 +124,7 @@ def prepare(
     adapter = resolve_adapter(adapter_path if adapter_path is not None else model.transformer_path)
     dims = _audio_dims(model, adapter)
     meta = meta_transformer(model.pretrained_model_name_or_path, wan_yaml=load_wan_yaml(model.config_path), **dims)
-    blocks = len(meta.blocks)
-    if model.blocks_to_offload > blocks:
-        raise MemoryOptionError(f"--blocks_to_offload {model.blocks_to_offload}: the transformer has {blocks} blocks")
+    check_block_count(model.blocks_to_offload, len(meta.blocks))
     notes = [check_adapter(adapter, meta)] + [note for req in checked for note in req.notes]
     if model.activation_offload:
         notes.append(

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fantasytalk_cli.train.memory_options import MemoryOptionError
+
 
 @dataclass
 class _Offloaded:
@@ -111,9 +113,17 @@ def offload_blocks(model: nn.Module, count: int, device: torch.device) -> BlockO
     if count <= 0:
         return None
     blocks = list(model.blocks)  # type: ignore[attr-defined]
-    if count > len(blocks):
-        raise ValueError(f"--blocks_to_offload {count}: the transformer has {len(blocks)} blocks")
+    check_block_count(count, len(blocks))
     return BlockOffload(blocks[len(blocks) - count :], device)
+
+
+def check_block_count(count: int, blocks: int) -> None:
+    """Refuse ``--blocks_to_offload count`` for a transformer of ``blocks`` blocks when it has fewer (callers check
+    before loading, from the model's config)."""
+    if count > blocks:
+        raise MemoryOptionError(
+            f"--blocks_to_offload {count}: the transformer has {blocks} blocks; give at most {blocks}"
+        )
 
 
 def place_resident(model: nn.Module, offload: BlockOffload | None, device: torch.device) -> None:

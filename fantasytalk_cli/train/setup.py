@@ -36,7 +36,8 @@ from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.planning.fit import MemoryOptions, chosen_options, fit_warning, run_estimate, search_space
 from fantasytalk_cli.planning.memory import MemoryEstimate
-from fantasytalk_cli.train.block_offload import offload_blocks
+from fantasytalk_cli.planning.model_dims import configured_model_dims
+from fantasytalk_cli.train.block_offload import check_block_count, offload_blocks
 from fantasytalk_cli.train.checkpoint import (
     install_state_hooks,
     load_training_checkpoint,
@@ -121,6 +122,8 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     validation = check_validation(cfg.train, cfg.checkpoint.output_dir)
     accelerator, strategy = build_accelerator(cfg.dist, cfg.train, cfg.checkpoint, cfg.train.report_to)
     check_memory_options(cfg.model, strategy.name)
+    if cfg.model.blocks_to_offload:  # before anything loads: the count against the DiT config's blocks
+        check_block_count(cfg.model.blocks_to_offload, int(configured_model_dims(cfg.model).config["num_layers"]))
     tell = functools.partial(console.print, soft_wrap=True)
     say = tell if accelerator.is_main_process else (lambda *a, **k: None)
     for note in (*strategy.notes, *folder.notes):
@@ -147,11 +150,8 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     keep_float8_out_of_ddp_sync(models.transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(models.transformer, optimizer, lr_scheduler)
     install_state_hooks(accelerator, strategy)
-    if cfg.model.blocks_to_offload:
-        try:
-            offload_blocks(accelerator.unwrap_model(transformer), cfg.model.blocks_to_offload, accelerator.device)
-        except ValueError as exc:
-            raise TrainingError(str(exc)) from exc
+    if cfg.model.blocks_to_offload:  # the count was checked against the model's config at set-up's start
+        offload_blocks(accelerator.unwrap_model(transformer), cfg.model.blocks_to_offload, accelerator.device)
         say(f"model: the frozen weights of the last {cfg.model.blocks_to_offload} blocks live in host memory")
     run = Run(
         cfg, accelerator, strategy, models, transformer, optimizer, lr_scheduler, loader, RunState(sampler),
