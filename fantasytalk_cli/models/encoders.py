@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -79,13 +79,14 @@ class VaeEncoder(_Frozen):
     ) -> torch.Tensor:
         """Encode, then normalise. ``sample=True`` draws from the posterior (what the reference trainer trains on),
         ``False`` takes its mean (what inference uses)."""
+        return torch.cat([self.normalise(d.sample(generator) if sample else d.mean) for d in self._posteriors(pixels)])
+
+    def _posteriors(self, pixels: torch.Tensor) -> Iterator[Any]:
+        """The VAE's latent distribution of ``pixels``, ``vae_mini_batch`` videos at a time (shapes checked first)."""
         self._check(pixels)
         param = next(self.vae.parameters())
-        out = []
         for chunk in pixels.split(self.mini_batch):
-            dist = self.vae.encode(chunk.to(device=param.device, dtype=param.dtype)).latent_dist
-            out.append(self.normalise(dist.sample(generator) if sample else dist.mean))
-        return torch.cat(out)
+            yield self.vae.encode(chunk.to(device=param.device, dtype=param.dtype)).latent_dist
 
     def _check(self, pixels: torch.Tensor) -> None:
         if pixels.ndim != 5 or pixels.shape[1] != 3:
@@ -101,12 +102,9 @@ class VaeEncoder(_Frozen):
         """The latent distribution in the DiT's space, ``vae_mini_batch`` videos at a time: (normalised mean,
         std / latents_std), float32 [B, 16, T, h, w]. ``mean + std * eps`` is a normalised posterior sample; the
         feature cache stores these two, so a cached step draws the same sample as an online one."""
-        self._check(pixels)
-        param = next(self.vae.parameters())
         shape = (1, -1) + (1,) * (pixels.ndim - 2)
         means, stds = [], []
-        for chunk in pixels.split(self.mini_batch):
-            dist = self.vae.encode(chunk.to(device=param.device, dtype=param.dtype)).latent_dist
+        for dist in self._posteriors(pixels):
             means.append(self.normalise(dist.mean))
             stds.append(dist.std.float() / self.latents_std.view(shape))
         return torch.cat(means), torch.cat(stds)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fantasytalk_cli.cache.lookup import VIDEO_TENSORS
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.data.dataset import to_model_pixels
 from fantasytalk_cli.models.audio import Wav2Vec2Features
@@ -118,7 +119,7 @@ def video_conditions(encoders: FrozenEncoders, batch: dict[str, Any], device: to
     """The batch's cached video conditions (``batch["video"]``), else encoded from its pixels."""
     cached = batch.get("video")
     if cached is not None:
-        return VideoConditions(*(cached[k].to(device) for k in ("mean", "std", "first", "image")))
+        return VideoConditions(**{name: cached[name].to(device) for name in VIDEO_TENSORS})
     height, width, _ = batch["shape"]
     return encode_video(encoders, to_model_pixels(batch["pixels"], height, width, device))
 
