@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from fantasytalk_cli.models.adapter_file import adapter_to_format
-from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.models.layout import DIT_SHARD_PREFIX
 from fantasytalk_cli.models.state_dict_adapters import dit_name_to_original
 from fantasytalk_cli.models.tiny import TEXT_LEN, TINY_DIT, random_state, write_sharded_safetensors
+from fantasytalk_cli.models.trainable import is_adapter_name
 from fantasytalk_cli.models.weights import build_empty
 from tests.tiny_world import build_world, world_config
 

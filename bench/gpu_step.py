@@ -38,13 +38,14 @@ import torch
 
 from fantasytalk_cli.data.buckets import latent_frames, token_count
 from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
-from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
+from fantasytalk_cli.models.trainable import set_trainable
+from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import fp32_rule
 from fantasytalk_cli.planning.fit import MemoryOptions
 from fantasytalk_cli.planning.memory import AUDIO_WINDOW_TOKENS, CONTEXT_TOKENS, GB, estimate_memory
 from fantasytalk_cli.planning.model_size import TransformerDims
-from fantasytalk_cli.train.block_offload import offload_blocks
-from fantasytalk_cli.train.memory_options import activations_on_host, store_in_fp8
+from fantasytalk_cli.runtime.block_offload import offload_blocks
+from fantasytalk_cli.runtime.memory_options import activations_on_host, store_in_fp8
 
 SETTINGS = "bf16,fp8,offload,fp8+offload,blocks8,fp8+offload+blocks8"
 TINY_SETTINGS = SETTINGS.replace("blocks8", "blocks1")

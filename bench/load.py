@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.models.layout import DIT_SHARD_PREFIX
 from fantasytalk_cli.models.state_dict_adapters import dit_name_to_original
+from fantasytalk_cli.models.trainable import is_adapter_name
 from fantasytalk_cli.models.weights import build_empty, model_shapes
 
 GIB = 1024**3
@@ -39,8 +39,8 @@ _CHILD = r"""
 import json, sys, time
 import psutil, torch
 from fantasytalk_cli.models.dit_loading import load_transformer
-from fantasytalk_cli.models.transformer import set_trainable
-from fantasytalk_cli.train.memory_options import store_in_fp8  # imports done before the baseline is taken
+from fantasytalk_cli.models.trainable import set_trainable
+from fantasytalk_cli.runtime.memory_options import store_in_fp8  # imports done before the baseline is taken
 from bench._memory import peak_rss_mb
 folder, setting = sys.argv[1], sys.argv[2]
 fp8 = setting == "fp8"  # --base_weights_dtype fp8: bf16 load, block linears read straight into float8

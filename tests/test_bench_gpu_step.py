@@ -11,7 +11,7 @@ from bench import gpu_step
 from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
 from fantasytalk_cli.planning.fit import MemoryOptions
 from fantasytalk_cli.planning.model_size import TransformerDims, block_params
-from fantasytalk_cli.train.block_offload import BlockOffload
+from fantasytalk_cli.runtime.block_offload import BlockOffload
 
 
 def test_runs_every_setting_at_tiny_dims(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,8 +23,8 @@ from fantasytalk_cli.convert.sharding import Entry, parse_size, plan_shards
 from fantasytalk_cli.convert.zero import ConversionError, ConversionUsageError, ConvertOptions, convert_checkpoint
 from fantasytalk_cli.models.adapter_file import adapter_to_format, load_adapter_or_transformer
 from fantasytalk_cli.models.dit_loading import load_transformer
-from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS, TINY_DIT, make_tiny_model
+from fantasytalk_cli.models.trainable import is_adapter_name
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty
 from tests.dist.launch import check_run

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fantasytalk_cli.train.flow import (
+from fantasytalk_cli.runtime.flow import (
     FlowSchedule,
     add_noise,
     flow_matching_loss,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from fantasytalk_cli.models import dit_config, frozen_loading, key_mapping, weights
+from fantasytalk_cli.models import dit_config, frozen_loading, key_mapping, trainable, weights
 from fantasytalk_cli.models import state_dict_adapters as sda
 from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG, wan_config
 
@@ -97,7 +97,7 @@ def flatten_ckpt_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[in
 
 
 def adapter_names(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_parameters() if key_mapping.is_adapter_name(name)}
+    return {name for name, _ in model.named_parameters() if trainable.is_adapter_name(name)}
 
 
 def clip_dropped(stored: dict[str, tuple[int, ...]]) -> int:

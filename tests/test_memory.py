@@ -166,14 +166,15 @@ def test_low_vram_encoders_visit_the_gpu_to_encode() -> None:
 def test_activation_model_matches_what_autograd_saves() -> None:
     """Count the bytes autograd saves in a small real Wan block (bf16 autocast) against the model."""
     torch = pytest.importorskip("torch")
-    from fantasytalk_cli.models.transformer import ADAPTER_PATTERNS, FantasyTalkingTransformer, set_trainable
+    from fantasytalk_cli.models.trainable import DEFAULT_TRAINABLE_MODULES, set_trainable
+    from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 
     cfg = dict(TINY_CONFIG)
     cfg.update(num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, num_layers=3, added_kv_proj_dim=256)
     cfg.update(text_dim=64, image_dim=64, audio_in_dim=64, audio_proj_dim=64)
     torch.manual_seed(0)
     model = FantasyTalkingTransformer(**cfg)
-    set_trainable(model, ADAPTER_PATTERNS)
+    set_trainable(model, DEFAULT_TRAINABLE_MODULES)
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)

@@ -18,15 +18,16 @@ from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.models.dims import WAN21_I2V_14B_CONFIG
 from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS
-from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
+from fantasytalk_cli.models.trainable import set_trainable
+from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty
 from fantasytalk_cli.planning.fit import OPTION_ORDER, MemoryOptions, cheapest_fitting, fit_warning, search_space
 from fantasytalk_cli.planning.memory import estimate_memory
 from fantasytalk_cli.planning.model_size import TransformerDims, block_params
 from fantasytalk_cli.planning.report import make_plan_report
-from fantasytalk_cli.train.block_offload import offload_blocks
+from fantasytalk_cli.runtime.block_offload import offload_blocks
+from fantasytalk_cli.runtime.memory_options import MemoryOptionError, check_memory_options, store_in_fp8
 from fantasytalk_cli.train.loop import run_training
-from fantasytalk_cli.train.memory_options import MemoryOptionError, check_memory_options, store_in_fp8
 from tests.test_plan import entry as plan_entry
 from tests.tiny_world import world_config
 

@@ -19,13 +19,14 @@ from typer.testing import CliRunner
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.models.dims import TINY_CONFIG
-from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
+from fantasytalk_cli.models.trainable import set_trainable
+from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
+from fantasytalk_cli.runtime.block_offload import BlockOffload, offload_blocks
 from fantasytalk_cli.sample import run as sample_run
 from fantasytalk_cli.sample.denoise import Guidance
 from fantasytalk_cli.sample.inputs import SampleRequest
 from fantasytalk_cli.sample.run import SampleOptions, sample_videos
 from fantasytalk_cli.train import validation
-from fantasytalk_cli.train.block_offload import BlockOffload, offload_blocks
 from fantasytalk_cli.train.loop import run_training
 from tests.tiny_world import world_config
 

@@ -180,7 +180,7 @@ def step_world(tiny_world: dict) -> dict[str, Any]:
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_condition_dropout(p: float, step_world: dict) -> None:
-    from fantasytalk_cli.train.flow import FlowSchedule
+    from fantasytalk_cli.runtime.flow import FlowSchedule
     from fantasytalk_cli.train.step import StepContext, training_step
 
     cfg, models, batch = step_world["cfg"], step_world["models"], step_world["batch"]

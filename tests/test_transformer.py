@@ -17,14 +17,14 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from fantasytalk_cli.models.audio_adapter import AudioContext, audio_windows
 from fantasytalk_cli.models.dims import wan_config
+from fantasytalk_cli.models.trainable import DEFAULT_TRAINABLE_MODULES as ADAPTER_PATTERNS
+from fantasytalk_cli.models.trainable import set_trainable
 from fantasytalk_cli.models.transformer import (
-    ADAPTER_PATTERNS,
     TINY_CONFIG,
     WAN21_I2V_14B_CONFIG,
     AudioAttentionBlock,
     FantasyTalkingTransformer,
     adapter_state_dict,
-    set_trainable,
 )
 
 _REPO = Path(__file__).resolve().parents[1]

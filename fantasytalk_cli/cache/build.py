@@ -24,7 +24,6 @@ import torch
 
 from fantasytalk_cli.cache.fingerprint import MediaHashes
 from fantasytalk_cli.cache.keys import EMPTY_CAPTION, CacheItem, CacheSettings, cache_settings, planned_items
-from fantasytalk_cli.cache.lookup import VIDEO_TENSORS
 from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.config.schema import FtalkConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
@@ -34,10 +33,9 @@ from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
 from fantasytalk_cli.data.probing import cached_facts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.models.audio import Wav2Vec2Features, read_audio_for_frames
 from fantasytalk_cli.models.dit_config import find_wav2vec
-from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
-from fantasytalk_cli.train.model_setup import DTYPES
-from fantasytalk_cli.train.preflight import check_model_paths
-from fantasytalk_cli.train.step import encode_video
+from fantasytalk_cli.models.encoders import VIDEO_TENSORS, FrozenEncoders, encode_video, load_frozen_encoders
+from fantasytalk_cli.models.paths import check_model_paths
+from fantasytalk_cli.runtime.dtypes import DTYPES
 
 
 @dataclass

@@ -19,10 +19,14 @@ from fantasytalk_cli.cache.keys import EMPTY_CAPTION, CacheSettings, planned_ite
 from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.config.schema import DataConfig
 from fantasytalk_cli.data.buckets import ClipWindow
+from fantasytalk_cli.data.dataset import FeaturesRequiredError
 from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
 from fantasytalk_cli.data.plan import BucketPlan, ClipFacts
+from fantasytalk_cli.models.encoders import VIDEO_TENSORS
 
-VIDEO_TENSORS = ("mean", "std", "first", "image")
+
+class CacheMissError(CacheError, FeaturesRequiredError):
+    """An entry a `--cache_required` run needs is not in the cache."""
 
 
 @dataclass
@@ -55,7 +59,7 @@ class CacheLookup:
             self.misses[kind] += 1
             if self.required:
                 corrupt = f" ({self.store.corrupt[-1]})" if self.store.corrupt else ""
-                raise CacheError(
+                raise CacheMissError(
                     f"{self.root}: no cached {kind} entry for {what}{corrupt}, and --cache_required is set: run "
                     "`ftalk cache` with this run's flags (same model, precision, buckets, seed, --cache_epochs / "
                     "--fixed_window), or train without --cache_required to compute what is missing online"

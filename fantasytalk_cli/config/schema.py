@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fantasytalk_cli.models.trainable import DEFAULT_TRAINABLE_MODULES
+
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
@@ -108,7 +110,7 @@ class ModelConfig(Section):
     or full transformer safetensors file."""
     wav2vec_path: Path | None = None
     """wav2vec2 folder (transformers layout); default: `wav2vec2-base-960h` beside or inside the base model folder."""
-    trainable_modules: list[str] = Field(default_factory=lambda: ["processor.", "proj_model."])
+    trainable_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TRAINABLE_MODULES))
     """Parameters whose name contains any of these substrings train; everything else is frozen."""
     low_vram: bool = False
     """Keep the frozen encoders (VAE, text, image, audio) off the accelerator between uses."""

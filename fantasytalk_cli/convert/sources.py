@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.models.key_mapping import Shape, is_adapter_name
+from fantasytalk_cli.models.key_mapping import Shape
+from fantasytalk_cli.models.trainable import is_adapter_name
 from fantasytalk_cli.train.checkpoint import CHECKPOINT_RE, LATEST_NAME, META_NAME, STATE_DIR, WEIGHTS_NAME
 
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"

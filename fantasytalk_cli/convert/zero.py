@@ -36,6 +36,7 @@ from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.models.state_dict_adapters import DitAdapter
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
+from fantasytalk_cli.runtime.dtypes import DTYPES, EXPORT_DTYPES
 from fantasytalk_cli.train.checkpoint import ADAPTER_CKPT_NAME
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
 What = Literal["adapter", "transformer"]
 OutFormat = Literal["fantasytalking", "diffusers", "original", "comfyui"]
 OutDtype = Literal["fp32", "fp16", "bf16"]
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STEMS: dict[str, str] = {
     "fantasytalking": "fantasytalking_model",
     "comfyui": "fantasytalking_comfyui",
@@ -121,7 +121,7 @@ class ConvertReport:
 
 
 def _check_options(options: ConvertOptions) -> None:
-    if options.dtype not in DTYPES:
+    if options.dtype not in EXPORT_DTYPES:
         raise ConversionUsageError(f"--dtype {options.dtype!r}: choose fp32, fp16 or bf16")
     if options.format not in STEMS:
         raise ConversionUsageError(f"--format {options.format!r}: choose {', '.join(STEMS)}")

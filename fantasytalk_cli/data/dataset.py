@@ -11,27 +11,48 @@ in `failures` (the loop logs, counts and bounds them); with `fail` the error nam
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fantasytalk_cli.cache.lookup import VIDEO_TENSORS, CacheLookup
-from fantasytalk_cli.cache.store import CacheError
 from fantasytalk_cli.data.buckets import ClipWindow, clip_window, cover_crop
 from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
 from fantasytalk_cli.data.plan import BucketPlan
 from fantasytalk_cli.data.sampler import PlannedBatch
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.audio import read_audio_for_frames
+from fantasytalk_cli.models.encoders import VIDEO_TENSORS
 
 
 class SampleError(FtalkError, RuntimeError):
     """A clip of the metadata cannot be turned into a training sample."""
+
+
+class FeaturesRequiredError(FtalkError):
+    """A feature lookup lacks what the run requires (`--cache_required`): stops loading whatever the bad-sample
+    policy."""
+
+
+class FeatureLookup(Protocol):
+    """Precomputed features a batch uses instead of encoding them (the feature cache's read side,
+    `cache.lookup.CacheLookup`): None where an entry is missing, `FeaturesRequiredError` where it must not be."""
+
+    misses: Counter[str]
+    """Entries looked for and not found, by kind (the loader hands them to the loop and clears them)."""
+
+    def text(self, caption: str) -> torch.Tensor | None: ...
+
+    def empty_text(self) -> torch.Tensor | None: ...
+
+    def audio(self, path: Path, window: ClipWindow) -> torch.Tensor | None: ...
+
+    def video(self, path: Path, window: ClipWindow, height: int, width: int) -> dict[str, torch.Tensor] | None: ...
 
 
 @dataclass(frozen=True)
@@ -135,7 +156,7 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         *,
         seed: int,
         policy: str = "skip",
-        cache: CacheLookup | None = None,
+        cache: FeatureLookup | None = None,
         fixed_window: bool = False,
     ) -> None:
         if len(entries) != plan.num_samples:
@@ -216,7 +237,7 @@ class ClipBatchDataset(torch.utils.data.Dataset):
             try:
                 samples.append(self.load_sample(index, batch, videos.get(index)))
             except Exception as exc:  # noqa: BLE001 (any decoder/IO error of one clip)
-                if isinstance(exc, CacheError):
+                if isinstance(exc, FeaturesRequiredError):
                     raise  # --cache_required: stop, whatever the bad-sample policy
                 entry = self.entries[index]
                 if self.policy == "fail":

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fantasytalk_cli.models.key_mapping import MappingPlan, StateDictAdapter, is_adapter_name
+from fantasytalk_cli.models.key_mapping import MappingPlan, StateDictAdapter
 from fantasytalk_cli.models.layout import ModelLoadError, need
 from fantasytalk_cli.models.state_dict_adapters import (
     AdapterFileAdapter,
@@ -23,6 +23,7 @@ from fantasytalk_cli.models.state_dict_adapters import (
     adapter_name_to_form,
     dit_name_to_original,
 )
+from fantasytalk_cli.models.trainable import is_adapter_name
 from fantasytalk_cli.models.weights import (
     ShardedBuild,
     TensorSource,

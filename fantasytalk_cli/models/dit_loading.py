@@ -11,9 +11,10 @@ import torch
 
 from fantasytalk_cli.config.wan_yaml import WanModelYaml
 from fantasytalk_cli.models.dit_config import dit_files
-from fantasytalk_cli.models.key_mapping import MappingPlan, is_adapter_name
+from fantasytalk_cli.models.key_mapping import MappingPlan
 from fantasytalk_cli.models.layout import Layout, ModelLoadError
 from fantasytalk_cli.models.state_dict_adapters import DitAdapter
+from fantasytalk_cli.models.trainable import is_adapter_name
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import (
     Device,

@@ -13,6 +13,7 @@ import html
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,3 +277,28 @@ def load_frozen_encoders(
             wan_yaml.text_encoder_kwargs.text_length,
         )
     return FrozenEncoders(vae, text_encoder, image, audio, low_vram=low_vram).to(where)
+
+
+@dataclass
+class VideoConditions:
+    """What a batch's video gives the step: the latent distribution (normalised mean and std), the I2V condition's
+    first-frame latents and the CLIP embedding of frame 0; from the encoders, or from the feature cache."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    first: torch.Tensor
+    image: torch.Tensor
+
+
+VIDEO_TENSORS = tuple(f.name for f in fields(VideoConditions))
+"""The tensors of `VideoConditions`, under the names the feature cache stores them."""
+
+
+def encode_video(encoders: FrozenEncoders, pixels: torch.Tensor) -> VideoConditions:
+    """Encode pixels [B, 3, F, H, W] in [-1, 1]: the VAE posterior, the first frame followed by zeros through the
+    VAE (posterior mean), and CLIP of frame 0 (as upstream's I2V conditioning)."""
+    mean, std = encoders.vae.posterior(pixels)
+    first_only = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
+    return VideoConditions(
+        mean, std, encoders.vae.encode(first_only, sample=False), encoders.image.encode(pixels[:, :, 0])
+    )

@@ -117,11 +117,6 @@ class Templates:
 # The mapping plan: names and shapes only.
 
 
-def is_adapter_name(name: str) -> bool:
-    """True for the FantasyTalking adapter's parameters under our names (``proj_model.*``, per-block audio k/v)."""
-    return name.startswith("proj_model.") or ".attn2.processor." in name
-
-
 @dataclass
 class MappingPlan:
     """What happens to every stored key and every model parameter, worked out before a byte of weights is read."""

@@ -19,7 +19,8 @@ from typing import Literal
 
 import torch
 
-from fantasytalk_cli.models.key_mapping import IDENTITY, StateDictAdapter, Target, Templates, Transform, is_adapter_name
+from fantasytalk_cli.models.key_mapping import IDENTITY, StateDictAdapter, Target, Templates, Transform
+from fantasytalk_cli.models.trainable import is_adapter_name
 
 # --------------------------------------------------------------------------------------------------------------------
 # The Wan DiT: original names <-> diffusers names (+ the adapter).

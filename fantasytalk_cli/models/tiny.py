@@ -30,7 +30,6 @@ from fantasytalk_cli.fileio import follow_umask, swap_folder
 from fantasytalk_cli.models.adapter_file import adapter_to_format
 from fantasytalk_cli.models.dims import AUDIO_CONFIG_KEYS, TINY_CONFIG, wan_config
 from fantasytalk_cli.models.frozen_loading import WAN_CLIP_HEADS, build_text_encoder
-from fantasytalk_cli.models.key_mapping import is_adapter_name
 from fantasytalk_cli.models.layout import DIT_SHARD_PREFIX
 from fantasytalk_cli.models.state_dict_adapters import (
     clip_vision_to_original,
@@ -39,6 +38,7 @@ from fantasytalk_cli.models.state_dict_adapters import (
     vae_name_to_original,
     wav2vec2_to_released,
 )
+from fantasytalk_cli.models.trainable import is_adapter_name
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty, model_shapes
 

@@ -11,8 +11,7 @@ Public API (the loaders, the trainer and the checkpoint code build on exactly th
   - ``proj_model`` (``AudioProjModel``) and ``blocks`` (``AudioAttentionBlock``).
 - ``AudioAttentionBlock``: ``WanTransformerBlock`` whose ``attn2.processor`` is an ``AudioCrossAttnProcessor``
   (FSDP wraps this class by name).
-- ``set_trainable(model, patterns) -> int``, ``adapter_state_dict(model) -> dict[str, Tensor]``,
-  ``ADAPTER_PATTERNS``.
+- ``adapter_state_dict(model) -> dict[str, Tensor]`` (what trains: ``models/trainable.py``).
 - ``WAN21_I2V_14B_CONFIG``, ``TINY_CONFIG`` (from ``dims``).
 
 Parameter names are diffusers' ``WanTransformer3DModel`` names plus ``proj_model.{proj.weight,norm.weight,norm.bias}``
@@ -47,19 +46,15 @@ from fantasytalk_cli.models.audio_adapter import (
     audio_windows,
 )
 from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
+from fantasytalk_cli.models.trainable import adapter_weights, matching_names
 
 __all__ = [
-    "ADAPTER_PATTERNS",
     "TINY_CONFIG",
     "WAN21_I2V_14B_CONFIG",
     "AudioAttentionBlock",
     "FantasyTalkingTransformer",
     "adapter_state_dict",
-    "set_trainable",
 ]
-
-ADAPTER_PATTERNS: tuple[str, ...] = ("processor.", "proj_model.")
-"""The seed's default ``--trainable_modules``: substrings selecting the adapter parameters."""
 
 
 class AudioAttentionBlock(WanTransformerBlock):
@@ -199,7 +194,7 @@ class FantasyTalkingTransformer(WanTransformer3DModel):
 
     def trainable_parameter_names(self, patterns: Iterable[str]) -> list[str]:
         """Names of the parameters containing any of ``patterns`` as a substring (the seed's selection rule)."""
-        return _matching_names(self, patterns)
+        return matching_names(self, patterns)
 
     def prepare_audio(self, audio_features: torch.Tensor, num_latent_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Project wav2vec2 features [B, L, audio_in_dim] over the whole clip, then cut one window per latent frame.
@@ -285,34 +280,6 @@ class FantasyTalkingTransformer(WanTransformer3DModel):
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
 
-def _matching_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:
-    """Parameter names of ``model`` containing any of ``patterns``; at least one non-empty pattern is required."""
-    patterns = [p for p in patterns if p]
-    if not patterns:
-        raise ValueError("no trainable pattern given (e.g. 'processor.' 'proj_model.')")
-    return [name for name, _ in model.named_parameters() if any(p in name for p in patterns)]
-
-
-def set_trainable(model: nn.Module, patterns: Iterable[str]) -> int:
-    """Make exactly the parameters matching ``patterns`` trainable; return their element count.
-
-    Fails when nothing matches, since a typo in ``trainable_modules`` would otherwise train nothing silently.
-    """
-    patterns = list(patterns)
-    names = set(_matching_names(model, patterns))
-    if not names:
-        raise ValueError(f"trainable patterns {patterns} match no parameter of {type(model).__name__}")
-    count = 0
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in names)
-        count += getattr(param, "ds_numel", param.numel()) if name in names else 0  # ZeRO-3: full size
-    return count
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under our names: ``proj_model.*`` and ``*.processor.*`` (k/v of every block)."""
-    return {
-        name: tensor
-        for name, tensor in model.state_dict().items()
-        if name.startswith("proj_model.") or ".processor." in name
-    }
+    return adapter_weights(model.state_dict())

@@ -10,6 +10,7 @@ from typing import Any
 from fantasytalk_cli.config.schema import FtalkConfig, ModelConfig
 from fantasytalk_cli.planning.memory import RISK_FRACTION, MemoryEstimate, estimate_memory
 from fantasytalk_cli.planning.model_size import encoders_in_use
+from fantasytalk_cli.runtime.memory_options import BLOCK_OFFLOAD_REFUSED, FP8_REFUSED, SHARDING_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,6 @@ def fit_warning(
     )
 
 
-SHARDING_STRATEGIES = ("zero2", "zero3", "fsdp")
-"""Strategies that take over the model's parameters (their dtype, and under ZeRO-3 and FSDP their placement)."""
-FP8_REFUSED = SHARDING_STRATEGIES
-"""Where `--base_weights_dtype fp8` is refused (`train/memory_options.py` says why)."""
-BLOCK_OFFLOAD_REFUSED = ("zero3", "fsdp")
-"""Where `--blocks_to_offload` is refused: the strategies that shard and gather the frozen weights themselves."""
-
-
 def chosen_options(model: ModelConfig) -> MemoryOptions:
     """The memory options a run's config chooses."""
     return MemoryOptions(model.base_weights_dtype, model.activation_offload, model.blocks_to_offload)
@@ -146,6 +139,7 @@ def run_estimate(
         base_weights_dtype=options.base_weights_dtype,
         activation_offload=options.activation_offload,
         blocks_to_offload=options.blocks_to_offload,
+        trainable_modules=cfg.model.trainable_modules,
     )
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fantasytalk_cli.data.buckets import latent_frames, token_count
+from fantasytalk_cli.models.trainable import DEFAULT_TRAINABLE_MODULES, trainable_count
 from fantasytalk_cli.planning.model_size import (
     CPU_ENCODERS_WITH_LOW_VRAM,
     FP32_ENCODERS,
@@ -189,6 +190,8 @@ class StepSetup:
     """The tensors the backward needs kept in host memory (`--activation_offload`)."""
     blocks_offloaded: int = 0
     """Blocks whose frozen weights live in host memory (`--blocks_to_offload`)."""
+    trainable_modules: tuple[str, ...] = DEFAULT_TRAINABLE_MODULES
+    """`--trainable_modules`: what trains (`models/trainable.py` counts it on the meta model)."""
 
     @property
     def tokens(self) -> int:
@@ -250,6 +253,7 @@ def estimate_memory(
     base_weights_dtype: str = "bf16",
     activation_offload: bool = False,
     blocks_to_offload: int = 0,
+    trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of one training step on samples of `shape` = (H, W, frames).
 
@@ -279,6 +283,7 @@ def estimate_memory(
         # on the CPU host memory is the device's: offloading there moves nothing out of it
         activation_offload=activation_offload and device == "cuda",
         blocks_offloaded=blocks_to_offload if device == "cuda" else 0,
+        trainable_modules=tuple(trainable_modules),
     )
     encoder_counts = dict(encoder_params() if encoders is None else encoders)
     resident = _weight_terms(config, setup)
@@ -314,9 +319,10 @@ def estimate_memory(
 
 
 def _weight_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTerm]:
-    """The transformer's resident weights and optimizer state: frozen DiT, adapter weights, grads, AdamW moments."""
+    """The transformer's resident weights and optimizer state: frozen DiT, trainable weights, grads, AdamW moments."""
     dims = TransformerDims.from_config(config)
-    frozen, adapter = transformer_params(config)
+    adapter = trainable_count(config, setup.trainable_modules)
+    frozen = sum(transformer_params(config)) - adapter
     devices, weight_bytes = setup.devices, setup.weight_bytes
     if setup.sharded:
         where = f" / {devices} {setup.unit}s, sharded ({setup.strategy})"

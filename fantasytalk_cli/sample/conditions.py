@@ -12,7 +12,7 @@ import torch
 
 from fantasytalk_cli.models.audio import SAMPLE_RATE, Wav2Vec2Features, load_audio
 from fantasytalk_cli.models.encoders import ImageEncoder, TextEncoder, VaeEncoder
-from fantasytalk_cli.train.flow import i2v_mask
+from fantasytalk_cli.runtime.flow import i2v_mask
 
 
 def encode_prompts(text: TextEncoder, prompts: Sequence[str], device: torch.device) -> list[torch.Tensor]:

@@ -35,15 +35,14 @@ from fantasytalk_cli.models.dit_loading import load_transformer, meta_transforme
 from fantasytalk_cli.models.encoders import ImageEncoder, TextEncoder, VaeEncoder
 from fantasytalk_cli.models.frozen_loading import load_image_encoder, load_text_encoder, load_tokenizer, load_vae
 from fantasytalk_cli.models.layout import ModelLoadError
+from fantasytalk_cli.runtime.block_offload import check_block_count, offload_blocks, place_resident
+from fantasytalk_cli.runtime.dtypes import DTYPES
+from fantasytalk_cli.runtime.memory_options import store_in_fp8
 from fantasytalk_cli.sample.adapter_source import AdapterSource, check_adapter, load_adapter, resolve_adapter
 from fantasytalk_cli.sample.conditions import audio_condition, encode_prompts, image_conditions, to_uint8_frames
 from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Conditions, Guidance, denoise, steps_count
 from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests, load_image
 from fantasytalk_cli.sample.video_io import Mp4Info, frame_strip, write_mp4
-from fantasytalk_cli.train.block_offload import check_block_count, offload_blocks, place_resident
-from fantasytalk_cli.train.memory_options import store_in_fp8
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import follow_umask, swap_folder, write_text_atomic
 from fantasytalk_cli.models.adapter_file import adapter_to_format
-from fantasytalk_cli.models.key_mapping import is_adapter_name
+from fantasytalk_cli.models.trainable import released_adapter
 from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
 from fantasytalk_cli.train.manifest import checkpoint_size, verify_manifest, write_manifest
 from fantasytalk_cli.train.safe_pickle import DCP_METADATA_GLOBALS, TENSOR_STATE_GLOBALS, check_pickle_file
@@ -228,8 +228,8 @@ def save_training_checkpoint(
         try:
             save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(meta.step)})
             follow_umask(tmp / WEIGHTS_NAME)
-            adapter = {k: v for k, v in weights.items() if is_adapter_name(k)}
-            if adapter and len(adapter) == len(weights):
+            adapter = released_adapter(weights)
+            if adapter is not None:
                 released = adapter_to_format({k: v.to(torch.bfloat16) for k, v in adapter.items()}, "fantasytalking")
                 torch.save(released, tmp / ADAPTER_CKPT_NAME)
             write_text_atomic(tmp / RUN_STATE_NAME, json.dumps(run_state, sort_keys=True))

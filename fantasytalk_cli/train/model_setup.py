@@ -22,11 +22,11 @@ from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec
 from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
-from fantasytalk_cli.models.transformer import FantasyTalkingTransformer, set_trainable
+from fantasytalk_cli.models.trainable import set_trainable
+from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import ShardedBuild
-from fantasytalk_cli.train.memory_options import store_in_fp8
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from fantasytalk_cli.runtime.dtypes import DTYPES
+from fantasytalk_cli.runtime.memory_options import store_in_fp8
 
 
 class ModelSetupError(FtalkError, RuntimeError):

@@ -3,8 +3,9 @@ ZeRO-3): every check that needs no model, so that a mistake costs seconds, not a
 run that cannot start leaves no run folder behind.
 
 - the run folder: writable, and not the folder of another run that would be overwritten;
-- the resume request: a named checkpoint exists, `latest` on an empty folder says it starts anew;
-- the model paths: the base folder, the adapter file, the model config, the wav2vec2 folder exist.
+- the resume request: a named checkpoint exists, `latest` on an empty folder says it starts anew.
+
+The model paths are checked by `models.paths.check_model_paths`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fantasytalk_cli.config.schema import CheckpointConfig, ModelConfig
+from fantasytalk_cli.config.schema import CheckpointConfig
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.models.dit_config import find_wav2vec
 from fantasytalk_cli.train.checkpoint import CHECKPOINT_RE, LATEST_NAME, list_checkpoints, resolve_resume
 
 RUN_FILES = ("config.yaml", LATEST_NAME, "logs")
@@ -116,21 +116,3 @@ def set_aside_previous_run(plan: RunFolderPlan) -> None:
     plan.replaced_dir.mkdir(parents=True)
     for path in plan.set_aside:
         shutil.move(str(path), str(plan.replaced_dir / path.name))
-
-
-def check_model_paths(model: ModelConfig) -> None:
-    """The model files the run will read exist (no file is opened): the base folder, the adapter or
-    transformer file, the model config and the wav2vec2 folder."""
-    base = model.pretrained_model_name_or_path
-    if base is None:
-        raise FtalkError("--pretrained_model_name_or_path is required: the Wan2.1-I2V base model folder")
-    if not base.is_dir():
-        state = "is a file, not a folder" if base.exists() else "does not exist"
-        raise FtalkError(f"--pretrained_model_name_or_path {base} {state}: give the Wan2.1-I2V base model folder")
-    for flag, path in (("--transformer_path", model.transformer_path), ("--config_path", model.config_path)):
-        if path is not None and not path.is_file():
-            state = "is a folder, not a file" if path.is_dir() else "does not exist"
-            raise FtalkError(f"{flag} {path} {state}")
-    wav2vec = find_wav2vec(model)
-    if not (wav2vec / "config.json").is_file():
-        raise FtalkError(f"wav2vec2 folder {wav2vec} has no config.json: give a local facebook/wav2vec2-base-960h")

@@ -26,7 +26,6 @@ from fantasytalk_cli.cache.lookup import CacheLookup, coverage
 from fantasytalk_cli.cache.store import CACHE_MARKER
 from fantasytalk_cli.config.load import config_diff, config_to_yaml
 from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, ModelConfig, TrainConfig
-from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report
 from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_checked
@@ -34,10 +33,13 @@ from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_text_atomic
+from fantasytalk_cli.models.paths import check_model_paths
 from fantasytalk_cli.planning.fit import MemoryOptions, chosen_options, fit_warning, run_estimate, search_space
 from fantasytalk_cli.planning.memory import MemoryEstimate
 from fantasytalk_cli.planning.model_dims import configured_model_dims
-from fantasytalk_cli.train.block_offload import check_block_count, offload_blocks
+from fantasytalk_cli.runtime.block_offload import check_block_count, offload_blocks
+from fantasytalk_cli.runtime.flow import FlowSchedule
+from fantasytalk_cli.runtime.memory_options import check_memory_options
 from fantasytalk_cli.train.checkpoint import (
     install_state_hooks,
     load_training_checkpoint,
@@ -52,10 +54,8 @@ from fantasytalk_cli.train.distributed import (
     sharded_build,
     share_from_main,
 )
-from fantasytalk_cli.train.flow import FlowSchedule
-from fantasytalk_cli.train.memory_options import check_memory_options
 from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
-from fantasytalk_cli.train.preflight import check_model_paths, plan_run_folder, set_aside_previous_run
+from fantasytalk_cli.train.preflight import plan_run_folder, set_aside_previous_run
 from fantasytalk_cli.train.state import RunState
 from fantasytalk_cli.train.step import StepContext
 from fantasytalk_cli.train.validation import Validation, check_validation
@@ -336,7 +336,7 @@ def _step_context(
     return StepContext(
         train=cfg.train,
         model_cfg=cfg.model,
-        sigmas=flow_schedule(cfg.model).sigmas(),
+        sigmas=FlowSchedule.of(cfg.model).sigmas(),
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         device=accelerator.device,
@@ -346,18 +346,12 @@ def _step_context(
     )
 
 
-def flow_schedule(model: ModelConfig) -> FlowSchedule:
-    """The shifted flow-matching schedule of the model config (`--config_path`, else Wan2.1's defaults)."""
-    sched = load_wan_yaml(model.config_path).scheduler_kwargs
-    return FlowSchedule(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift)
-
-
 def cpu_step_context(train: TrainConfig, model: ModelConfig, dtype: torch.dtype) -> StepContext:
     """A one-process step context on the CPU without autocast (the fixed-batch evaluation, the benchmarks)."""
     return StepContext(
         train=train,
         model_cfg=model,
-        sigmas=flow_schedule(model).sigmas(),
+        sigmas=FlowSchedule.of(model).sigmas(),
         rank=0,
         world_size=1,
         device=torch.device("cpu"),

@@ -17,19 +17,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fantasytalk_cli.cache.lookup import VIDEO_TENSORS
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.data.dataset import to_model_pixels
 from fantasytalk_cli.models.audio import Wav2Vec2Features
-from fantasytalk_cli.models.encoders import FrozenEncoders
-from fantasytalk_cli.train.flow import (
+from fantasytalk_cli.models.encoders import VIDEO_TENSORS, FrozenEncoders, VideoConditions, encode_video
+from fantasytalk_cli.runtime.flow import (
     add_noise,
     flow_matching_loss,
     i2v_mask,
     loss_weights,
     sample_timestep_indices,
 )
-from fantasytalk_cli.train.memory_options import activations_on_host
+from fantasytalk_cli.runtime.memory_options import activations_on_host
 
 
 @dataclass(frozen=True)
@@ -92,27 +91,6 @@ def audio_features(
         for f in feats
     ]
     return torch.cat(same).float()
-
-
-@dataclass
-class VideoConditions:
-    """What a batch's video gives the step: the latent distribution (normalised mean and std), the I2V condition's
-    first-frame latents and the CLIP embedding of frame 0; from the encoders, or from the feature cache."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    first: torch.Tensor
-    image: torch.Tensor
-
-
-def encode_video(encoders: FrozenEncoders, pixels: torch.Tensor) -> VideoConditions:
-    """Encode pixels [B, 3, F, H, W] in [-1, 1]: the VAE posterior, the first frame followed by zeros through the
-    VAE (posterior mean), and CLIP of frame 0 (as upstream's I2V conditioning)."""
-    mean, std = encoders.vae.posterior(pixels)
-    first_only = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
-    return VideoConditions(
-        mean, std, encoders.vae.encode(first_only, sample=False), encoders.image.encode(pixels[:, :, 0])
-    )
 
 
 def video_conditions(encoders: FrozenEncoders, batch: dict[str, Any], device: torch.device) -> VideoConditions:

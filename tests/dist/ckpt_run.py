@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig  # noqa: E402
 from fantasytalk_cli.models.dit_loading import load_transformer  # noqa: E402
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS, TINY_DIT  # noqa: E402
-from fantasytalk_cli.models.transformer import set_trainable  # noqa: E402
+from fantasytalk_cli.models.trainable import set_trainable  # noqa: E402
 from fantasytalk_cli.train.checkpoint import CheckpointMeta, save_training_checkpoint  # noqa: E402
 from fantasytalk_cli.train.distributed import build_accelerator  # noqa: E402
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fantasytalk_cli.config.schema import WeightingScheme
+from fantasytalk_cli.config.schema import ModelConfig, WeightingScheme
+from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,12 @@ class FlowSchedule:
 
     num_train_timesteps: int = 1000
     shift: float = 5.0
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> FlowSchedule:
+        """The schedule of the model config (`--config_path`, else Wan2.1's defaults)."""
+        sched = load_wan_yaml(model.config_path).scheduler_kwargs
+        return cls(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift)
 
     def sigmas(self) -> torch.Tensor:
         """Shifted sigmas s*sigma / (1 + (s-1)*sigma) for sigma = 1000/1000 ... 1/1000 (float64)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fantasytalk_cli.train.memory_options import MemoryOptionError
+from fantasytalk_cli.runtime.memory_options import MemoryOptionError
 
 
 @dataclass

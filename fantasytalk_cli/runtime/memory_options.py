@@ -15,14 +15,17 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.errors import FtalkUsageError
-from fantasytalk_cli.planning.fit import BLOCK_OFFLOAD_REFUSED, FP8_REFUSED
+from fantasytalk_cli.models.trainable import ADAPTER_MODULE_PATTERN, DEFAULT_TRAINABLE_MODULES
 
-ADAPTER_PATTERNS = ("proj_model", "processor")
-"""Module-name patterns of the trainable audio adapter: never cast."""
+SHARDING_STRATEGIES = ("zero2", "zero3", "fsdp")
+"""Strategies that take over the model's parameters (their dtype, and under ZeRO-3 and FSDP their placement)."""
+FP8_REFUSED = SHARDING_STRATEGIES
+"""Where `--base_weights_dtype fp8` is refused (the module docstring says why)."""
+BLOCK_OFFLOAD_REFUSED = ("zero3", "fsdp")
+"""Where `--blocks_to_offload` is refused: the strategies that shard and gather the frozen weights themselves."""
 
 
 class MemoryOptionError(FtalkUsageError):
@@ -50,8 +53,12 @@ def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
     """Store the frozen DiT's linear and convolution weights in float8_e4m3fn, computed in ``compute_dtype`` layer by
     layer (diffusers' layerwise casting, with the model's own skip patterns: embeddings, norms; plus the adapter).
     Returns the bytes the frozen weights take now."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
     patterns = (
-        tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(model._skip_layerwise_casting_patterns or ()) + ADAPTER_PATTERNS
+        *DEFAULT_SKIP_MODULES_PATTERN,
+        *(model._skip_layerwise_casting_patterns or ()),
+        ADAPTER_MODULE_PATTERN,
     )
     model.enable_layerwise_casting(  # type: ignore[operator]
         storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype, skip_modules_pattern=patterns
@@ -61,7 +68,7 @@ def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
         raise MemoryOptionError(
             f"--base_weights_dtype fp8 stores the frozen DiT's linear weights in float8, but --trainable_modules makes "
             f"{len(cast)} of them trainable (e.g. {cast[:3]}): train only the audio adapter "
-            f"({', '.join(ADAPTER_PATTERNS)}) with fp8, or keep --base_weights_dtype bf16"
+            f"(--trainable_modules {' '.join(DEFAULT_TRAINABLE_MODULES)}) with fp8, or keep --base_weights_dtype bf16"
         )
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
