@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
@@ -169,8 +168,29 @@ def torch_source(path: Path, what: str) -> TensorSource:
 
 def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
     """Build a model with its parameters on the meta device (buffers stay real: RoPE tables, position ids)."""
-    with init_empty_weights(include_buffers=False):
+    with parameters_on_meta():
         return factory()
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside: every parameter a module registers moves to the meta device as it is registered (its class, its
+    attributes and `requires_grad` kept), so no weight stays allocated; buffers are left as they are made."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            made = module._parameters[name]
+            assert made is not None
+            kwargs = {**made.__dict__, "requires_grad": made.requires_grad}
+            module._parameters[name] = type(made)(made.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def model_shapes(model: nn.Module) -> tuple[dict[str, Shape], dict[str, str]]:
