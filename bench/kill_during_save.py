@@ -30,8 +30,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from bench._world import build_world
-from fantasytalk_cli.train.checkpoint import LATEST_NAME, list_checkpoints
-from fantasytalk_cli.train.manifest import verify_manifest
+from fantasytalk_cli.checkpoints.folder import LATEST_NAME, list_checkpoints
+from fantasytalk_cli.checkpoints.manifest import verify_manifest
 from tests.tiny_world import world_argv
 
 REPO = Path(__file__).resolve().parents[1]

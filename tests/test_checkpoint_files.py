@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from fantasytalk_cli.train.checkpoint import (
+from fantasytalk_cli.checkpoints.folder import (
     CheckpointError,
     CheckpointMeta,
-    finalize_checkpoint,
+    list_checkpoints,
+    newest_checkpoint,
+    temp_checkpoint_dir,
+)
+from fantasytalk_cli.train.checkpoint import finalize_checkpoint, prune_checkpoints, resolve_resume
+from fantasytalk_cli.train.sharded_state import (
     fsdp_trainable_only,
     init_optimizer_state,
-    latest_checkpoint,
-    list_checkpoints,
-    prune_checkpoints,
     recorded_load_keys,
-    resolve_resume,
-    temp_checkpoint_dir,
     verify_module_state,
 )
 
@@ -37,7 +37,7 @@ def test_finalize_and_latest(tmp_path: Path) -> None:
     first = _save(tmp_path, 2)
     assert first.name == "checkpoint-2" and (tmp_path / "latest").read_text().strip() == "checkpoint-2"
     _save(tmp_path, 4)
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
     assert CheckpointMeta.read(tmp_path / "checkpoint-4").step == 4
 
@@ -47,7 +47,7 @@ def test_interrupted_save_leaves_previous_latest(tmp_path: Path) -> None:
     partial = temp_checkpoint_dir(tmp_path, 4)
     partial.mkdir()
     (partial / "trainable.safetensors").write_bytes(b"half")
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
     prune_checkpoints(tmp_path, None)
     assert not partial.exists()  # cleaned by the next successful save

@@ -16,10 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fantasytalk_cli.checkpoints.folder import LATEST_NAME, STATE_DIR, newest_checkpoint
+from fantasytalk_cli.checkpoints.manifest import MANIFEST_NAME, write_manifest
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.config.flags import expand_multi_value_flags
-from fantasytalk_cli.train.checkpoint import LATEST_NAME, STATE_DIR, latest_checkpoint
-from fantasytalk_cli.train.manifest import MANIFEST_NAME, write_manifest
 from tests.tiny_world import build_world, world_argv
 
 MARKER_NAME = "pwned"
@@ -173,7 +173,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
         assert code == 1, output
         assert "could not save checkpoint-2" in output and "The disk looks full" in output and "MB are free" in output
         assert (
-            latest_checkpoint(run) == run / "checkpoint-1" and (run / LATEST_NAME).read_text().strip() == "checkpoint-1"
+            newest_checkpoint(run) == run / "checkpoint-1" and (run / LATEST_NAME).read_text().strip() == "checkpoint-1"
         )
         assert not list(run.glob(".checkpoint-*.tmp")) and not (run / "checkpoint-2").exists()
 

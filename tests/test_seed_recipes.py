@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fantasytalk_cli.train.checkpoint import CheckpointMeta, latest_checkpoint
+from fantasytalk_cli.checkpoints.folder import CheckpointMeta, newest_checkpoint
 from tests.dist.launch import check_run
 from tests.test_config import SEED_LAUNCHERS, SEED_SCRIPT_ARGS
 
@@ -68,7 +68,7 @@ def test_seed_recipe_runs_end_to_end(recipe: str, tiny_world: dict, tmp_path: Pa
     cmd = recipe_command(recipe, tiny_world, run)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     check_run(proc, run / "checkpoint-2" / "meta.json", shlex.join(cmd))
-    latest = latest_checkpoint(run)
+    latest = newest_checkpoint(run)
     assert latest is not None and latest.name == "checkpoint-2"
     meta = CheckpointMeta.read(latest)
     assert meta.world_size == (1 if recipe == "ddp" else 2)

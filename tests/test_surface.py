@@ -192,10 +192,10 @@ def test_flags_take_dashes_or_underscores_and_no_prefix(tmp_path: Path) -> None:
 
 def test_errors_have_one_root_and_no_traceback_unless_debug(tmp_path: Path) -> None:
     import fantasytalk_cli.cli as cli
+    from fantasytalk_cli.checkpoints.folder import CheckpointError
     from fantasytalk_cli.config.load import ConfigError
     from fantasytalk_cli.data.plan import PlanError
     from fantasytalk_cli.errors import FtalkError
-    from fantasytalk_cli.train.checkpoint import CheckpointError
 
     assert all(issubclass(e, FtalkError) for e in (ConfigError, PlanError, CheckpointError))
     argv = ["train", "--output_dir", str(tmp_path / "run")]  # no metadata: a TrainingError

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from fantasytalk_cli.train.checkpoint import CheckpointMeta, latest_checkpoint, list_checkpoints
+from fantasytalk_cli.checkpoints.folder import CheckpointMeta, list_checkpoints, newest_checkpoint
 from fantasytalk_cli.train.loop import run_training
 from tests.tiny_world import world_argv, world_config
 
@@ -74,7 +74,7 @@ def test_total_limit_prunes_old_checkpoints(tiny_world: dict, tmp_path: Path) ->
     overrides = {"max_train_steps": 3, "checkpointing_steps": 1, "checkpoints_total_limit": 2}
     run_training(world_config(tiny_world, tmp_path / "run", **overrides), QUIET)
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
-    assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-3"
+    assert newest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-3"
 
 
 def _spawn(argv: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
@@ -95,15 +95,15 @@ def test_sigterm_saves_a_resumable_checkpoint(tiny_world: dict, tmp_path: Path) 
     proc = _spawn(world_argv(tiny_world, run, max_train_steps=200, checkpointing_steps=2))
     deadline = time.time() + 180
     # Signal only once training is under way (checkpoint-2 saved), however slow the set-up on a busy machine.
-    while latest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
+    while newest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    if latest_checkpoint(run) is None:
+    if newest_checkpoint(run) is None:
         proc.kill()
         pytest.fail(f"no first checkpoint within 180 s:\n{proc.communicate()[0]}")
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output
-    latest = latest_checkpoint(run)
+    latest = newest_checkpoint(run)
     assert latest is not None, output
     meta = CheckpointMeta.read(latest)
     assert 0 < meta.step < 200
@@ -140,7 +140,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tiny_world: dict, t
     )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert (run / "latest").read_text().strip() == "checkpoint-2"
-    assert latest_checkpoint(run) == run / "checkpoint-2"
+    assert newest_checkpoint(run) == run / "checkpoint-2"
     assert (run / ".checkpoint-4.tmp").is_dir()  # the partial one, never pointed at
     resumed = run_training(
         world_config(tiny_world, run, max_train_steps=3, checkpointing_steps=2, resume_from_checkpoint="latest"), QUIET

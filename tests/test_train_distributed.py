@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fantasytalk_cli.convert.sources import open_checkpoint
+from fantasytalk_cli.checkpoints.folder import CheckpointMeta, newest_checkpoint
+from fantasytalk_cli.checkpoints.sources import open_checkpoint
 from fantasytalk_cli.sample.video_io import read_mp4
-from fantasytalk_cli.train.checkpoint import CheckpointMeta, latest_checkpoint
 from tests.dist.launch import check_run
 from tests.test_distributed import STRATEGIES
 from tests.tiny_world import world_argv
@@ -67,7 +67,7 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
         resumed / "checkpoint-3",
     )
     assert "resumed from" in out and "at step 2" in out
-    assert latest_checkpoint(resumed) == resumed / "checkpoint-3"
+    assert newest_checkpoint(resumed) == resumed / "checkpoint-3"
     # 2 steps + resume 1 == 3 steps, bitwise: same data order, noise and RNG after the restore, and every
     # strategy restores the exact fp32 trainable weights and optimizer state (ZeRO: its fp32 partitions;
     # FSDP: the trainable shards; DDP: trainable.safetensors); all arithmetic is deterministic on the CPU

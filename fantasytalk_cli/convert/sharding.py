@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fantasytalk_cli.convert.sources import ConversionError, ConversionUsageError, Shape
+from fantasytalk_cli.checkpoints.folder import ConversionError, ConversionUsageError
 from fantasytalk_cli.fileio import follow_umask, swap_folder
+from fantasytalk_cli.models.key_mapping import Shape
 
 _UNITS = {
     "": 1,

@@ -18,26 +18,26 @@ from typing import Any, Literal, cast
 
 import torch
 
-from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, parse_size, plan_shards
-from fantasytalk_cli.convert.sharding import write_shards as _write_shards
-from fantasytalk_cli.convert.sources import (
+from fantasytalk_cli.checkpoints.folder import (
+    ADAPTER_CKPT_NAME,
+    STEMS,
     WEIGHTS_NAME,
-    CheckpointSource,
     ConversionError,
     ConversionUsageError,
-    Shape,
-    open_checkpoint,
     recorded_model_config,
 )
+from fantasytalk_cli.checkpoints.sources import CheckpointSource, open_checkpoint
+from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, parse_size, plan_shards
+from fantasytalk_cli.convert.sharding import write_shards as _write_shards
 from fantasytalk_cli.fileio import format_size
 from fantasytalk_cli.models.adapter_file import adapter_to_format
 from fantasytalk_cli.models.dit_config import dit_files
+from fantasytalk_cli.models.key_mapping import Shape
 from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.models.state_dict_adapters import DitAdapter
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
 from fantasytalk_cli.runtime.dtypes import DTYPES, EXPORT_DTYPES
-from fantasytalk_cli.train.checkpoint import ADAPTER_CKPT_NAME
 
 __all__ = [
     "ConversionError",
@@ -51,13 +51,6 @@ __all__ = [
 What = Literal["adapter", "transformer"]
 OutFormat = Literal["fantasytalking", "diffusers", "original", "comfyui"]
 OutDtype = Literal["fp32", "fp16", "bf16"]
-STEMS: dict[str, str] = {
-    "fantasytalking": "fantasytalking_model",
-    "comfyui": "fantasytalking_comfyui",
-    "diffusers": "diffusion_pytorch_model",
-    "original": "diffusion_pytorch_model",
-}
-"""File stem of each output format (the DiT's own stem for the two transformer namings)."""
 NAME_FORMS: dict[str, Any] = {
     "fantasytalking": "flat",
     "comfyui": "comfyui",

@@ -17,26 +17,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fantasytalk_cli.convert.sources import CheckpointSource, looks_like_checkpoint, open_checkpoint
-from fantasytalk_cli.convert.zero import STEMS
+from fantasytalk_cli.checkpoints.folder import (
+    CONVERTED_FILES,
+    LATEST_NAME,
+    converted_file,
+    has_checkpoints,
+    looks_like_checkpoint,
+)
+from fantasytalk_cli.checkpoints.sources import CheckpointSource, open_checkpoint
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.models.adapter_file import load_adapter_or_transformer, plan_adapter_file
 from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.models.weights import model_shapes
-from fantasytalk_cli.train.checkpoint import ADAPTER_CKPT_NAME, CHECKPOINT_RE, LATEST_NAME
 
 Kind = Literal["none", "file", "checkpoint"]
-
-_FOLDER_FILES = (
-    ADAPTER_CKPT_NAME,
-    f"{STEMS['fantasytalking']}.safetensors",
-    f"{STEMS['fantasytalking']}.safetensors.index.json",
-    f"{STEMS['comfyui']}.safetensors",
-    f"{STEMS['comfyui']}.safetensors.index.json",
-    f"{STEMS['diffusers']}.safetensors.index.json",
-    f"{STEMS['diffusers']}.safetensors",
-)
-"""What a folder written by ``convert-zero`` holds, in the order `resolve_adapter` looks for it."""
 
 
 class AdapterSourceError(FtalkUsageError):
@@ -65,20 +59,16 @@ def resolve_adapter(path: Path | None) -> AdapterSource:
         return AdapterSource("file", path)
     if not path.is_dir():
         raise AdapterSourceError(f"--adapter {path}: no such file or folder")
-    if looks_like_checkpoint(path) or (path / LATEST_NAME).is_file() or _has_checkpoints(path):
+    if looks_like_checkpoint(path) or (path / LATEST_NAME).is_file() or has_checkpoints(path):
         return AdapterSource("checkpoint", path)
-    for name in _FOLDER_FILES:
-        if (path / name).is_file():
-            return AdapterSource("file", path / name)
+    converted = converted_file(path)
+    if converted is not None:
+        return AdapterSource("file", converted)
     listing = sorted(p.name for p in path.iterdir())[:20]
     raise AdapterSourceError(
         f"--adapter {path}: neither a training checkpoint (checkpoint-N/ or a run folder) nor a folder written by "
-        f"convert-zero ({', '.join(_FOLDER_FILES[:4])}, ...); it holds: {listing}. Give the adapter file itself."
+        f"convert-zero ({', '.join(CONVERTED_FILES[:4])}, ...); it holds: {listing}. Give the adapter file itself."
     )
-
-
-def _has_checkpoints(folder: Path) -> bool:
-    return any(CHECKPOINT_RE.match(child.name) and child.is_dir() for child in folder.iterdir())
 
 
 def check_adapter(source: AdapterSource, model: nn.Module) -> str:

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fantasytalk_cli.checkpoints.sources import open_checkpoint
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
-from fantasytalk_cli.convert.sources import open_checkpoint
 from fantasytalk_cli.fileio import format_size
 from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec

@@ -1,14 +1,5 @@
-"""Run-folder checkpoints: `checkpoint-N/` written atomically, `latest`, `meta.json`, pruning, resume.
-
-Layout of one checkpoint::
-
-    checkpoint-N/
-      meta.json                        step, epoch, config hash + the resolved config, versions
-      trainable.safetensors            the trainable weights (fp32, our parameter names)
-      fantasytalking_model.ckpt        the same adapter in the released FantasyTalking format
-      run_state.json                   the loop's counters and the sampler's position (JSON: nothing to unpickle)
-      accelerate/                      accelerate state: optimizer (+ trainable model) shards, scheduler, RNG
-      manifest.json                    every file's size and sha256, written last (resume verifies it first)
+"""Saving and resuming a training run: `checkpoint-N/` written atomically by every rank, `latest`, pruning, and the
+verified resume (the folder's layout and names: `checkpoints/folder.py`).
 
 The frozen base is never written (`docs/training.md#checkpoints`: only 0.84B of the 14B parameters train; the base
 comes from the base model on resume): ZeRO through DeepSpeed's `exclude_frozen_parameters`, FSDP through
@@ -25,101 +16,35 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import pickle
-import re
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.checkpoints.folder import (
+    ADAPTER_CKPT_NAME,
+    CHECKPOINT_RE,
+    LATEST_NAME,
+    RUN_STATE_NAME,
+    STATE_DIR,
+    WEIGHTS_NAME,
+    CheckpointError,
+    CheckpointMeta,
+    checkpoint_dir,
+    list_checkpoints,
+    newest_checkpoint,
+    temp_checkpoint_dir,
+)
+from fantasytalk_cli.checkpoints.manifest import checkpoint_size, verify_manifest, write_manifest
+from fantasytalk_cli.checkpoints.safe_pickle import DCP_METADATA_GLOBALS, TENSOR_STATE_GLOBALS, check_pickle_file
 from fantasytalk_cli.fileio import follow_umask, swap_folder, write_text_atomic
 from fantasytalk_cli.models.adapter_file import adapter_to_format
 from fantasytalk_cli.models.trainable import released_adapter
-from fantasytalk_cli.train.distributed import Strategy, fsdp_clean_name, gather_trainable_state
-from fantasytalk_cli.train.manifest import checkpoint_size, verify_manifest, write_manifest
-from fantasytalk_cli.train.safe_pickle import DCP_METADATA_GLOBALS, TENSOR_STATE_GLOBALS, check_pickle_file
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-META_NAME = "meta.json"
-WEIGHTS_NAME = "trainable.safetensors"
-ADAPTER_CKPT_NAME = "fantasytalking_model.ckpt"
-STATE_DIR = "accelerate"
-LATEST_NAME = "latest"
-RUN_STATE_NAME = "run_state.json"
-META_VERSION = 1
-
-
-class CheckpointError(FtalkError, RuntimeError):
-    """A checkpoint to resume from is missing, incomplete or unreadable."""
-
-
-@dataclass
-class CheckpointMeta:
-    """The small record every checkpoint carries."""
-
-    step: int
-    epoch: int
-    config_hash: str
-    config: dict[str, Any]
-    strategy: str
-    world_size: int
-    versions: dict[str, str] = field(default_factory=dict)
-    format_version: int = META_VERSION
-
-    def write(self, folder: Path) -> None:
-        write_text_atomic(folder / META_NAME, json.dumps(asdict(self), indent=2, sort_keys=True))
-
-    @classmethod
-    def read(cls, folder: Path) -> CheckpointMeta:
-        path = folder / META_NAME
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"{folder} has no {META_NAME}: it is not a complete ftalk checkpoint") from exc
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is corrupt ({exc}); resume from an older checkpoint") from exc
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise CheckpointError(f"{path}: unexpected fields ({exc}); was it written by another tool?") from exc
-
-
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / f"checkpoint-{step}"
-
-
-def temp_checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / f".checkpoint-{step}.tmp"
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with meta.json), oldest first."""
-    found = []
-    if output_dir.is_dir():
-        for child in output_dir.iterdir():
-            m = CHECKPOINT_RE.match(child.name)
-            if m and child.is_dir() and (child / META_NAME).is_file():
-                found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint `latest` names, else the highest complete one, else None."""
-    pointer = output_dir / LATEST_NAME
-    if pointer.is_file():
-        named = output_dir / pointer.read_text().strip()
-        if (named / META_NAME).is_file():
-            return named
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+from fantasytalk_cli.train.distributed import Strategy, gather_trainable_state, load_state, save_state
 
 
 def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
@@ -127,7 +52,7 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
     if resume_from is None:
         return None
     if resume_from == "latest":
-        return latest_checkpoint(output_dir)  # nothing yet: start fresh, as the reference does
+        return newest_checkpoint(output_dir)  # nothing yet: start fresh, as the reference does
     path = Path(resume_from)
     looked = [path]
     if not path.is_absolute() and not path.exists():
@@ -158,7 +83,7 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     if keep is None:
         return removed
     found = list_checkpoints(output_dir)
-    latest = latest_checkpoint(output_dir)
+    latest = newest_checkpoint(output_dir)
     for _, path in found[: max(0, len(found) - keep)]:
         if path != latest:
             shutil.rmtree(path)
@@ -167,24 +92,6 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
 
 
 # --- saving and restoring a training run (collective: every rank calls these) -------------------
-
-
-def install_state_hooks(accelerator: Accelerator, strategy: Strategy) -> None:
-    """Plain (DDP) runs: accelerate would write the whole model (the 14B base included, the
-    reference's waste) and read it back. The trainable weights already sit in `trainable.safetensors`,
-    so accelerate skips the model and `load_training_checkpoint` restores it from that file. (ZeRO and
-    FSDP leave the frozen weights out in `save_training_checkpoint` itself.)"""
-    if strategy.name != "ddp":
-        return
-
-    def skip_model_save(models: list, weights: list, output_dir: str) -> None:  # noqa: ARG001
-        weights.clear()
-
-    def skip_model_load(models: list, input_dir: str) -> None:  # noqa: ARG001
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(skip_model_save)
-    accelerator.register_load_state_pre_hook(skip_model_load)
 
 
 def save_training_checkpoint(
@@ -212,13 +119,7 @@ def save_training_checkpoint(
             failure = exc
     _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
     try:
-        if strategy.name in ("zero2", "zero3"):
-            accelerator.save_state(str(tmp / STATE_DIR), exclude_frozen_parameters=True)
-        elif strategy.name == "fsdp":
-            with fsdp_trainable_only(model):
-                accelerator.save_state(str(tmp / STATE_DIR))
-        else:
-            accelerator.save_state(str(tmp / STATE_DIR))
+        save_state(accelerator, model, strategy, tmp / STATE_DIR)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError of its zip writer
         failure = exc
     _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
@@ -256,7 +157,7 @@ def _stop_if_failed(
     tmp = temp_checkpoint_dir(output_dir, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    previous = latest_checkpoint(output_dir)
+    previous = newest_checkpoint(output_dir)
     kept = f"the previous checkpoint {previous} and `latest` are kept" if previous else "no earlier checkpoint exists"
     cause = "another process failed to write its part"
     if isinstance(failure, OSError):
@@ -316,14 +217,14 @@ def load_training_checkpoint(
     runs code, except DeepSpeed's own engine files (pickles by design, said in the notes)."""
     meta = CheckpointMeta.read(folder)
     notes: list[str] = []
-    if meta.world_size != accelerator.num_processes and strategy.name != "ddp":
+    if meta.world_size != accelerator.num_processes and not strategy.reshards:
         raise CheckpointError(
             f"{folder} was written by {meta.world_size} processes ({meta.strategy}); this run has "
             f"{accelerator.num_processes}: sharded optimizer state cannot be re-split, resume with the same count"
         )
     state = folder / STATE_DIR
     check_state_pickles(state, strategy)
-    if strategy.name in ("zero2", "zero3"):
+    if strategy.engine_pickles:
         notes.append(
             f"DeepSpeed reads its engine files in {state} with pickle, which can run code: resume only from "
             "checkpoints you or a source you trust wrote"
@@ -343,7 +244,7 @@ def load_training_checkpoint(
             f"{folder / RUN_STATE_NAME} cannot be read ({exc}): resume from another checkpoint"
         ) from exc
     try:
-        _load_state(accelerator, model, strategy, folder, state)
+        load_state(accelerator, model, strategy, folder, state)
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
@@ -364,140 +265,5 @@ def check_state_pickles(state: Path, strategy: Strategy) -> None:
             check_pickle_file(path, TENSOR_STATE_GLOBALS)
         elif path.name == ".metadata":
             check_pickle_file(path, DCP_METADATA_GLOBALS)
-        elif path.suffix == ".pt" and strategy.name not in ("zero2", "zero3"):
+        elif path.suffix == ".pt" and not strategy.engine_pickles:
             check_pickle_file(path, TENSOR_STATE_GLOBALS)
-
-
-def _load_state(
-    accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy, folder: Path, state: Path
-) -> None:
-    if strategy.name in ("zero2", "zero3"):
-        # not strict: the frozen weights were excluded at save; that every trainable one is there is checked
-        module = accelerator.unwrap_model(model)
-        with recorded_load_keys(module) as loads:
-            accelerator.load_state(str(state), load_module_strict=False)
-        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        verify_module_state(loads, trainable, state)
-    elif strategy.name == "fsdp":
-        if strategy.fsdp_version == 1:
-            for optimizer in accelerator._optimizers:  # the prepared ones (accelerate keeps no public list)
-                init_optimizer_state(optimizer.optimizer)
-        with fsdp_trainable_only(model):
-            accelerator.load_state(str(state))
-    else:
-        accelerator.load_state(str(state))
-        _restore_plain_trainable(accelerator, model, folder)
-
-
-def _restore_plain_trainable(accelerator: Accelerator, model: torch.nn.Module, folder: Path) -> None:
-    """DDP: the trainable weights come from `trainable.safetensors`, which must name exactly them."""
-    saved = load_file(str(folder / WEIGHTS_NAME))
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-    missing = sorted(set(trainable) - set(saved))
-    unexpected = sorted(set(saved) - set(trainable))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder / WEIGHTS_NAME} does not match this run's trainable parameters: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (was --trainable_modules changed?)"
-        )
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(saved[name].to(param.dtype))
-
-
-@contextmanager
-def recorded_load_keys(module: torch.nn.Module) -> Iterator[list[tuple[list[str], list[str]]]]:
-    """Record (missing, unexpected) keys of every `load_state_dict` on `module` inside the block."""
-    loads: list[tuple[list[str], list[str]]] = []
-
-    def record(_module: torch.nn.Module, incompatible: Any) -> None:
-        loads.append((list(incompatible.missing_keys), list(incompatible.unexpected_keys)))
-
-    handle = module.register_load_state_dict_post_hook(record)
-    try:
-        yield loads
-    finally:
-        handle.remove()
-
-
-def verify_module_state(loads: list[tuple[list[str], list[str]]], trainable: Iterable[str], where: Path) -> None:
-    """ZeRO resume: the module state DeepSpeed loaded (non-strict, frozen weights excluded) held every
-    trainable parameter and nothing this model lacks; else a CheckpointError naming them."""
-    if not loads:
-        raise CheckpointError(f"{where}: DeepSpeed restored no module state; the trainable weights were not loaded")
-    for missing, unexpected in loads:
-        lost = sorted(set(missing) & set(trainable))
-        if lost or unexpected:
-            raise CheckpointError(
-                f"{where}: the checkpoint's module state does not match this run's trainable parameters: "
-                f"missing {len(lost)} {lost[:10]}, unknown {len(unexpected)} {sorted(unexpected)[:10]} "
-                "(was --trainable_modules or the model changed?)"
-            )
-
-
-class _SkipMissingFrozen(logging.Filter):
-    """FSDP1's sharded load warns once per parameter absent from the state dict: expected for frozen ones."""
-
-    def __init__(self, frozen: set[str]) -> None:
-        super().__init__()
-        self.frozen = frozen
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith("Did not find param with FQN "):
-            return True
-        return fsdp_clean_name(message.split()[6].rstrip(",")) not in self.frozen
-
-
-@contextmanager
-def fsdp_trainable_only(model: torch.nn.Module) -> Iterator[None]:
-    """FSDP (1 and 2): while accelerate saves or loads the sharded model state, leave the frozen parameters
-    out of it. accelerate has no switch for that (DeepSpeed's `exclude_frozen_parameters`; accelerate's
-    `adapter_only` is for PEFT models), so hooks on the wrapped model do it: its state dict drops them
-    (saving writes, and loading reads, only the trainable shards), and loading accepts their absence
-    (they keep the values built from the base model). Checkpoints that do hold them still load."""
-    frozen = {fsdp_clean_name(n) for n, p in model.named_parameters() if not p.requires_grad}
-
-    def drop_frozen(_module: torch.nn.Module, state_dict: dict, _prefix: str, _metadata: Any) -> None:
-        for key in [k for k in state_dict if fsdp_clean_name(k) in frozen]:
-            del state_dict[key]
-
-    def allow_missing_frozen(_module: torch.nn.Module, incompatible: Any) -> None:
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if fsdp_clean_name(k) not in frozen]
-
-    fsdp_log = logging.getLogger("torch.distributed.fsdp._state_dict_utils")
-    quiet = _SkipMissingFrozen(frozen)
-    handles = [
-        model.register_state_dict_post_hook(drop_frozen),
-        model.register_load_state_dict_post_hook(allow_missing_frozen),
-    ]
-    fsdp_log.addFilter(quiet)
-    try:
-        yield
-    finally:
-        fsdp_log.removeFilter(quiet)
-        for handle in handles:
-            handle.remove()
-
-
-def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """FSDP1 resume: accelerate loads the optimizer into a template made from the live optimizer's state
-    dict, which holds no state before the first step: the saved Adam moments and step counts would be
-    dropped without a word (the resumed run then drifts from an uninterrupted one; FSDP2's
-    `get_optimizer_state_dict` guards against that itself). Create the state first with a step on zero
-    gradients at learning rate 0, which leaves the weights as they are (as torch does for FSDP2)."""
-    if optimizer.state:
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    if any(p.grad is not None for p in params):
-        return
-    for param in params:
-        param.grad = torch.zeros_like(param)
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)

@@ -24,11 +24,20 @@ from typing import Any, TypeVar
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
+from safetensors.torch import load_file
 
+from fantasytalk_cli.checkpoints.folder import WEIGHTS_NAME, CheckpointError
 from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainConfig
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.dit_loading import FLOAT8_DTYPES
 from fantasytalk_cli.models.weights import ShardedBuild
+from fantasytalk_cli.train.sharded_state import (
+    fsdp_clean_name,
+    fsdp_trainable_only,
+    init_optimizer_state,
+    recorded_load_keys,
+    verify_module_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,17 @@ class Strategy:
         """FSDP flattens each unit into one tensor, so the whole transformer keeps one dtype (fp32; FSDP's
         mixed-precision policy computes in bf16)."""
         return self.name == "fsdp"
+
+    @property
+    def reshards(self) -> bool:
+        """Whether its checkpoints resume under another process count: DDP's optimizer state is whole on every rank,
+        ZeRO's and FSDP's are split per rank and cannot be re-split."""
+        return self.name == "ddp"
+
+    @property
+    def engine_pickles(self) -> bool:
+        """Whether resuming reads engine files with pickle that ftalk cannot check: DeepSpeed's own `.pt` files."""
+        return self.name in ("zero2", "zero3")
 
     @property
     def label(self) -> str:
@@ -313,11 +333,6 @@ def plain_construction(accelerator: Accelerator) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
-def fsdp_clean_name(name: str) -> str:
-    """A parameter name under FSDP1 without the wrapper prefixes: the name in the unwrapped model."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
 def gather_trainable_state(
     accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy
 ) -> dict[str, torch.Tensor]:
@@ -376,3 +391,73 @@ def _unit_parameters(unit: torch.nn.Module, fsdp_cls: type) -> Iterator[torch.nn
         module = stack.pop()
         yield from module.parameters(recurse=False)
         stack.extend(child for child in module.children() if not isinstance(child, fsdp_cls))
+
+
+def install_state_hooks(accelerator: Accelerator, strategy: Strategy) -> None:
+    """Plain (DDP) runs: accelerate would write the whole model (the 14B base included, the
+    reference's waste) and read it back. The trainable weights already sit in `trainable.safetensors`,
+    so accelerate skips the model and `load_training_checkpoint` restores it from that file. (ZeRO and
+    FSDP leave the frozen weights out in `save_training_checkpoint` itself.)"""
+    if strategy.name != "ddp":
+        return
+
+    def skip_model_save(models: list, weights: list, output_dir: str) -> None:  # noqa: ARG001
+        weights.clear()
+
+    def skip_model_load(models: list, input_dir: str) -> None:  # noqa: ARG001
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(skip_model_save)
+    accelerator.register_load_state_pre_hook(skip_model_load)
+
+
+def save_state(accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy, folder: Path) -> None:
+    """accelerate's state (optimizer, scheduler, RNG; the trainable model shards under ZeRO and FSDP) into `folder`,
+    without the frozen weights: DeepSpeed's `exclude_frozen_parameters`, FSDP's state dict hooks, DDP's
+    `install_state_hooks` (its model state is `trainable.safetensors`)."""
+    if strategy.name in ("zero2", "zero3"):
+        accelerator.save_state(str(folder), exclude_frozen_parameters=True)
+    elif strategy.name == "fsdp":
+        with fsdp_trainable_only(model):
+            accelerator.save_state(str(folder))
+    else:
+        accelerator.save_state(str(folder))
+
+
+def load_state(accelerator: Accelerator, model: torch.nn.Module, strategy: Strategy, folder: Path, state: Path) -> None:
+    """Restore what `save_state` wrote in `state` (of checkpoint `folder`): ZeRO's module state non-strict and
+    verified, FSDP's trainable shards (FSDP1 with its optimizer state created first), DDP's trainable weights from
+    `trainable.safetensors`."""
+    if strategy.name in ("zero2", "zero3"):
+        # not strict: the frozen weights were excluded at save; that every trainable one is there is checked
+        module = accelerator.unwrap_model(model)
+        with recorded_load_keys(module) as loads:
+            accelerator.load_state(str(state), load_module_strict=False)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        verify_module_state(loads, trainable, state)
+    elif strategy.name == "fsdp":
+        if strategy.fsdp_version == 1:
+            for optimizer in accelerator._optimizers:  # the prepared ones (accelerate keeps no public list)
+                init_optimizer_state(optimizer.optimizer)
+        with fsdp_trainable_only(model):
+            accelerator.load_state(str(state))
+    else:
+        accelerator.load_state(str(state))
+        _restore_plain_trainable(accelerator, model, folder)
+
+
+def _restore_plain_trainable(accelerator: Accelerator, model: torch.nn.Module, folder: Path) -> None:
+    """DDP: the trainable weights come from `trainable.safetensors`, which must name exactly them."""
+    saved = load_file(str(folder / WEIGHTS_NAME))
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(saved))
+    unexpected = sorted(set(saved) - set(trainable))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder / WEIGHTS_NAME} does not match this run's trainable parameters: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (was --trainable_modules changed?)"
+        )
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name].to(param.dtype))

@@ -27,9 +27,10 @@ import torch
 from accelerate.utils import gather_object
 from rich.console import Console
 
+from fantasytalk_cli.checkpoints.folder import CheckpointMeta
 from fantasytalk_cli.config.load import config_hash
 from fantasytalk_cli.config.schema import FtalkConfig
-from fantasytalk_cli.train.checkpoint import CheckpointMeta, save_training_checkpoint
+from fantasytalk_cli.train.checkpoint import save_training_checkpoint
 from fantasytalk_cli.train.display import Display, Meter
 from fantasytalk_cli.train.distributed import backward
 from fantasytalk_cli.train.setup import Run, TrainingError, build_optimizer, set_up, versions

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fantasytalk_cli.checkpoints.folder import CHECKPOINT_RE, LATEST_NAME, list_checkpoints
 from fantasytalk_cli.config.schema import CheckpointConfig
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.train.checkpoint import CHECKPOINT_RE, LATEST_NAME, list_checkpoints, resolve_resume
+from fantasytalk_cli.train.checkpoint import resolve_resume
 
 RUN_FILES = ("config.yaml", LATEST_NAME, "logs")
 """What ftalk writes into a run folder besides `checkpoint-N/` (and the `.checkpoint-N.tmp` of a save)."""

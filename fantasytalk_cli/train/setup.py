@@ -40,15 +40,12 @@ from fantasytalk_cli.planning.model_dims import configured_model_dims
 from fantasytalk_cli.runtime.block_offload import check_block_count, offload_blocks
 from fantasytalk_cli.runtime.flow import FlowSchedule
 from fantasytalk_cli.runtime.memory_options import check_memory_options
-from fantasytalk_cli.train.checkpoint import (
-    install_state_hooks,
-    load_training_checkpoint,
-    pick_resume,
-)
+from fantasytalk_cli.train.checkpoint import load_training_checkpoint, pick_resume
 from fantasytalk_cli.train.distributed import (
     Strategy,
     build_accelerator,
     compute_dtype,
+    install_state_hooks,
     keep_float8_out_of_ddp_sync,
     plain_construction,
     sharded_build,

@@ -24,7 +24,8 @@ from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainCon
 from fantasytalk_cli.models.dit_loading import load_transformer  # noqa: E402
 from fantasytalk_cli.models.tiny import TINY_AUDIO_DIMS, TINY_DIT  # noqa: E402
 from fantasytalk_cli.models.trainable import set_trainable  # noqa: E402
-from fantasytalk_cli.train.checkpoint import CheckpointMeta, save_training_checkpoint  # noqa: E402
+from fantasytalk_cli.checkpoints.folder import CheckpointMeta  # noqa: E402
+from fantasytalk_cli.train.checkpoint import save_training_checkpoint  # noqa: E402
 from fantasytalk_cli.train.distributed import build_accelerator  # noqa: E402
 
 TRAINABLE = ["processor.", "proj_model."]

@@ -19,7 +19,6 @@ only the bytes of the tensors asked for are read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -30,92 +29,23 @@ from typing import Any
 
 import torch
 
-from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.checkpoints.folder import (
+    FSDP_MODEL_DIR,
+    FSDP_OPTIM_DIR,
+    WEIGHTS_NAME,
+    ConversionError,
+    ConversionUsageError,
+    deepspeed_tag,
+    resolve_checkpoint,
+    state_roots,
+    trainable_patterns,
+)
 from fantasytalk_cli.models.key_mapping import Shape
 from fantasytalk_cli.models.trainable import is_adapter_name
-from fantasytalk_cli.train.checkpoint import CHECKPOINT_RE, LATEST_NAME, META_NAME, STATE_DIR, WEIGHTS_NAME
 
-FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
-FSDP_OPTIM_DIR = "optimizer_0"
 _OPTIM_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 DCP_READ_BYTES = 256 * 2**20
 """Tensors read per ``torch.distributed.checkpoint`` call (a single larger tensor is read alone)."""
-
-
-class ConversionError(FtalkError, RuntimeError):
-    """The checkpoint cannot be converted: a file is missing, truncated or not what its kind needs."""
-
-
-class ConversionUsageError(ConversionError):
-    exit_code = 2
-
-    """The request itself is wrong: no such folder, an output that exists, contradictory options."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Finding the checkpoint.
-
-
-def _has_zero_files(folder: Path) -> bool:
-    return folder.is_dir() and (any(folder.glob("*_optim_states.pt")) or any(folder.glob("*_model_states.pt")))
-
-
-def deepspeed_tag(root: Path, tag: str | None) -> str | None:
-    """The DeepSpeed tag folder under ``root``: ``tag``, else what ``latest`` names, else the only folder of ZeRO
-    files (several without ``latest``: ask for ``--tag``); None when ``root`` holds no DeepSpeed checkpoint."""
-    if tag is not None:
-        return tag if _has_zero_files(root / tag) else None
-    latest = root / "latest"
-    if latest.is_file():
-        named = latest.read_text().strip()
-        if named and _has_zero_files(root / named):
-            return named
-    found = sorted(child.name for child in root.iterdir() if _has_zero_files(child))
-    if len(found) > 1:
-        raise ConversionUsageError(f"{root}: several DeepSpeed tag folders {found} and no 'latest': pass --tag")
-    return found[0] if found else None
-
-
-def _state_roots(folder: Path) -> list[Path]:
-    """Where accelerate's state may sit: ``accelerate/`` (ours) or the checkpoint folder itself (the reference's)."""
-    return [p for p in (folder / STATE_DIR, folder) if p.is_dir()]
-
-
-def looks_like_checkpoint(folder: Path) -> bool:
-    """True for a folder holding one checkpoint of a kind this module reads."""
-    if (folder / WEIGHTS_NAME).is_file() or (folder / META_NAME).is_file():
-        return True
-    return any(
-        (root / FSDP_MODEL_DIR / ".metadata").is_file() or any(_has_zero_files(child) for child in root.iterdir())
-        for root in _state_roots(folder)
-    )
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """``checkpoint-N/`` as given, or a run folder's newest complete checkpoint (``latest``, else the highest N)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConversionUsageError(f"{path}: no such checkpoint or run folder")
-    if looks_like_checkpoint(path):
-        return path
-    pointer = path / LATEST_NAME
-    if pointer.is_file():
-        named = path / pointer.read_text().strip()
-        if CHECKPOINT_RE.match(named.name) and named.is_dir() and looks_like_checkpoint(named):
-            return named
-    found = sorted(
-        (int(m.group(1)), child)
-        for child in path.iterdir()
-        if (m := CHECKPOINT_RE.match(child.name)) and child.is_dir() and looks_like_checkpoint(child)
-    )
-    if found:
-        return found[-1][1]
-    listing = sorted(p.name for p in path.iterdir())[:20]
-    raise ConversionUsageError(
-        f"{path} is neither a checkpoint (trainable.safetensors, a DeepSpeed 'latest' + tag folder, or "
-        f"{FSDP_MODEL_DIR}/, directly or under {STATE_DIR}/) nor a run folder with checkpoint-N/ in it; "
-        f"it holds: {listing}"
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,7 +76,7 @@ class CheckpointSource:
 def open_checkpoint(path: Path, tag: str | None = None) -> CheckpointSource:
     """Detect the kind of the checkpoint at ``path`` (or a run folder's newest) and open it."""
     folder = resolve_checkpoint(path)
-    for root in _state_roots(folder):
+    for root in state_roots(folder):
         found = deepspeed_tag(root, tag)
         if found is not None:
             return ZeroSource.open(folder, root, found)
@@ -157,21 +87,6 @@ def open_checkpoint(path: Path, tag: str | None = None) -> CheckpointSource:
     if (folder / WEIGHTS_NAME).is_file():
         return PlainSource.open(folder)
     raise ConversionError(f"{folder}: no model weights found (no DeepSpeed or FSDP shards, no {WEIGHTS_NAME})")
-
-
-def recorded_model_config(folder: Path) -> dict[str, Any]:
-    """The ``model`` section of the run config our ``meta.json`` records ({} for other checkpoints)."""
-    try:
-        model = json.loads((folder / META_NAME).read_text())["config"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return model if isinstance(model, dict) else {}
-
-
-def _trainable_patterns(folder: Path) -> list[str] | None:
-    """``model.trainable_modules`` from our ``meta.json``, when there is one."""
-    patterns = recorded_model_config(folder).get("trainable_modules")
-    return [str(p) for p in patterns] if isinstance(patterns, list) else None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -452,7 +367,7 @@ class DcpSource(CheckpointSource):
         notes: list[str] = []
         names, rule = _dcp_trained_names(root / FSDP_OPTIM_DIR, folder)
         if names is None:
-            patterns = _trainable_patterns(folder)
+            patterns = trainable_patterns(folder)
             if patterns:
                 names = [n for n in shapes if any(p in n for p in patterns)]
                 rule = f"meta.json trainable_modules {patterns}"
