@@ -17,6 +17,7 @@ from fantasytalk_cli import __version__
 from fantasytalk_cli.cli_help import PanelHelpCommand
 from fantasytalk_cli.config import FtalkConfig, config_to_yaml, load_config
 from fantasytalk_cli.config.flags import expand_multi_value_flags, normalize_flag, with_config_flags
+from fantasytalk_cli.convert.choices import OutDtype, OutFormat, What
 from fantasytalk_cli.errors import FtalkError, FtalkUsageError
 
 console = Console()
@@ -330,13 +331,13 @@ def convert_zero(
         str,
         typer.Option("--max_shard_size", help="Largest shard: KB/MB/GB decimal (1GB = 10^9), KiB/MiB/GiB."),
     ] = "10GB",
-    dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="Output precision.")] = "bf16",
+    dtype: Annotated[OutDtype, typer.Option(help="Output precision.")] = "bf16",
     what: Annotated[
-        Literal["adapter", "transformer"],
+        What,
         typer.Option(help="adapter = the trained weights; transformer = merged into the frozen base model."),
     ] = "adapter",
     fmt: Annotated[
-        Literal["fantasytalking", "diffusers", "original", "comfyui"],
+        OutFormat,
         typer.Option(
             "--format",
             help="fantasytalking = flat safetensors + the released fantasytalking_model.ckpt; comfyui; or the "

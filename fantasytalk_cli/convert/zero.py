@@ -14,10 +14,11 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 
+from fantasytalk_cli.convert.choices import OutDtype, OutFormat, What
 from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, parse_size, plan_shards
 from fantasytalk_cli.convert.sharding import write_shards as _write_shards
 from fantasytalk_cli.convert.sources import (
@@ -47,9 +48,6 @@ __all__ = [
     "parse_size",
 ]
 
-What = Literal["adapter", "transformer"]
-OutFormat = Literal["fantasytalking", "diffusers", "original", "comfyui"]
-OutDtype = Literal["fp32", "fp16", "bf16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STEMS: dict[str, str] = {
     "fantasytalking": "fantasytalking_model",
