@@ -206,10 +206,9 @@ def validate_metadata(
     flags: dict[str, Any],
 ) -> None:
     """Check every clip, audio file and caption of the metadata before a GPU hour is spent."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from fantasytalk_cli.data.validate import ValidateOptions
     from fantasytalk_cli.data.validate import validate_metadata as run_validation
+    from fantasytalk_cli.progress import progress_bar, track
 
     cfg = resolve_config(config, with_metadata(flags, metadata))
     options = ValidateOptions(
@@ -224,15 +223,13 @@ def validate_metadata(
         audio_short_tolerance_s=audio_tolerance,
         thorough=thorough,
     )
-    columns = (TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("validate", total=None)
+    with progress_bar(err_console, "validating", transient=True) as bar:
         report = run_validation(
             cfg.data,
             cfg.buckets,
             options,
             model_dir=cfg.model.pretrained_model_name_or_path,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=track(bar, "validate"),
         )
     console.print(report.summary())
     if not report.ok:
@@ -304,15 +301,12 @@ def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
 def cache(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Precompute what the frozen encoders give each clip (text, audio, latents, CLIP) into --cache_dir, with
     train's own flags; `train --cache_dir` then reads it. Under `accelerate launch` each process caches its share."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from fantasytalk_cli.cache.build import build_cache
+    from fantasytalk_cli.progress import progress_bar, track
 
     cfg = resolve_config(config, flags)
-    columns = (TextColumn("caching"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("cache", total=None)
-        report = build_cache(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with progress_bar(err_console, "caching", disable=not err_console.is_terminal) as bar:
+        report = build_cache(cfg, progress=track(bar, "cache"))
     for line in report.summary():
         console.print(line, highlight=False, soft_wrap=True)
     if report.failed:
@@ -471,8 +465,7 @@ def sample(
     --seed N sets the noise (default 1111, upstream's); on a GPU the models run in --mixed_precision (bf16).
     --base_weights_dtype fp8 and --blocks_to_offload N fit the transformer in less GPU memory, as in training (an
     offloaded block's weights all wait in host memory); --activation_offload is for training and does nothing here."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from fantasytalk_cli.progress import progress_bar, track
     from fantasytalk_cli.sample.batch_file import read_batch_file
     from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
     from fantasytalk_cli.sample.inputs import SampleRequest
@@ -506,20 +499,14 @@ def sample(
         overwrite=overwrite,
         strip=strip,
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=not err_console.is_terminal) as bar:
-
-        def progress(label: str, total: int) -> Any:
-            task = bar.add_task(f"denoising {label}", total=total)
-            return lambda done: bar.update(task, completed=done)
-
+    with progress_bar(err_console, "{task.description}", disable=not err_console.is_terminal) as bar:
         results = sample_videos(
             cfg.model,
             requests,
             options,
             adapter_path=adapter,
             mixed_precision=cfg.train.mixed_precision,
-            progress=progress,
+            progress=lambda label, total: track(bar, f"denoising {label}", total),
             say=lambda line: console.print(line, highlight=False, soft_wrap=True),
         )
     for result in results:
