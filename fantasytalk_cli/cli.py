@@ -382,8 +382,6 @@ SAMPLE_FIELDS = (
     *("model.pretrained_model_name_or_path", "model.transformer_path", "model.wav2vec_path", "model.config_path"),
     *("model.audio_scale", "model.base_weights_dtype", "model.blocks_to_offload", "train.mixed_precision"),
 )
-UPSTREAM_SEED = 1111
-"""Upstream `infer.py`'s seed: `ftalk sample`'s default when `--seed` is not given."""
 SAMPLING = "sampling (upstream infer.py's defaults)"
 
 
@@ -466,45 +464,32 @@ def sample(
     --base_weights_dtype fp8 and --blocks_to_offload N fit the transformer in less GPU memory, as in training (an
     offloaded block's weights all wait in host memory); --activation_offload is for training and does nothing here."""
     from fantasytalk_cli.progress import progress_bar, track
-    from fantasytalk_cli.sample.batch_file import read_batch_file
-    from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
-    from fantasytalk_cli.sample.inputs import SampleRequest
-    from fantasytalk_cli.sample.run import SampleOptions, sample_videos
+    from fantasytalk_cli.sample.request import SampleArgs, sample_as_asked
 
-    single = (image, audio, out)
-    if batch is not None and any(v is not None for v in single):
-        raise FtalkUsageError("give either --batch FILE or --image/--audio/--out, not both")
-    if batch is None and any(v is None for v in single):
-        raise FtalkUsageError("give --image, --audio and --out (or --batch FILE for several videos)")
-    seed = flags.get("seed")
-    cfg = resolve_config(config, flags)
-    requests = (
-        read_batch_file(batch, default_prompt=prompt)
-        if batch is not None
-        else [SampleRequest(image=image, audio=audio, prompt=prompt, out=out)]  # type: ignore[arg-type]
-    )
-    options = SampleOptions(
-        guidance=Guidance(
-            num_inference_steps=num_inference_steps,
-            prompt_cfg_scale=prompt_cfg_scale,
-            audio_cfg_scale=audio_cfg_scale,
-            audio_scale=cfg.model.audio_scale,
-            audio_cfg_end=audio_cfg_end,
-        ),
+    args = SampleArgs(
+        image=image,
+        audio=audio,
+        out=out,
+        batch=batch,
+        prompt=prompt,
+        adapter=adapter,
         image_size=image_size,
         max_num_frames=max_num_frames,
         fps=fps,
-        seed=UPSTREAM_SEED if seed is None else int(seed),
-        negative_prompt=NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
-        overwrite=overwrite,
+        num_inference_steps=num_inference_steps,
+        prompt_cfg_scale=prompt_cfg_scale,
+        audio_cfg_scale=audio_cfg_scale,
+        audio_cfg_end=audio_cfg_end,
+        negative_prompt=negative_prompt,
+        seed=flags.get("seed"),
         strip=strip,
+        overwrite=overwrite,
     )
+    cfg = resolve_config(config, flags)
     with progress_bar(err_console, "{task.description}", disable=not err_console.is_terminal) as bar:
-        results = sample_videos(
+        results = sample_as_asked(
+            args,
             cfg.model,
-            requests,
-            options,
-            adapter_path=adapter,
             mixed_precision=cfg.train.mixed_precision,
             progress=lambda label, total: track(bar, f"denoising {label}", total),
             say=lambda line: console.print(line, highlight=False, soft_wrap=True),
