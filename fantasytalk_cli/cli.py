@@ -17,6 +17,7 @@ from fantasytalk_cli import __version__
 from fantasytalk_cli.cli_help import PanelHelpCommand
 from fantasytalk_cli.config import FtalkConfig, config_to_yaml, load_config
 from fantasytalk_cli.config.flags import expand_multi_value_flags, normalize_flag, with_config_flags
+from fantasytalk_cli.convert.choices import OutDtype, OutFormat, What
 from fantasytalk_cli.errors import FtalkError, FtalkUsageError
 
 console = Console()
@@ -205,10 +206,9 @@ def validate_metadata(
     flags: dict[str, Any],
 ) -> None:
     """Check every clip, audio file and caption of the metadata before a GPU hour is spent."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from fantasytalk_cli.data.validate import ValidateOptions
     from fantasytalk_cli.data.validate import validate_metadata as run_validation
+    from fantasytalk_cli.progress import progress_bar, track
 
     cfg = resolve_config(config, with_metadata(flags, metadata))
     options = ValidateOptions(
@@ -223,15 +223,13 @@ def validate_metadata(
         audio_short_tolerance_s=audio_tolerance,
         thorough=thorough,
     )
-    columns = (TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("validate", total=None)
+    with progress_bar(err_console, "validating", transient=True) as bar:
         report = run_validation(
             cfg.data,
             cfg.buckets,
             options,
             model_dir=cfg.model.pretrained_model_name_or_path,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=track(bar, "validate"),
         )
     console.print(report.summary())
     if not report.ok:
@@ -303,15 +301,12 @@ def train(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
 def cache(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Precompute what the frozen encoders give each clip (text, audio, latents, CLIP) into --cache_dir, with
     train's own flags; `train --cache_dir` then reads it. Under `accelerate launch` each process caches its share."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from fantasytalk_cli.cache.build import build_cache
+    from fantasytalk_cli.progress import progress_bar, track
 
     cfg = resolve_config(config, flags)
-    columns = (TextColumn("caching"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("cache", total=None)
-        report = build_cache(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with progress_bar(err_console, "caching", disable=not err_console.is_terminal) as bar:
+        report = build_cache(cfg, progress=track(bar, "cache"))
     for line in report.summary():
         console.print(line, highlight=False, soft_wrap=True)
     if report.failed:
@@ -330,13 +325,13 @@ def convert_zero(
         str,
         typer.Option("--max_shard_size", help="Largest shard: KB/MB/GB decimal (1GB = 10^9), KiB/MiB/GiB."),
     ] = "10GB",
-    dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="Output precision.")] = "bf16",
+    dtype: Annotated[OutDtype, typer.Option(help="Output precision.")] = "bf16",
     what: Annotated[
-        Literal["adapter", "transformer"],
+        What,
         typer.Option(help="adapter = the trained weights; transformer = merged into the frozen base model."),
     ] = "adapter",
     fmt: Annotated[
-        Literal["fantasytalking", "diffusers", "original", "comfyui"],
+        OutFormat,
         typer.Option(
             "--format",
             help="fantasytalking = flat safetensors + the released fantasytalking_model.ckpt; comfyui; or the "
@@ -387,8 +382,6 @@ SAMPLE_FIELDS = (
     *("model.pretrained_model_name_or_path", "model.transformer_path", "model.wav2vec_path", "model.config_path"),
     *("model.audio_scale", "model.base_weights_dtype", "model.blocks_to_offload", "train.mixed_precision"),
 )
-UPSTREAM_SEED = 1111
-"""Upstream `infer.py`'s seed: `ftalk sample`'s default when `--seed` is not given."""
 SAMPLING = "sampling (upstream infer.py's defaults)"
 
 
@@ -470,55 +463,35 @@ def sample(
     --seed N sets the noise (default 1111, upstream's); on a GPU the models run in --mixed_precision (bf16).
     --base_weights_dtype fp8 and --blocks_to_offload N fit the transformer in less GPU memory, as in training (an
     offloaded block's weights all wait in host memory); --activation_offload is for training and does nothing here."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from fantasytalk_cli.progress import progress_bar, track
+    from fantasytalk_cli.sample.request import SampleArgs, sample_as_asked
 
-    from fantasytalk_cli.sample.batch_file import read_batch_file
-    from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
-    from fantasytalk_cli.sample.inputs import SampleRequest
-    from fantasytalk_cli.sample.run import SampleOptions, sample_videos
-
-    single = (image, audio, out)
-    if batch is not None and any(v is not None for v in single):
-        raise FtalkUsageError("give either --batch FILE or --image/--audio/--out, not both")
-    if batch is None and any(v is None for v in single):
-        raise FtalkUsageError("give --image, --audio and --out (or --batch FILE for several videos)")
-    seed = flags.get("seed")
-    cfg = resolve_config(config, flags)
-    requests = (
-        read_batch_file(batch, default_prompt=prompt)
-        if batch is not None
-        else [SampleRequest(image=image, audio=audio, prompt=prompt, out=out)]  # type: ignore[arg-type]
-    )
-    options = SampleOptions(
-        guidance=Guidance(
-            num_inference_steps=num_inference_steps,
-            prompt_cfg_scale=prompt_cfg_scale,
-            audio_cfg_scale=audio_cfg_scale,
-            audio_scale=cfg.model.audio_scale,
-            audio_cfg_end=audio_cfg_end,
-        ),
+    args = SampleArgs(
+        image=image,
+        audio=audio,
+        out=out,
+        batch=batch,
+        prompt=prompt,
+        adapter=adapter,
         image_size=image_size,
         max_num_frames=max_num_frames,
         fps=fps,
-        seed=UPSTREAM_SEED if seed is None else int(seed),
-        negative_prompt=NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
-        overwrite=overwrite,
+        num_inference_steps=num_inference_steps,
+        prompt_cfg_scale=prompt_cfg_scale,
+        audio_cfg_scale=audio_cfg_scale,
+        audio_cfg_end=audio_cfg_end,
+        negative_prompt=negative_prompt,
+        seed=flags.get("seed"),
         strip=strip,
+        overwrite=overwrite,
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=not err_console.is_terminal) as bar:
-
-        def progress(label: str, total: int) -> Any:
-            task = bar.add_task(f"denoising {label}", total=total)
-            return lambda done: bar.update(task, completed=done)
-
-        results = sample_videos(
+    cfg = resolve_config(config, flags)
+    with progress_bar(err_console, "{task.description}", disable=not err_console.is_terminal) as bar:
+        results = sample_as_asked(
+            args,
             cfg.model,
-            requests,
-            options,
-            adapter_path=adapter,
             mixed_precision=cfg.train.mixed_precision,
-            progress=progress,
+            progress=lambda label, total: track(bar, f"denoising {label}", total),
             say=lambda line: console.print(line, highlight=False, soft_wrap=True),
         )
     for result in results:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast, get_args
 
 import torch
 
@@ -27,6 +27,7 @@ from fantasytalk_cli.checkpoints.folder import (
     recorded_model_config,
 )
 from fantasytalk_cli.checkpoints.sources import CheckpointSource, open_checkpoint
+from fantasytalk_cli.convert.choices import OutDtype, OutFormat, What
 from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, parse_size, plan_shards
 from fantasytalk_cli.convert.sharding import write_shards as _write_shards
 from fantasytalk_cli.fileio import format_size
@@ -37,7 +38,7 @@ from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.models.state_dict_adapters import DitAdapter
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
-from fantasytalk_cli.runtime.dtypes import DTYPES, EXPORT_DTYPES
+from fantasytalk_cli.runtime.dtypes import DTYPES
 
 __all__ = [
     "ConversionError",
@@ -48,9 +49,6 @@ __all__ = [
     "parse_size",
 ]
 
-What = Literal["adapter", "transformer"]
-OutFormat = Literal["fantasytalking", "diffusers", "original", "comfyui"]
-OutDtype = Literal["fp32", "fp16", "bf16"]
 NAME_FORMS: dict[str, Any] = {
     "fantasytalking": "flat",
     "comfyui": "comfyui",
@@ -114,7 +112,7 @@ class ConvertReport:
 
 
 def _check_options(options: ConvertOptions) -> None:
-    if options.dtype not in EXPORT_DTYPES:
+    if options.dtype not in get_args(OutDtype):
         raise ConversionUsageError(f"--dtype {options.dtype!r}: choose fp32, fp16 or bf16")
     if options.format not in STEMS:
         raise ConversionUsageError(f"--format {options.format!r}: choose {', '.join(STEMS)}")

@@ -12,6 +12,3 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 """Precision name -> dtype; `no` is accelerate's name for full precision (`--mixed_precision no`)."""
-
-EXPORT_DTYPES = ("fp32", "fp16", "bf16")
-"""The dtypes `convert-zero --dtype` writes."""

@@ -1,0 +1,11 @@
+"""The choices of `ftalk convert-zero`: what to write, in which naming and precision. Torch-free, so the command
+line takes its option types from here without importing the converter."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+What = Literal["adapter", "transformer"]
+OutFormat = Literal["fantasytalking", "diffusers", "original", "comfyui"]
+OutDtype = Literal["bf16", "fp16", "fp32"]
+"""In the order `--help` lists them."""
