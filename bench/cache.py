@@ -265,8 +265,10 @@ def estimate_14b(tmp: Path) -> list[EstimateRow]:
         without = make_plan_report(cfg, world_size=1, transformer_config=config).memory
         assert without is not None
         options = chosen_options(cfg.model)
-        with_cache = run_estimate(cfg, config, without.shape, options, strategy="ddp", devices=1, cached=ALL_KINDS)
-        again = run_estimate(cfg, config, without.shape, options, strategy="ddp", devices=1)
+        with_cache = run_estimate(
+            cfg.train, cfg.model, config, without.shape, options, strategy="ddp", devices=1, cached=ALL_KINDS
+        )
+        again = run_estimate(cfg.train, cfg.model, config, without.shape, options, strategy="ddp", devices=1)
         assert again.total_bytes == without.total_bytes, "plan-buckets' estimate is not run_estimate's"
         rows.append(EstimateRow("seed recipe" if low_vram else "seed recipe, low_vram off", cfg, without, with_cache))
     return rows

@@ -98,9 +98,9 @@ def loop_batches(cfg: FtalkConfig, steps: int) -> list[dict[str, Any]]:
         metadata_path=cfg.data.train_data_meta,
         world_size=1,
     )
-    sampler = BucketBatchSampler(plan, batch_size=train.train_batch_size, seed=train.seed or 0)
+    sampler = BucketBatchSampler(plan, batch_size=train.train_batch_size, seed=train.seed)
     entries = load_entries(cfg.data.train_data_meta)
-    dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=train.seed or 0)
+    dataset = ClipBatchDataset(entries, plan, cfg.data.train_data_dir, seed=train.seed)
     batches: list[dict[str, Any]] = []
     epoch = 0
     while len(batches) < steps:

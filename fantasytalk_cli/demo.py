@@ -174,10 +174,11 @@ def run_demo(work_dir: Path, seed: int = 0, console: Console | None = None, *, o
         return f"{kept} of {built.num_samples} clips planned into buckets, plan file {cfg.data.bucket_plan}"
 
     def train() -> str:
-        result.loss_before = fixed_batch_loss(cfg)
+        sections = cfg.data, cfg.buckets, cfg.model, cfg.train
+        result.loss_before = fixed_batch_loss(*sections)
         summary = run_training(cfg, console)
         result.checkpoint = summary.checkpoints[-1]
-        result.loss_after = fixed_batch_loss(cfg, load_file(result.checkpoint / "trainable.safetensors"))
+        result.loss_after = fixed_batch_loss(*sections, load_file(result.checkpoint / "trainable.safetensors"))
         return f"{summary.steps} steps, checkpoints in {cfg.checkpoint.output_dir}"
 
     def convert() -> str:

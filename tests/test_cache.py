@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fantasytalk_cli.cache import build as cache_build
 from fantasytalk_cli.cache.build import build_cache
 from fantasytalk_cli.cache.store import CacheError, CacheStore
 from fantasytalk_cli.cli import app
@@ -129,9 +128,11 @@ def test_missing_entry_is_computed_online_or_refused(world: dict[str, Path], tmp
 def test_processes_split_the_work(world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reports = []
     for rank in (0, 1):
-        monkeypatch.setattr(cache_build, "_rank", lambda rank=rank: (rank, 2))
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
         reports.append(_cache(world, tmp_path / "cache"))
-    monkeypatch.setattr(cache_build, "_rank", lambda: (0, 1))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     single = _cache(world, tmp_path / "single")
     assert sum(r.items for r in reports) == single.items
     assert sum(r.computed["video"] for r in reports) == single.computed["video"]
@@ -214,7 +215,8 @@ def test_processes_on_raw_metadata_read_the_probe_cache(
     """Several processes on the raw metadata (no probe facts in it) never probe: they read the probe cache that
     `validate-metadata` fills, and refuse, naming that command, when it lacks entries."""
     raw = world["data"] / METADATA_NAME
-    monkeypatch.setattr(cache_build, "_rank", lambda: (1, 2))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(CacheError, match=r"lack probe facts.*ftalk validate-metadata"):
         _cache(world, tmp_path / "cache", train_data_meta=raw)  # the copied data's files are not in the probe cache
     assert not list((tmp_path / "cache").rglob("*.safetensors"))

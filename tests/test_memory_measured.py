@@ -77,7 +77,7 @@ meta = cfg.data.train_data_meta
 plan, _, _ = plan_from_metadata(data=cfg.data, buckets=cfg.buckets, train=cfg.train, metadata_path=meta)
 dataset = ClipBatchDataset(load_entries(cfg.data.train_data_meta), plan, cfg.data.train_data_dir, seed=cfg.train.seed)
 batches = list(BucketBatchSampler(plan, batch_size=1, seed=cfg.train.seed))
-ctx = StepContext(train=cfg.train, model_cfg=cfg.model, sigmas=FlowSchedule().sigmas(), rank=0, world_size=1,
+ctx = StepContext(train=cfg.train, model_cfg=cfg.model, sigmas=FlowSchedule().sigmas(), world=World(),
                   device=cpu, dtype=models.frozen_dtype, autocast=lambda: torch.autocast("cpu", enabled=False),
                   activation_offload=cfg.model.activation_offload)
 params = [p for p in models.transformer.parameters() if p.requires_grad]

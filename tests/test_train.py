@@ -26,7 +26,8 @@ def _eval_loss(world: dict[str, Path], weights: dict[str, torch.Tensor] | None, 
     """Loss on a fixed batch with fixed noise and timesteps (no condition dropout)."""
     from fantasytalk_cli.train.evaluate import fixed_batch_loss
 
-    return fixed_batch_loss(world_config(world, world["root"] / "unused", **cfg_overrides), weights)
+    cfg = world_config(world, world["root"] / "unused", **cfg_overrides)
+    return fixed_batch_loss(cfg.data, cfg.buckets, cfg.model, cfg.train, weights)
 
 
 @pytest.mark.slow

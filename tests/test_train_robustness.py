@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from fantasytalk_cli.runtime.world import World
 from fantasytalk_cli.train import loop, setup
 from fantasytalk_cli.train.loop import TrainingError, render_summary, run_training
 from tests.tiny_world import world_config
@@ -186,7 +187,7 @@ def test_condition_dropout(p: float, step_world: dict) -> None:
     cfg, models, batch = step_world["cfg"], step_world["models"], step_world["batch"]
     train = cfg.train.model_copy(update={"text_dropout": p, "image_dropout": p, "audio_dropout": p})
     cpu = torch.device("cpu")
-    ctx = StepContext(train, cfg.model, FlowSchedule().sigmas(), 0, 1, cpu, torch.float32, contextlib.nullcontext)
+    ctx = StepContext(train, cfg.model, FlowSchedule().sigmas(), World(), cpu, torch.float32, contextlib.nullcontext)
     with torch.no_grad():
         inputs = training_step(models.transformer, models.encoders, models.wav2vec, batch, ctx, 0).inputs
         with models.encoders.on(cpu):

@@ -9,9 +9,7 @@ and reads back is not computed again (counted as reused); a corrupt one is recom
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -25,17 +23,18 @@ import torch
 from fantasytalk_cli.cache.fingerprint import MediaHashes
 from fantasytalk_cli.cache.keys import EMPTY_CAPTION, CacheItem, CacheSettings, cache_settings, planned_items
 from fantasytalk_cli.cache.store import CacheError, CacheStore
-from fantasytalk_cli.config.schema import FtalkConfig
+from fantasytalk_cli.config.schema import FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import loader_frames, read_frames, to_model_pixels
+from fantasytalk_cli.data.entry_facts import MissingFactsError, with_probe_facts
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, resolve_media_path
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
-from fantasytalk_cli.data.probing import cached_facts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.models.audio import Wav2Vec2Features, read_audio_for_frames
 from fantasytalk_cli.models.dit_config import find_wav2vec
 from fantasytalk_cli.models.encoders import VIDEO_TENSORS, FrozenEncoders, encode_video, load_frozen_encoders
 from fantasytalk_cli.models.paths import check_model_paths
 from fantasytalk_cli.runtime.dtypes import DTYPES
+from fantasytalk_cli.runtime.world import World
 
 
 @dataclass
@@ -85,54 +84,22 @@ class CacheReport:
         return lines + [f"note: {n}" for n in self.notes]
 
 
-def _rank() -> tuple[int, int]:
-    """This process's rank and the world size, from the launcher's environment (no process group needed)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _entries(cfg: FtalkConfig, world_size: int) -> tuple[list[MetadataEntry], list[str]]:
-    assert cfg.data.train_data_meta is not None
-    entries = load_entries(cfg.data.train_data_meta)
-    lacking = [(e.index, e.file_path, e.audio_path) for e in entries if e.probe is None]
-    if not lacking:
-        return entries, []
-    probe_cache = default_cache_path(cfg.data.train_data_meta)
-    if world_size > 1:  # several processes read the probe cache; none probes (each would probe every file at once)
-        found = cached_facts(lacking, cfg.data.media_root(), probe_cache)
-        if len(found) < len(lacking):
-            raise CacheError(
-                f"{cfg.data.train_data_meta}: {len(lacking) - len(found)} of its entries lack probe facts, in the file "
-                f"and in the probe cache {probe_cache}; with several processes each would probe them at once. Run "
-                f"`ftalk validate-metadata {cfg.data.train_data_meta}` first (it fills the probe cache), then this "
-                "command again"
-            )
-        for index, facts in found.items():
-            entries[index] = dataclasses.replace(entries[index], probe=facts)
-        return entries, [f"{len(found)} entries carry no probe facts: all read from the probe cache {probe_cache}"]
-    filled = probe_missing_facts(lacking, cfg.data.media_root(), probe_cache)
-    for index, facts in filled.facts.items():
-        entries[index] = dataclasses.replace(entries[index], probe=facts)
-    return entries, [filled.note()]
+def _device(world: World) -> torch.device:
+    return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class _Encoders:
     """The frozen encoders, loaded on first use only (a resumed run with everything cached loads nothing)."""
 
-    def __init__(self, cfg: FtalkConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
+    def __init__(self, model: ModelConfig, train: TrainConfig, device: torch.device) -> None:
+        self.model, self.train, self.device = model, train, device
         self._frozen: FrozenEncoders | None = None
         self._wav2vec: Wav2Vec2Features | None = None
 
     @property
     def frozen(self) -> FrozenEncoders:
         if self._frozen is None:
-            model, train = self.cfg.model, self.cfg.train
+            model, train = self.model, self.train
             assert model.pretrained_model_name_or_path is not None
             self._frozen = load_frozen_encoders(  # as training loads them: the same tensors come out
                 model.pretrained_model_name_or_path,
@@ -147,7 +114,7 @@ class _Encoders:
     def wav2vec(self) -> Wav2Vec2Features:
         if self._wav2vec is None:
             self._wav2vec = Wav2Vec2Features.from_pretrained(
-                find_wav2vec(self.cfg.model), device=self.device, dtype=torch.float32
+                find_wav2vec(self.model), device=self.device, dtype=torch.float32
             )
         return self._wav2vec
 
@@ -161,24 +128,31 @@ def build_cache(cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None
         raise CacheError("--train_data_meta is required (the metadata file, the one training reads)")
     check_model_paths(cfg.model)
     start = time.perf_counter()
-    rank, world = _rank()
+    world = World.from_env()  # the launcher's environment: no process group needed
     store = CacheStore(data.cache_dir)
-    store.start_rank(rank)
+    store.start_rank(world.dp_rank)
     settings = cache_settings(cfg.model, cfg.train)
-    entries, notes = _entries(cfg, world)
+    entries = load_entries(data.train_data_meta)
+    try:
+        notes = with_probe_facts(entries, data, world)
+    except MissingFactsError as exc:
+        raise CacheError(str(exc)) from exc
     facts = facts_from_entries(entries)
     plan, _, plan_notes = plan_from_metadata(
         data=data, buckets=cfg.buckets, train=cfg.train, metadata_path=data.train_data_meta, facts=facts
     )
     epochs = 1 if data.fixed_window else data.cache_epochs
-    items = list(planned_items(facts, plan, seed=cfg.train.seed or 0, data=data, epochs=epochs))
-    mine = [item for item in items if item.index % world == rank]
-    report = CacheReport(data.cache_dir, rank, world, len(mine), epochs, data.fixed_window, notes=notes + plan_notes)
+    items = list(planned_items(facts, plan, seed=cfg.train.seed, data=data, epochs=epochs))
+    mine = [item for item in items if item.index % world.dp_size == world.dp_rank]
+    report = CacheReport(
+        data.cache_dir, world.dp_rank, world.dp_size, len(mine), epochs, data.fixed_window, notes=notes + plan_notes
+    )
     if plan.random_frame_crop:
         report.notes.append("random_frame_crop: batches it shortens are not cached (computed online)")
-    writer = _Writer(store, settings, MediaHashes(data.cache_dir, writer_name=f"rank{rank}"),
-                     _Encoders(cfg, _device()), report, f"rank{rank}", data.media_root())  # fmt: skip
-    if rank == 0:
+    name = f"rank{world.dp_rank}"
+    writer = _Writer(store, settings, MediaHashes(data.cache_dir, writer_name=name),
+                     _Encoders(cfg.model, cfg.train, _device(world)), report, name, data.media_root())  # fmt: skip
+    if world.main:
         writer.text(EMPTY_CAPTION, None)
     texts_done: set[str] = set()
     workers = data.dataloader_num_workers
@@ -197,7 +171,7 @@ def build_cache(cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None
         if progress is not None:
             progress(done, len(mine))
     report.corrupt = list(store.corrupt)
-    report.merged = store.finish_rank(rank, world)
+    report.merged = store.finish_rank(world.dp_rank, world.dp_size)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from fantasytalk_cli.cache.fingerprint import MediaHashes
 from fantasytalk_cli.cache.keys import EMPTY_CAPTION, CacheSettings, planned_items
-from fantasytalk_cli.cache.store import CacheError, CacheStore
+from fantasytalk_cli.cache.store import CacheError, CacheStore, Kind
 from fantasytalk_cli.config.schema import DataConfig
 from fantasytalk_cli.data.buckets import ClipWindow
 from fantasytalk_cli.data.dataset import FeaturesRequiredError
@@ -95,6 +95,11 @@ class Coverage:
     def complete(self, kind: str) -> bool:
         present, needed = self.counts[kind]
         return present == needed and (kind == "text" or not self.cropped_batches)
+
+    def whole_kinds(self) -> frozenset[str]:
+        """The kinds held for every batch of the run: their encoders need not load (training leaves them unloaded,
+        the planner leaves them out of the memory estimate)."""
+        return frozenset(kind for kind in get_args(Kind) if self.complete(kind))
 
     def notes(self) -> list[str]:
         shown = ", ".join(f"{kind} {p}/{n}" for kind, (p, n) in self.counts.items())

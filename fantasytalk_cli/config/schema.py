@@ -8,6 +8,7 @@ whole tree, because each is also a command-line flag of ``ftalk train`` (``--vid
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -161,8 +162,8 @@ class TrainConfig(Section):
     """Learning-rate schedule (diffusers' `get_scheduler` names)."""
     lr_warmup_steps: int = Field(0, ge=0)
     """Warm-up optimizer steps."""
-    seed: int | None = 42
-    """Seed of everything random in training (sampling order, noise, timesteps, dropout)."""
+    seed: int = 42
+    """Seed of everything random in training (sampling order, noise, timesteps, dropout); 42 as the seed recipe."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     """Autocast precision; frozen weights are stored in it, trainable weights stay fp32."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -215,6 +216,14 @@ class TrainConfig(Section):
     """Longer side of the validation videos (upstream: 512)."""
     validation_max_num_frames: int = Field(81, ge=5)
     """Most frames of a validation video (the audio's duration sets the count; upstream: 81)."""
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps the run takes: `max_train_steps`, else `num_train_epochs` epochs of `steps_per_epoch`."""
+        return self.max_train_steps or self.num_train_epochs * steps_per_epoch
+
+    def epochs_covered(self, steps_per_epoch: int) -> int:
+        """Epochs (at least one) the run's steps reach into: the windows a feature cache must hold."""
+        return max(1, math.ceil(self.total_steps(steps_per_epoch) / max(1, steps_per_epoch)))
 
     @model_validator(mode="after")
     def _validation_pairs(self) -> TrainConfig:

@@ -315,12 +315,12 @@ def build_plan(
     metadata_path: str | Path = "",
 ) -> BucketPlan:
     """Plan every clip (arrays of facts, or loaded entries with probe facts): ratio bucket, allowed sizes,
-    stride, drop reason. `seed` defaults to `train.seed` (0 when that is None)."""
+    stride, drop reason. `seed` defaults to `train.seed`."""
     if world_size < 1:
         raise PlanError(f"world size must be at least 1, not {world_size}")
     if not isinstance(facts, ClipFacts):
         facts = facts_from_entries(facts)
-    seed = seed if seed is not None else (train.seed if train.seed is not None else 0)
+    seed = seed if seed is not None else train.seed
     grid = level_grid(buckets)
     elig = eligibility(facts.width, facts.height, facts.num_frames, facts.fps, buckets, grid, buckets.max_upscale)
     return BucketPlan(

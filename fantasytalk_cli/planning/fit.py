@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fantasytalk_cli.config.schema import FtalkConfig, ModelConfig
+from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.planning.memory import RISK_FRACTION, MemoryEstimate, estimate_memory
 from fantasytalk_cli.planning.model_size import encoders_in_use
 from fantasytalk_cli.runtime.memory_options import BLOCK_OFFLOAD_REFUSED, FP8_REFUSED, SHARDING_STRATEGIES
@@ -109,7 +109,8 @@ def chosen_options(model: ModelConfig) -> MemoryOptions:
 
 
 def run_estimate(
-    cfg: FtalkConfig,
+    train: TrainConfig,
+    model_cfg: ModelConfig,
     transformer_config: Mapping[str, Any],
     shape: tuple[int, int, int],
     options: MemoryOptions,
@@ -120,18 +121,18 @@ def run_estimate(
     capacity_gb: float | None = None,
     model: str = "",
 ) -> MemoryEstimate:
-    """`estimate_memory` for a run of ``cfg`` with ``options`` (the encoders the feature cache stands for left out);
-    a strategy other than ZeRO/FSDP is estimated as DDP."""
+    """`estimate_memory` for a run of these `train` and `model_cfg` sections with ``options`` (the encoders the
+    feature cache stands for left out); a strategy other than ZeRO/FSDP is estimated as DDP."""
     return estimate_memory(
         transformer_config,
         shape,
-        batch_size=cfg.train.train_batch_size,
+        batch_size=train.train_batch_size,
         strategy=strategy if strategy in SHARDING_STRATEGIES else "ddp",  # type: ignore[arg-type]
         devices=devices,
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        low_vram=cfg.model.low_vram,
-        vae_mini_batch=cfg.model.vae_mini_batch,
+        mixed_precision=train.mixed_precision,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        low_vram=model_cfg.low_vram,
+        vae_mini_batch=model_cfg.vae_mini_batch,
         capacity_gb=capacity_gb,
         model=model,
         encoders=encoders_in_use(cached),
@@ -139,7 +140,7 @@ def run_estimate(
         base_weights_dtype=options.base_weights_dtype,
         activation_offload=options.activation_offload,
         blocks_to_offload=options.blocks_to_offload,
-        trainable_modules=cfg.model.trainable_modules,
+        trainable_modules=model_cfg.trainable_modules,
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from fantasytalk_cli.cache.keys import cache_settings
 from fantasytalk_cli.cache.lookup import CacheLookup, coverage
 from fantasytalk_cli.cache.store import CACHE_MARKER
-from fantasytalk_cli.config.schema import BucketConfig, FtalkConfig
+from fantasytalk_cli.config.schema import BucketConfig, DataConfig, FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import BucketPlan, ClipFacts, plan_from_metadata
 from fantasytalk_cli.fileio import write_text_atomic
@@ -112,7 +112,7 @@ def make_plan_report(
     else:
         dims = configured_model_dims(cfg.model)
     notes.extend(dims.notes)
-    cached = _cached_kinds(cfg, metadata_path, plan, facts, stats, notes)
+    cached = _cached_kinds(cfg.data, cfg.model, cfg.train, metadata_path, plan, facts, stats, notes)
     bucket_memory: dict[int, MemoryEstimate] = {}
     fits_with: dict[int, MemoryOptions | None] = {}
     per_option: dict[int, dict[MemoryOptions, int]] = {}
@@ -122,8 +122,8 @@ def make_plan_report(
 
         def estimate(options: MemoryOptions, row: BucketRow = row) -> MemoryEstimate:
             shape = (row.height, row.width, row.frames)
-            return run_estimate(cfg, dims.config, shape, options, strategy=strategy, devices=devices, cached=cached,
-                                capacity_gb=gpu_memory_gb, model=dims.source)  # fmt: skip
+            return run_estimate(cfg.train, cfg.model, dims.config, shape, options, strategy=strategy, devices=devices,
+                                cached=cached, capacity_gb=gpu_memory_gb, model=dims.source)  # fmt: skip
 
         bucket_memory[row.bucket] = estimate(chosen_options(cfg.model))
         if gpu_memory_gb is not None:
@@ -156,11 +156,18 @@ def make_plan_report(
 
 
 def _cached_kinds(
-    cfg: FtalkConfig, metadata_path: Path | None, plan: BucketPlan, facts: ClipFacts, stats: PlanStats, notes: list[str]
+    data: DataConfig,
+    model: ModelConfig,
+    train: TrainConfig,
+    metadata_path: Path | None,
+    plan: BucketPlan,
+    facts: ClipFacts,
+    stats: PlanStats,
+    notes: list[str],
 ) -> frozenset[str]:
     """With --cache_dir: how much of the planned run the feature cache holds (a note), and the kinds it holds
     whole (their encoders are left out of the memory estimate, as training leaves them unloaded)."""
-    cache_dir, base = cfg.data.cache_dir, cfg.model.pretrained_model_name_or_path
+    cache_dir, base = data.cache_dir, model.pretrained_model_name_or_path
     if cache_dir is None:
         return frozenset()
     if not (cache_dir / CACHE_MARKER).is_file():
@@ -169,14 +176,13 @@ def _cached_kinds(
     if base is None:
         notes.append("feature cache coverage needs --pretrained_model_name_or_path (its keys fingerprint the models)")
         return frozenset()
-    meta = metadata_path if metadata_path is not None else cfg.data.train_data_meta
+    meta = metadata_path if metadata_path is not None else data.train_data_meta
     assert meta is not None
-    steps = cfg.train.max_train_steps or cfg.train.num_train_epochs * max(1, stats.steps_per_epoch)
-    epochs = max(1, math.ceil(steps / max(1, stats.steps_per_epoch)))
-    lookup = CacheLookup(cache_dir, cache_settings(cfg.model, cfg.train))
-    found = coverage(lookup, load_entries(meta), facts, plan, seed=cfg.train.seed or 0, data=cfg.data, epochs=epochs)
+    epochs = train.epochs_covered(max(1, stats.steps_per_epoch))
+    lookup = CacheLookup(cache_dir, cache_settings(model, train))
+    found = coverage(lookup, load_entries(meta), facts, plan, seed=train.seed, data=data, epochs=epochs)
     notes.extend(found.notes())
-    kinds = frozenset(kind for kind in ("text", "audio", "video") if found.complete(kind))
+    kinds = found.whole_kinds()
     if kinds:
         notes.append(f"memory estimated without the encoders the cache stands for ({', '.join(sorted(kinds))})")
     return kinds

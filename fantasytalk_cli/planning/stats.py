@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from fantasytalk_cli.data.buckets import (
     token_count,
 )
 from fantasytalk_cli.data.plan import BucketPlan, ClipFacts
+from fantasytalk_cli.runtime.world import World, WorldError
 
 
 @dataclass(frozen=True)
@@ -157,10 +157,9 @@ def plan_stats(
 
 def default_world_size(environ: Mapping[str, str] | None = None) -> int:
     """World size from the launcher's environment (`WORLD_SIZE`, set by accelerate launch / torchrun), else 1."""
-    env = os.environ if environ is None else environ
     try:
-        return max(1, int(env.get("WORLD_SIZE", "1")))
-    except ValueError:
+        return World.from_env(environ).dp_size
+    except WorldError:  # a preview: the training run itself refuses it with the reason
         return 1
 
 

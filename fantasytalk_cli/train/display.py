@@ -61,7 +61,7 @@ class Display:
         )
         self.progress.update(self.task, completed=step, info=short)
         done, total = step - meter.first_step, self.run.max_steps
-        if self.plain and (done == 1 or step % self.run.cfg.train.logging_steps == 0 or step == total):
+        if self.plain and (done == 1 or step % self.run.train.logging_steps == 0 or step == total):
             eta = (time.perf_counter() - meter.t_start) / done * (total - step)
             self.run.say(f"step {step}/{total}  {info}  eta {_duration(eta)}", highlight=False)
 

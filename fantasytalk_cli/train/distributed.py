@@ -31,6 +31,7 @@ from fantasytalk_cli.config.schema import CheckpointConfig, DistConfig, TrainCon
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.dit_loading import FLOAT8_DTYPES
 from fantasytalk_cli.models.weights import ShardedBuild
+from fantasytalk_cli.runtime.world import World
 from fantasytalk_cli.train.sharded_state import (
     fsdp_clean_name,
     fsdp_trainable_only,
@@ -68,6 +69,11 @@ class Strategy:
         """Whether its checkpoints resume under another process count: DDP's optimizer state is whole on every rank,
         ZeRO's and FSDP's are split per rank and cannot be re-split."""
         return self.name == "ddp"
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether the trainable weights live sharded across ranks (ZeRO-3, FSDP): gather them to use them whole."""
+        return self.name in ("zero3", "fsdp")
 
     @property
     def engine_pickles(self) -> bool:
@@ -182,15 +188,6 @@ def detect_strategy(dist: DistConfig) -> str:
     return "ddp"
 
 
-def launched_world_size() -> int:
-    """Processes the launcher started (`WORLD_SIZE`, set by `accelerate launch --multi_gpu`, torchrun,
-    DeepSpeed's launcher; 1 without one)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError as exc:
-        raise DistributedSetupError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from exc
-
-
 def _device_available() -> bool:
     """A device that multi-process DeepSpeed / FSDP can run on: a GPU (or XPU/NPU), or the device named in
     accelerate's own `ACCELERATE_TORCH_DEVICE` (whoever sets it has chosen the device for accelerate)."""
@@ -227,7 +224,7 @@ def build_accelerator(
     and so is any launch whose process count accelerate does not match, before the run folder is touched."""
     name = detect_strategy(dist)
     notes: list[str] = []
-    launched = launched_world_size()
+    launched = World.from_env().processes
     on_cpu = launched > 1 and not _device_available()
     if on_cpu and name != "ddp":
         raise DistributedSetupError(

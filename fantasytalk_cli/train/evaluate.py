@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from fantasytalk_cli.config.schema import FtalkConfig
+from fantasytalk_cli.config.schema import BucketConfig, DataConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
@@ -21,13 +21,20 @@ EVAL_STEP = 10**6
 
 
 def fixed_batch_loss(
-    cfg: FtalkConfig, weights: dict[str, torch.Tensor] | None = None, *, batches: int = 2, batch_size: int = 2
+    data: DataConfig,
+    buckets: BucketConfig,
+    model: ModelConfig,
+    train_cfg: TrainConfig,
+    weights: dict[str, torch.Tensor] | None = None,
+    *,
+    batches: int = 2,
+    batch_size: int = 2,
 ) -> float:
     """Mean loss of the first `batches` planned batches (seed `EVAL_SEED`) on the CPU in fp32, with the
     configured adapter, or with `weights` (trainable tensors, e.g. a checkpoint's) loaded over it. The
     metadata must carry probe facts (`validate-metadata --write-clean`)."""
-    assert cfg.data.train_data_meta is not None
-    train = cfg.train.model_copy(
+    assert data.train_data_meta is not None
+    train = train_cfg.model_copy(
         update={
             "text_dropout": 0.0,
             "image_dropout": 0.0,
@@ -36,20 +43,20 @@ def fixed_batch_loss(
             "mixed_precision": "no",
         }
     )
-    models = load_training_models(cfg.model, train, device=torch.device("cpu"), uniform_dtype=False)
+    models = load_training_models(model, train, device=torch.device("cpu"), uniform_dtype=False)
     if weights is not None:
         models.transformer.load_state_dict(weights, strict=False)
-    entries = load_entries(cfg.data.train_data_meta)
+    entries = load_entries(data.train_data_meta)
     plan, _, _ = plan_from_metadata(
-        data=cfg.data,
-        buckets=cfg.buckets,
-        train=cfg.train,
-        metadata_path=cfg.data.train_data_meta,
+        data=data,
+        buckets=buckets,
+        train=train_cfg,
+        metadata_path=data.train_data_meta,
         facts=facts_from_entries(entries),
     )
     sampler = BucketBatchSampler(plan, batch_size=batch_size, seed=EVAL_SEED)
-    dataset = ClipBatchDataset(entries, plan, cfg.data.media_root(), seed=EVAL_SEED)
-    ctx = cpu_step_context(train, cfg.model, torch.float32)
+    dataset = ClipBatchDataset(entries, plan, data.media_root(), seed=EVAL_SEED)
+    ctx = cpu_step_context(train, model, torch.float32)
     losses = []
     with torch.no_grad():
         for number, batch in enumerate(sampler):

@@ -28,7 +28,6 @@ from accelerate.utils import gather_object
 from rich.console import Console
 
 from fantasytalk_cli.checkpoints.folder import CheckpointMeta
-from fantasytalk_cli.config.load import config_hash
 from fantasytalk_cli.config.schema import FtalkConfig
 from fantasytalk_cli.train.checkpoint import save_training_checkpoint
 from fantasytalk_cli.train.display import Display, Meter
@@ -63,8 +62,8 @@ class Window:
 
 def train(run: Run, stop: StopFlag) -> TrainSummary:
     """Optimizer steps until `max_steps` or a signal; a checkpoint every `checkpointing_steps` and at the end."""
-    state, every = run.state, run.cfg.checkpoint.checkpointing_steps
-    summary = TrainSummary(run.cfg.checkpoint.output_dir, state.step, state.epoch, main=run.main)
+    state, every = run.state, run.checkpoint.checkpointing_steps
+    summary = TrainSummary(run.checkpoint.output_dir, state.step, state.epoch, main=run.main)
     summary.notes = list(run.models.notes)
     meter = Meter(first_step=state.step)
     batches = batch_stream(run, meter)
@@ -114,7 +113,7 @@ def share_failures(run: Run, batch: dict[str, Any]) -> bool:
     """Log the clips this rank could not load (once per entry, however many epochs meet it), share them so
     every rank holds the same set and takes the same decision (a lone rank raising would leave the others
     hanging), apply `bad_sample_policy`; True when every rank has data to step on."""
-    state, acc, data = run.state, run.accelerator, run.cfg.data
+    state, acc, data = run.state, run.accelerator, run.data
     new = [f for f in batch["failures"] if f.index not in state.failed_entries]
     for failure in new:
         run.tell(
@@ -136,7 +135,7 @@ def share_failures(run: Run, batch: dict[str, Any]) -> bool:
                 f"{len(state.failed_entries)} clips failed to load, more than max_bad_sample_fraction="
                 f"{data.max_bad_sample_fraction} of {run.num_entries}: run `ftalk validate-metadata`"
             )
-    return ranks_with_data == acc.num_processes
+    return ranks_with_data == run.world.processes
 
 
 def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], meter: Meter) -> Window:
@@ -146,8 +145,8 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], meter: Meter) ->
         batch = next(batches)
         t_got = time.perf_counter()
         out = micro_step(run, batch, window)
-        meter.samples += out.samples * run.accelerator.num_processes
-        meter.tokens += out.tokens * run.accelerator.num_processes
+        meter.samples += out.samples * run.world.processes
+        meter.tokens += out.tokens * run.world.processes
         meter.compute_s += time.perf_counter() - t_got
         if run.accelerator.sync_gradients:
             return window
@@ -181,7 +180,7 @@ def update(run: Run) -> bool:
     """Clip, and step the optimizer and the schedule unless the gradient norm is not finite (False then).
     The norm is wanted even without clipping (max_norm inf): NaN gradients skip the update."""
     acc = run.accelerator
-    norm = acc.clip_grad_norm_(run.transformer.parameters(), run.cfg.train.max_grad_norm or math.inf)
+    norm = acc.clip_grad_norm_(run.transformer.parameters(), run.train.max_grad_norm or math.inf)
     if norm is not None and not math.isfinite(float(norm)) and acc.mixed_precision != "fp16":
         return False
     run.optimizer.step()
@@ -192,7 +191,7 @@ def update(run: Run) -> bool:
 def record_step(run: Run, window: Window, meter: Meter, summary: TrainSummary, display: Display) -> None:
     """Count the step; the loss logged is the mean over the window's finite micro-batches and all ranks; a
     skipped update extends the streak that aborts at `max_consecutive_nonfinite`."""
-    state, train_cfg = run.state, run.cfg.train
+    state, train_cfg = run.state, run.train
     state.step += 1
     loss = run.accelerator.reduce(window.loss / max(window.finite, 1), reduction="mean").item()
     if window.finite:
@@ -225,18 +224,18 @@ def record_step(run: Run, window: Window, meter: Meter, summary: TrainSummary, d
 
 def save(run: Run, summary: TrainSummary) -> None:
     """A checkpoint of this step (collective)."""
-    state, acc, cfg = run.state, run.accelerator, run.cfg
+    state, acc, ckpt = run.state, run.accelerator, run.checkpoint
     meta = CheckpointMeta(
         step=state.step,
         epoch=state.epoch,
-        config_hash=config_hash(cfg),
-        config=cfg.model_dump(mode="json"),
+        config_hash=run.config_hash,
+        config=run.config_dump,
         strategy=run.strategy.label,
-        world_size=acc.num_processes,
+        world_size=run.world.dp_size,
         versions=versions(),
     )
     folder = save_training_checkpoint(
-        acc, run.transformer, run.strategy, cfg.checkpoint.output_dir, meta, cfg.checkpoint.checkpoints_total_limit,
+        acc, run.transformer, run.strategy, ckpt.output_dir, meta, ckpt.checkpoints_total_limit,
         state.state_dict(),
     )  # fmt: skip
     summary.checkpoints.append(folder)
@@ -251,5 +250,5 @@ def finish(run: Run, summary: TrainSummary) -> TrainSummary:
     summary.nonfinite_skipped = state.nonfinite_skipped
     summary.failed_entries = sorted(state.failed_entries)
     summary.outliers = state.outliers
-    summary.cache_misses = dict(run.cache_misses) if run.cfg.data.cache_dir is not None else None
+    summary.cache_misses = dict(run.cache_misses) if run.data.cache_dir is not None else None
     return summary

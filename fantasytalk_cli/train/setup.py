@@ -24,12 +24,19 @@ from fantasytalk_cli import __version__
 from fantasytalk_cli.cache.keys import cache_settings
 from fantasytalk_cli.cache.lookup import CacheLookup, coverage
 from fantasytalk_cli.cache.store import CACHE_MARKER
-from fantasytalk_cli.config.load import config_diff, config_to_yaml
-from fantasytalk_cli.config.schema import DataConfig, FtalkConfig, ModelConfig, TrainConfig
+from fantasytalk_cli.config.load import config_diff, config_hash, config_to_yaml
+from fantasytalk_cli.config.schema import (
+    BucketConfig,
+    CheckpointConfig,
+    DataConfig,
+    FtalkConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from fantasytalk_cli.data.dataset import ClipBatchDataset
+from fantasytalk_cli.data.entry_facts import Share, with_probe_facts
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report
 from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_checked
-from fantasytalk_cli.data.probing import FilledFacts, default_cache_path, probe_missing_facts
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_text_atomic
@@ -40,6 +47,7 @@ from fantasytalk_cli.planning.model_dims import configured_model_dims
 from fantasytalk_cli.runtime.block_offload import check_block_count, offload_blocks
 from fantasytalk_cli.runtime.flow import FlowSchedule
 from fantasytalk_cli.runtime.memory_options import check_memory_options
+from fantasytalk_cli.runtime.world import World
 from fantasytalk_cli.train.checkpoint import load_training_checkpoint, pick_resume
 from fantasytalk_cli.train.distributed import (
     Strategy,
@@ -66,8 +74,16 @@ class TrainingError(FtalkError, RuntimeError):
 class Run:
     """A training run ready for its first step (or its next one, resumed)."""
 
-    cfg: FtalkConfig
+    data: DataConfig
+    train: TrainConfig
+    model: ModelConfig
+    checkpoint: CheckpointConfig
+    config_hash: str
+    """`config_hash` of the resolved config, computed once: every checkpoint's meta records it."""
+    config_dump: dict[str, Any]
+    """The resolved config as JSON data, computed once: every checkpoint's meta records it."""
     accelerator: Accelerator
+    world: World
     strategy: Strategy
     models: TrainingModels
     transformer: torch.nn.Module
@@ -112,60 +128,68 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
 
 def set_up(cfg: FtalkConfig, console: Console) -> Run:
     """Check, build, resume and open the run folder, in that order; raises a `FtalkError` with the fix."""
-    if cfg.data.train_data_meta is None:
+    data, train, model, checkpoint = cfg.data, cfg.train, cfg.model, cfg.checkpoint
+    if data.train_data_meta is None:
         raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
-    folder = plan_run_folder(cfg.checkpoint, cfg.checkpoint.overwrite_output_dir)
-    check_model_paths(cfg.model)
-    validation = check_validation(cfg.train, cfg.checkpoint.output_dir)
-    accelerator, strategy = build_accelerator(cfg.dist, cfg.train, cfg.checkpoint, cfg.train.report_to)
-    check_memory_options(cfg.model, strategy.name)
-    if cfg.model.blocks_to_offload:  # before anything loads: the count against the DiT config's blocks
-        check_block_count(cfg.model.blocks_to_offload, int(configured_model_dims(cfg.model).config["num_layers"]))
+    folder = plan_run_folder(checkpoint, checkpoint.overwrite_output_dir)
+    check_model_paths(model)
+    validation = check_validation(train, checkpoint.output_dir)
+    accelerator, strategy = build_accelerator(cfg.dist, train, checkpoint, train.report_to)
+    world = World.of(accelerator)
+    check_memory_options(model, strategy.name)
+    if model.blocks_to_offload:  # before anything loads: the count against the DiT config's blocks
+        check_block_count(model.blocks_to_offload, int(configured_model_dims(model).config["num_layers"]))
     tell = functools.partial(console.print, soft_wrap=True)
-    say = tell if accelerator.is_main_process else (lambda *a, **k: None)
+    say = tell if world.main else (lambda *a, **k: None)
     for note in (*strategy.notes, *folder.notes):
         say(f"[yellow]note:[/] {note}")
-    set_seed(cfg.train.seed or 0)
-    entries, sampler, loader = _data(cfg, accelerator, say)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.train.gradient_accumulation_steps)
-    max_steps = cfg.train.max_train_steps or cfg.train.num_train_epochs * steps_per_epoch
-    cached = _cached_kinds(cfg, loader.dataset, entries, math.ceil(max_steps / steps_per_epoch), say)
+    set_seed(train.seed)
+    share = functools.partial(share_from_main, accelerator)
+    lookup = _feature_lookup(data, model, train)
+    pin = accelerator.device.type == "cuda"
+    entries, sampler, loader = _data(data, cfg.buckets, train, lookup, world, share, say, pin_memory=pin)
+    steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
+    max_steps = train.total_steps(steps_per_epoch)
+    plan = loader.dataset.plan
+    cached = _cached_kinds(data, train.seed, lookup, plan, entries, train.epochs_covered(steps_per_epoch), say)
     if cached and validation is not None:  # sampling the validation pairs runs every encoder
         say("cache: the encoders stay loaded for the validation samples (--validation_image_paths)")
         cached = frozenset()
-    models = _models(cfg, accelerator, strategy, say, cached)
+    models = _models(model, train, accelerator, strategy, say, cached)
     if accelerator.device.type == "cuda":
-        _warn_if_unfit(cfg, accelerator, strategy, loader.dataset.plan, models, cached, say)
-    optimizer = build_optimizer(models.transformer, cfg.train)
+        _warn_if_unfit(model, train, accelerator, strategy, plan, models, cached, say)
+    optimizer = build_optimizer(models.transformer, train)
     # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
     lr_scheduler = get_scheduler(
-        cfg.train.lr_scheduler,
+        train.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
+        num_warmup_steps=train.lr_warmup_steps * world.processes,
+        num_training_steps=max_steps * world.processes,
     )
     keep_float8_out_of_ddp_sync(models.transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(models.transformer, optimizer, lr_scheduler)
     install_state_hooks(accelerator, strategy)
-    if cfg.model.blocks_to_offload:  # the count was checked against the model's config at set-up's start
-        offload_blocks(accelerator.unwrap_model(transformer), cfg.model.blocks_to_offload, accelerator.device)
-        say(f"model: the frozen weights of the last {cfg.model.blocks_to_offload} blocks live in host memory")
+    if model.blocks_to_offload:  # the count was checked against the model's config at set-up's start
+        offload_blocks(accelerator.unwrap_model(transformer), model.blocks_to_offload, accelerator.device)
+        say(f"model: the frozen weights of the last {model.blocks_to_offload} blocks live in host memory")
+    dump = cfg.model_dump(mode="json")
+    ctx = _step_context(train, model, accelerator, world, strategy, models)
     run = Run(
-        cfg, accelerator, strategy, models, transformer, optimizer, lr_scheduler, loader, RunState(sampler),
-        _step_context(cfg, accelerator, strategy, models), len(entries), max_steps, steps_per_epoch, console, say, tell,
-        validation,
+        data, train, model, checkpoint, config_hash(cfg), dump, accelerator, world, strategy, models, transformer,
+        optimizer, lr_scheduler, loader, RunState(sampler), ctx, len(entries), max_steps, steps_per_epoch, console,
+        say, tell, validation,
     )  # fmt: skip
     _resume(run, folder.resume)
     if run.main:  # the run folder, only now that the run can start; the resolved config goes in first
         set_aside_previous_run(folder)
-        cfg.checkpoint.output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg.checkpoint.output_dir / "config.yaml", config_to_yaml(cfg))
+        checkpoint.output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(checkpoint.output_dir / "config.yaml", config_to_yaml(cfg))
     accelerator.wait_for_everyone()
-    if cfg.train.report_to != "none":
-        accelerator.init_trackers("ftalk", config=_flat_config(cfg))
+    if train.report_to != "none":
+        accelerator.init_trackers("ftalk", config=_flat_config(dump))
     say(
         f"training {max_steps} steps ({steps_per_epoch} per epoch), strategy {strategy.name}, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"{world.processes} process(es) on {accelerator.device}, "
         f"{models.trainable_parameters:,} trainable parameters"
     )
     return run
@@ -176,59 +200,64 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data(
-    cfg: FtalkConfig, accelerator: Accelerator, say: Callable[..., None]
+    data: DataConfig,
+    buckets: BucketConfig,
+    train: TrainConfig,
+    lookup: CacheLookup | None,
+    world: World,
+    share: Share,
+    say: Callable[..., None],
+    *,
+    pin_memory: bool,
 ) -> tuple[list[MetadataEntry], BucketBatchSampler, torch.utils.data.DataLoader]:
     """Metadata with probe facts, the plan `plan-buckets` showed, the sampler that follows it, the loader."""
-    assert cfg.data.train_data_meta is not None
-    entries, facts_notes = entries_with_facts(cfg.data, accelerator, say)
+    entries, facts_notes = _entries(data, world, share, say)
     plan, warnings = load_plan_checked(
-        cfg.data.bucket_plan,
-        data=cfg.data,
-        buckets=cfg.buckets,
-        train=cfg.train,
-        world_size=accelerator.num_processes,
+        data.bucket_plan, data=data, buckets=buckets, train=train, world_size=world.dp_size,
         facts=facts_from_entries(entries),
-    )
+    )  # fmt: skip
     for warning in facts_notes + warnings:
         say(f"[yellow]plan:[/] {warning}")
-    batch_size, world = cfg.train.train_batch_size, accelerator.num_processes
+    batch_size = train.train_batch_size
     sampler = BucketBatchSampler(
-        plan, batch_size=batch_size, rank=accelerator.process_index, world_size=world, seed=cfg.train.seed or 0
+        plan, batch_size=batch_size, rank=world.dp_rank, world_size=world.dp_size, seed=train.seed
     )
     if len(sampler) == 0:
         raise TrainingError(
-            f"no full batch of {batch_size} x {world} processes in any bucket: run `ftalk plan-buckets` to see why "
-            "(too few clips per bucket, or all dropped)"
+            f"no full batch of {batch_size} x {world.dp_size} processes in any bucket: run `ftalk plan-buckets` to "
+            "see why (too few clips per bucket, or all dropped)"
         )
     # The dataset always hands failures back; the loop applies `bad_sample_policy` after sharing them
     # across ranks, so that `fail` stops every rank together instead of one raising while the others wait.
-    lookup = None
-    if cfg.data.cache_dir is not None:
-        if not (cfg.data.cache_dir / CACHE_MARKER).is_file():
-            raise TrainingError(
-                f"--cache_dir {cfg.data.cache_dir}: no feature cache there (no {CACHE_MARKER}); write it first with "
-                "`ftalk cache` and this run's flags, or leave --cache_dir out to compute every feature online"
-            )
-        settings = cache_settings(cfg.model, cfg.train)
-        lookup = CacheLookup(cfg.data.cache_dir, settings, required=cfg.data.cache_required)
     dataset = ClipBatchDataset(
-        entries, plan, cfg.data.media_root(), seed=cfg.train.seed or 0, policy="skip", cache=lookup,
-        fixed_window=cfg.data.fixed_window,
+        entries, plan, data.media_root(), seed=train.seed, policy="skip", cache=lookup,
+        fixed_window=data.fixed_window,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
-        num_workers=cfg.data.dataloader_num_workers, persistent_workers=False,
-        pin_memory=accelerator.device.type == "cuda",  # the step's uint8 copies to the GPU then do not block
+        num_workers=data.dataloader_num_workers, persistent_workers=False,
+        pin_memory=pin_memory,  # on CUDA: the step's uint8 copies to the GPU then do not block
     )  # fmt: skip
     return entries, sampler, loader
 
 
-def entries_with_facts(
-    data: DataConfig, accelerator: Accelerator, say: Callable[..., None]
+def _feature_lookup(data: DataConfig, model: ModelConfig, train: TrainConfig) -> CacheLookup | None:
+    """The feature cache's read side for this run's settings (`--cache_dir`), checked to be a cache."""
+    if data.cache_dir is None:
+        return None
+    if not (data.cache_dir / CACHE_MARKER).is_file():
+        raise TrainingError(
+            f"--cache_dir {data.cache_dir}: no feature cache there (no {CACHE_MARKER}); write it first with "
+            "`ftalk cache` and this run's flags, or leave --cache_dir out to compute every feature online"
+        )
+    return CacheLookup(data.cache_dir, cache_settings(model, train), required=data.cache_required)
+
+
+def _entries(
+    data: DataConfig, world: World, share: Share, say: Callable[..., None]
 ) -> tuple[list[MetadataEntry], list[str]]:
-    """The metadata's entries, each with its probe facts: stored ones (`validate-metadata --write-clean`), else
-    from the probe cache beside the metadata, else probed now on the main process (in parallel, written to
-    that cache so the next run probes nothing) and shared with every rank, so that all plan the same."""
+    """The metadata's entries, checked against the data-folder rule, then given their probe facts (`entry_facts`:
+    probed on the main process, shared with every rank, so that all plan the same)."""
     assert data.train_data_meta is not None
     root = data.media_root()
     where = "--train_data_dir" if data.train_data_dir else "the metadata file's folder; --train_data_dir changes it"
@@ -238,22 +267,12 @@ def entries_with_facts(
         outside = outside_report(root, ((e.index, w) for e in entries for w in (e.file_path, e.audio_path)))
         if outside:
             raise TrainingError(outside)
-    lacking = [(e.index, e.file_path, e.audio_path) for e in entries if e.probe is None]
-    if not lacking:
-        return entries, []
-    filled: FilledFacts | None = None
-    if accelerator.is_main_process:
-        say(f"reading the probe facts of {len(lacking)} entries (validate-metadata --write-clean stores them)")
-        filled = probe_missing_facts(lacking, root, default_cache_path(data.train_data_meta))
-    filled = share_from_main(accelerator, filled)
-    assert filled is not None
-    for index, facts in filled.facts.items():
-        entries[index] = dataclasses.replace(entries[index], probe=facts)
-    return entries, [filled.note()]
+    return entries, with_probe_facts(entries, data, world, share, say)
 
 
 def _warn_if_unfit(
-    cfg: FtalkConfig,
+    model: ModelConfig,
+    train: TrainConfig,
     accelerator: Accelerator,
     strategy: Strategy,
     plan: BucketPlan,
@@ -269,32 +288,35 @@ def _warn_if_unfit(
     config = dict(models.transformer.config)
 
     def estimate(options: MemoryOptions) -> MemoryEstimate:
-        return run_estimate(cfg, config, (height, width, frames), options, strategy=strategy.name,
+        return run_estimate(train, model, config, (height, width, frames), options, strategy=strategy.name,
                             devices=accelerator.num_processes, cached=cached)  # fmt: skip
 
     capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
-    warning = fit_warning(estimate, chosen_options(cfg.model), capacity, **search_space(strategy.name, config))
+    warning = fit_warning(estimate, chosen_options(model), capacity, **search_space(strategy.name, config))
     if warning is not None:
         say(f"[yellow]memory:[/] {warning}")
 
 
 def _cached_kinds(
-    cfg: FtalkConfig, dataset: ClipBatchDataset, entries: list[MetadataEntry], epochs: int, say: Callable[..., None]
+    data: DataConfig,
+    seed: int,
+    lookup: CacheLookup | None,
+    plan: BucketPlan,
+    entries: list[MetadataEntry],
+    epochs: int,
+    say: Callable[..., None],
 ) -> frozenset[str]:
     """The kinds of features (text, audio, video) the feature cache holds for every batch this run can train on:
     their encoders are not loaded."""
-    if dataset.cache is None:
+    if lookup is None:
         return frozenset()
-    facts = facts_from_entries(entries)
-    found = coverage(
-        dataset.cache, entries, facts, dataset.plan, seed=cfg.train.seed or 0, data=cfg.data, epochs=max(1, epochs)
-    )
+    found = coverage(lookup, entries, facts_from_entries(entries), plan, seed=seed, data=data, epochs=epochs)
     for note in found.notes():
         say(f"[yellow]cache:[/] {note}")
-    kinds = frozenset(kind for kind in ("text", "audio", "video") if found.complete(kind))
-    if cfg.data.cache_required and len(kinds) < 3:
+    kinds = found.whole_kinds()
+    if data.cache_required and len(kinds) < 3:
         raise TrainingError(
-            f"{cfg.data.cache_dir}: --cache_required, but the cache lacks entries this run needs "
+            f"{data.cache_dir}: --cache_required, but the cache lacks entries this run needs "
             f"({'; '.join(found.notes())}): run `ftalk cache` with this run's flags (same model, precision, buckets, "
             "seed, --cache_epochs covering the run or --fixed_window), or drop --cache_required to compute them online"
         )
@@ -304,7 +326,8 @@ def _cached_kinds(
 
 
 def _models(
-    cfg: FtalkConfig,
+    model: ModelConfig,
+    train: TrainConfig,
     accelerator: Accelerator,
     strategy: Strategy,
     say: Callable[..., None],
@@ -315,31 +338,31 @@ def _models(
     sharded = sharded_build(accelerator, strategy)
     with plain_construction(accelerator):
         models = load_training_models(
-            cfg.model,
-            cfg.train,
-            device=accelerator.device,
-            uniform_dtype=strategy.uniform_dtype,
-            sharded=sharded,
+            model, train, device=accelerator.device, uniform_dtype=strategy.uniform_dtype, sharded=sharded,
             cached=cached,
-        )
+        )  # fmt: skip
     for note in models.notes:
         say(f"model: {note}")
     return models
 
 
 def _step_context(
-    cfg: FtalkConfig, accelerator: Accelerator, strategy: Strategy, models: TrainingModels
+    train: TrainConfig,
+    model: ModelConfig,
+    accelerator: Accelerator,
+    world: World,
+    strategy: Strategy,
+    models: TrainingModels,
 ) -> StepContext:
     return StepContext(
-        train=cfg.train,
-        model_cfg=cfg.model,
-        sigmas=FlowSchedule.of(cfg.model).sigmas(),
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+        train=train,
+        model_cfg=model,
+        sigmas=FlowSchedule.of(model).sigmas(),
+        world=world,
         device=accelerator.device,
         dtype=compute_dtype(strategy, models.frozen_dtype),
         autocast=accelerator.autocast,
-        activation_offload=cfg.model.activation_offload,
+        activation_offload=model.activation_offload,
     )
 
 
@@ -349,8 +372,7 @@ def cpu_step_context(train: TrainConfig, model: ModelConfig, dtype: torch.dtype)
         train=train,
         model_cfg=model,
         sigmas=FlowSchedule.of(model).sigmas(),
-        rank=0,
-        world_size=1,
+        world=World(),
         device=torch.device("cpu"),
         dtype=dtype,
         autocast=lambda: torch.autocast("cpu", enabled=False),
@@ -359,7 +381,7 @@ def cpu_step_context(train: TrainConfig, model: ModelConfig, dtype: torch.dtype)
 
 def _resume(run: Run, candidate: Path | None) -> None:
     """Verify (main process) and restore the checkpoint; a changed config is reported key by key."""
-    ckpt = run.cfg.checkpoint
+    ckpt = run.checkpoint
     picked = None
     if run.main:  # reads every byte of the checkpoint once, then tells the others
         picked = pick_resume(ckpt.output_dir, ckpt.resume_from_checkpoint, candidate, ckpt.allow_unverified_resume)
@@ -376,15 +398,15 @@ def _resume(run: Run, candidate: Path | None) -> None:
         return
     state = run.state
     run.say(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.consumed})")
-    for line in config_diff(meta.config, run.cfg.model_dump(mode="json")):
+    for line in config_diff(meta.config, run.config_dump):
         if not line.startswith("checkpoint."):
             run.say(f"[yellow]config changed since the checkpoint:[/] {line}")
 
 
-def _flat_config(cfg: FtalkConfig) -> dict[str, Any]:
+def _flat_config(dump: dict[str, Any]) -> dict[str, Any]:
     """TensorBoard hparams take scalars only."""
     flat: dict[str, Any] = {}
-    for section, values in cfg.model_dump(mode="json").items():
+    for section, values in dump.items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat

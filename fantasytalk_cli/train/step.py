@@ -29,6 +29,7 @@ from fantasytalk_cli.runtime.flow import (
     sample_timestep_indices,
 )
 from fantasytalk_cli.runtime.memory_options import activations_on_host
+from fantasytalk_cli.runtime.world import World
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class StepContext:
     model_cfg: ModelConfig
     sigmas: torch.Tensor
     """Shifted schedule, noisiest first (float64)."""
-    rank: int
-    world_size: int
+    world: World
+    """This process's data-parallel rank and the group's size (timesteps are stratified over the global batch)."""
     device: torch.device
     dtype: torch.dtype
     """Dtype of the conditioning tensors fed to the transformer."""
@@ -124,7 +125,7 @@ def training_step(
 ) -> StepOutput:
     """Loss of one micro-batch (not yet backpropagated)."""
     cfg = ctx.train
-    shared, local = _generators(cfg.seed or 0, step, ctx.rank)
+    shared, local = _generators(cfg.seed, step, ctx.world.dp_rank)
     bsz, frames, height, width = len(batch["text"]), batch["shape"][2], batch["shape"][0], batch["shape"][1]
 
     # Per-sample condition dropout (classifier-free guidance for text, image and audio).
@@ -145,8 +146,8 @@ def training_step(
         audio = audio_features(wav2vec, batch["audio"], ctx.device, batch.get("audio_cache"))
 
     idx = sample_timestep_indices(
-        global_batch=bsz * ctx.world_size,
-        rank=ctx.rank,
+        global_batch=bsz * ctx.world.dp_size,
+        rank=ctx.world.dp_rank,
         local_batch=bsz,
         num_train_timesteps=ctx.sigmas.numel(),
         uniform_sampling=cfg.uniform_sampling,

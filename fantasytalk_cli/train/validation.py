@@ -74,13 +74,13 @@ def check_validation(train: TrainConfig, output_dir: Path) -> Validation | None:
 
 def due(run: Run, step: int) -> bool:
     """Whether to validate after optimizer step ``step``: every `validation_steps`, and at the last step."""
-    every = run.cfg.train.validation_steps
+    every = run.train.validation_steps
     return run.validation is not None and (step >= run.max_steps or (every is not None and step % every == 0))
 
 
 def validate(run: Run, validation: Validation, step: int) -> list[Path]:
     """Sample every validation pair with the weights of ``step`` (collective: every rank calls it)."""
-    sharded = run.strategy.name in ("zero3", "fsdp")
+    sharded = run.strategy.shards_weights
     state = gather_trainable_state(run.accelerator, run.transformer, run.strategy) if sharded else None
     written: list[Path] = []
     if run.main:
@@ -100,7 +100,7 @@ def _sampling_model(run: Run, validation: Validation, state: dict[str, torch.Ten
     if state is None:
         return run.accelerator.unwrap_model(run.transformer)
     if validation.copy is None:
-        validation.copy = _base_copy(run.cfg.model, run)
+        validation.copy = _base_copy(run.model, run)
     params = dict(validation.copy.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
@@ -131,7 +131,7 @@ def _base_copy(model_cfg: ModelConfig, run: Run) -> torch.nn.Module:
 
 def _sample_all(run: Run, validation: Validation, model: torch.nn.Module, step: int) -> list[Path]:
     device, options = run.accelerator.device, validation.options
-    folder = run.cfg.checkpoint.output_dir / SAMPLES_DIR / f"step-{step}"
+    folder = run.checkpoint.output_dir / SAMPLES_DIR / f"step-{step}"
     encoders = run.models.encoders
     with encoders.on(device):
         prompts = [req.request.prompt for req in validation.requests] + [options.negative_prompt]
@@ -156,7 +156,7 @@ def _sample_all(run: Run, validation: Validation, model: torch.nn.Module, step: 
 
 def _log_video(run: Run, tag: str, frames: np.ndarray, fps: float, step: int) -> None:
     """TensorBoard: the video where tensorboard can encode one (it needs moviepy), else a strip of frames."""
-    if run.cfg.train.report_to != "tensorboard":
+    if run.train.report_to != "tensorboard":
         return
     writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
     if importlib.util.find_spec("moviepy") is not None:
