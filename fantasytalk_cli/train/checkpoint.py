@@ -44,6 +44,7 @@ from fantasytalk_cli.checkpoints.safe_pickle import DCP_METADATA_GLOBALS, TENSOR
 from fantasytalk_cli.fileio import follow_umask, swap_folder, write_text_atomic
 from fantasytalk_cli.models.adapter_file import adapter_to_format
 from fantasytalk_cli.models.trainable import released_adapter
+from fantasytalk_cli.runtime.world import World
 from fantasytalk_cli.train.distributed import Strategy, gather_trainable_state, load_state, save_state
 
 
@@ -217,10 +218,11 @@ def load_training_checkpoint(
     runs code, except DeepSpeed's own engine files (pickles by design, said in the notes)."""
     meta = CheckpointMeta.read(folder)
     notes: list[str] = []
-    if meta.world_size != accelerator.num_processes and not strategy.reshards:
+    world = World.of(accelerator)
+    if meta.world_size != world.dp_size and not strategy.reshards:
         raise CheckpointError(
             f"{folder} was written by {meta.world_size} processes ({meta.strategy}); this run has "
-            f"{accelerator.num_processes}: sharded optimizer state cannot be re-split, resume with the same count"
+            f"{world.dp_size}: sharded optimizer state cannot be re-split, resume with the same count"
         )
     state = folder / STATE_DIR
     check_state_pickles(state, strategy)
@@ -229,7 +231,7 @@ def load_training_checkpoint(
             f"DeepSpeed reads its engine files in {state} with pickle, which can run code: resume only from "
             "checkpoints you or a source you trust wrote"
         )
-    rng = state / f"random_states_{accelerator.process_index}.pkl"
+    rng = state / f"random_states_{world.dp_rank}.pkl"
     if not rng.is_file():
         if not allow_unverified:
             raise CheckpointError(

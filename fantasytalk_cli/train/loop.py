@@ -117,7 +117,7 @@ def share_failures(run: Run, batch: dict[str, Any]) -> bool:
     new = [f for f in batch["failures"] if f.index not in state.failed_entries]
     for failure in new:
         run.tell(
-            f"[yellow]rank {acc.process_index}: skipped[/] entry {failure.index} ({failure.path}): {failure.reason}"
+            f"[yellow]rank {run.world.dp_rank}: skipped[/] entry {failure.index} ({failure.path}): {failure.reason}"
         )
     counts = torch.tensor([float(bool(batch["indices"])), len(new)], device=acc.device)
     ranks_with_data, new_failures = acc.reduce(counts, reduction="sum").tolist()

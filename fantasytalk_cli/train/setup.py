@@ -151,7 +151,9 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
     max_steps = train.total_steps(steps_per_epoch)
     plan = loader.dataset.plan
-    cached = _cached_kinds(data, train.seed, lookup, plan, entries, train.epochs_covered(steps_per_epoch), say)
+    cached = _encoders_the_cache_spares(
+        data, train.seed, lookup, plan, entries, train.epochs_covered(steps_per_epoch), say
+    )
     if cached and validation is not None:  # sampling the validation pairs runs every encoder
         say("cache: the encoders stay loaded for the validation samples (--validation_image_paths)")
         cached = frozenset()
@@ -289,7 +291,7 @@ def _warn_if_unfit(
 
     def estimate(options: MemoryOptions) -> MemoryEstimate:
         return run_estimate(train, model, config, (height, width, frames), options, strategy=strategy.name,
-                            devices=accelerator.num_processes, cached=cached)  # fmt: skip
+                            devices=World.of(accelerator).processes, cached=cached)  # fmt: skip
 
     capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
     warning = fit_warning(estimate, chosen_options(model), capacity, **search_space(strategy.name, config))
@@ -297,7 +299,7 @@ def _warn_if_unfit(
         say(f"[yellow]memory:[/] {warning}")
 
 
-def _cached_kinds(
+def _encoders_the_cache_spares(
     data: DataConfig,
     seed: int,
     lookup: CacheLookup | None,
