@@ -64,6 +64,7 @@ from fantasytalk_cli.data.plan import plan_from_metadata
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.models.audio_adapter import audio_windows
 from fantasytalk_cli.runtime.flow import FlowSchedule
+from fantasytalk_cli.runtime.world import World
 from fantasytalk_cli.train.model_setup import load_training_models
 from fantasytalk_cli.train.step import StepContext, training_step
 from tests.tiny_world import world_config
