@@ -112,3 +112,15 @@ def test_no_module_over_600_lines() -> None:
         str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600
     }
     assert not long
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    crossing = [
+        f"{relative}: {node.module}.{alias.name}"
+        for relative, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fantasytalk_cli")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert not crossing

@@ -10,15 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fantasytalk_cli.data.metadata import (
-    MetadataEntry,
-    MetadataError,
-    count_entries,
-    iter_raw_entries,
-    load_entries,
-    metadata_hash,
-    resolve_media_path,
-)
+from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, metadata_hash, resolve_media_path
+from fantasytalk_cli.data.metadata_file import MetadataError, count_entries, iter_raw_entries
 from fantasytalk_cli.data.metadata_write import EntryWriter, write_entries_atomic
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 

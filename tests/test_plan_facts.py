@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fantasytalk_cli.data import metadata, metadata_facts
-from fantasytalk_cli.data.metadata import MetadataError, iter_raw_entries
+from fantasytalk_cli.data import metadata_facts, metadata_file
 from fantasytalk_cli.data.metadata_facts import PLAN_FACT_FIELDS, PlanFacts, read_plan_facts
+from fantasytalk_cli.data.metadata_file import MetadataError, iter_raw_entries
 
 PROBE = {"width": 640, "height": 480, "num_frames": 75, "fps": 25.0, "audio_duration": 3.0, "sample_rate": 16000,
          "channels": 1}  # fmt: skip
@@ -76,7 +76,7 @@ def test_fast_path_equals_the_ordinary_reader(
 ) -> None:
     text = end.join(lines) + (end if last_end else "")
     data = (codecs.BOM_UTF8 if bom else b"") + text.encode("utf-8", "surrogateescape")
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(metadata, "_CHUNK_BYTES", chunk):
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(metadata_file, "_CHUNK_BYTES", chunk):
         for suffix in (".jsonl", ".json"):
             path = Path(tmp) / f"m{suffix}"
             body = data if suffix == ".jsonl" else b"[" + b",".join(x.encode("utf-8", "surrogateescape")
@@ -89,7 +89,7 @@ def test_fast_path_equals_the_ordinary_reader(
 @given(st.lists(st.sampled_from([*LINES, "{bad"]), min_size=1, max_size=10), st.sampled_from(["\n", "\r\n", "\r"]))
 def test_chunked_json_lines_read_like_a_text_file(lines: list[str], end: str) -> None:
     """The chunked JSON Lines reader gives what iterating the text file (newline="") and `json.loads` give."""
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(metadata, "_CHUNK_BYTES", 32):
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(metadata_file, "_CHUNK_BYTES", 32):
         path = Path(tmp) / "m.jsonl"
         path.write_text(end.join(lines) + end, encoding="utf-8", newline="")
         expected: list[object] = []
@@ -135,8 +135,8 @@ def test_clean_metadata_takes_the_typed_path(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text(json.dumps([json.loads(x) for x in clean], indent=1))
     ordinary = mock.Mock(side_effect=AssertionError("the ordinary reader ran"))
     with (
-        mock.patch.object(metadata_facts, "_jsonl_entries", ordinary),
-        mock.patch.object(metadata, "_iter_json", ordinary),
+        mock.patch.object(metadata_facts, "jsonl_entries", ordinary),
+        mock.patch.object(metadata_file, "_iter_json", ordinary),
     ):
         for name in ("m.jsonl", "m.json"):
             arrays = read_plan_facts(tmp_path / name).arrays()

@@ -15,16 +15,16 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from fantasytalk_cli.data.metadata import (
-    _empty,
-    _is_utf8,
-    _jsonl_chunks,
-    _jsonl_entries,
-    _line_count,
-    _read_without_bom,
+from fantasytalk_cli.data.metadata import may_leave
+from fantasytalk_cli.data.metadata_file import (
+    empty_file_error,
+    is_utf8,
     iter_raw_entries,
-    may_leave,
+    jsonl_chunks,
+    jsonl_entries,
+    line_count,
     metadata_format,
+    read_without_bom,
 )
 from fantasytalk_cli.data.probe_facts import PROBE_KEY
 
@@ -128,7 +128,7 @@ def _typed_entries(data: bytes, *, lines: bool) -> list[_TypedEntry] | None:
     ordinary way: an entry without facts or with other types (a float width), anything the decoder rejects (NaN,
     a syntax error; in JSON Lines also a blank line), non-UTF-8 bytes (it does not check the strings it skips), a
     lone CR (a line end in a text file)."""
-    if not _is_utf8(data) or (lines and b"\r" in data and data.count(b"\r") != data.count(b"\r\n")):
+    if not is_utf8(data) or (lines and b"\r" in data and data.count(b"\r") != data.count(b"\r\n")):
         return None
     try:
         if lines:
@@ -153,21 +153,21 @@ def read_plan_facts(path: Path) -> PlanFacts:
     fmt = metadata_format(path)
     if fmt == "jsonl":
         lineno = 0
-        for chunk in _jsonl_chunks(path):
+        for chunk in jsonl_chunks(path):
             typed = _typed_entries(chunk, lines=True)
             if typed is not None:  # one entry per line, no blank line
                 facts.add_typed(typed)
                 lineno += len(typed)
                 continue
-            for _, raw in _jsonl_entries(path, chunk, lineno, facts.count):
+            for _, raw in jsonl_entries(path, chunk, lineno, facts.count):
                 facts.add(raw)
-            lineno += _line_count(chunk)
+            lineno += line_count(chunk)
         if facts.count == 0:
-            raise _empty(path, "the file holds no JSON lines")
+            raise empty_file_error(path, "the file holds no JSON lines")
         return facts
     if fmt == "json":
         try:
-            typed = _typed_entries(_read_without_bom(path), lines=False)
+            typed = _typed_entries(read_without_bom(path), lines=False)
         except OSError:
             typed = None  # `iter_raw_entries` says why
         if typed is not None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fantasytalk_cli.data.metadata import _PROBE_FIELDS, CSV_PROBE_PREFIX, MetadataEntry, metadata_format
+from fantasytalk_cli.data.metadata import MetadataEntry
+from fantasytalk_cli.data.metadata_file import CSV_PROBE_PREFIX, PROBE_FIELD_TYPES, metadata_format
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
 from fantasytalk_cli.fileio import AtomicFile, atomic_file
 
@@ -91,7 +92,7 @@ class EntryWriter:
                 for key in json.loads(line):
                     if key not in base and key != PROBE_KEY:
                         extra.setdefault(key)
-        columns = base + list(extra) + [CSV_PROBE_PREFIX + name for name in _PROBE_FIELDS]
+        columns = base + list(extra) + [CSV_PROBE_PREFIX + name for name in PROBE_FIELD_TYPES]
         with atomic_file(self.path) as out, open(spool, encoding="utf-8") as handle:
             writer = csv.writer(out)  # type: ignore[arg-type]
             writer.writerow(columns)

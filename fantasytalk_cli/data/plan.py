@@ -38,13 +38,9 @@ from fantasytalk_cli.data.buckets import (
     eligibility,
     level_grid,
 )
-from fantasytalk_cli.data.metadata import (
-    MetadataEntry,
-    MetadataError,
-    metadata_hash,
-    outside_report,
-)
+from fantasytalk_cli.data.metadata import MetadataEntry, metadata_hash, outside_report
 from fantasytalk_cli.data.metadata_facts import PLAN_FACT_FIELDS, read_plan_facts
+from fantasytalk_cli.data.metadata_file import MetadataError
 from fantasytalk_cli.data.probe_facts import ProbeFacts
 from fantasytalk_cli.data.probing import default_cache_path, probe_missing_facts
 from fantasytalk_cli.errors import FtalkError

@@ -30,16 +30,8 @@ from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data.buckets import DROP_TOO_SHORT, DROP_TOO_SMALL, eligibility, level_grid
 from fantasytalk_cli.data.captions import TokenCounter, TokenizerError, text_checks
 from fantasytalk_cli.data.findings import CODES, Finding, finding
-from fantasytalk_cli.data.metadata import (
-    MetadataEntry,
-    MetadataError,
-    count_entries,
-    iter_raw_entries,
-    metadata_hash,
-    outside_root,
-    parse_entry,
-    resolve_media_path,
-)
+from fantasytalk_cli.data.metadata import MetadataEntry, metadata_hash, outside_root, parse_entry, resolve_media_path
+from fantasytalk_cli.data.metadata_file import MetadataError, count_entries, iter_raw_entries
 from fantasytalk_cli.data.metadata_write import EntryWriter
 from fantasytalk_cli.data.probe import ProbeCache, ProbeJob
 from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
