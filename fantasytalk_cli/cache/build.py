@@ -22,13 +22,14 @@ import torch
 
 from fantasytalk_cli.cache.fingerprint import MediaHashes
 from fantasytalk_cli.cache.keys import EMPTY_CAPTION, CacheItem, CacheSettings, cache_settings, planned_items
-from fantasytalk_cli.cache.store import CacheError, CacheStore
+from fantasytalk_cli.cache.store import RANK_LOCK, CacheError, CacheStore
 from fantasytalk_cli.config.schema import FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.data.dataset import loader_frames, read_frames, to_model_pixels
 from fantasytalk_cli.data.entry_facts import MissingFactsError, with_probe_facts
 from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, resolve_media_path
 from fantasytalk_cli.data.plan import facts_from_entries, plan_from_metadata
+from fantasytalk_cli.locks import hold
 from fantasytalk_cli.models.audio import Wav2Vec2Features, read_audio_for_frames
 from fantasytalk_cli.models.dit_config import find_wav2vec
 from fantasytalk_cli.models.encoders import VIDEO_TENSORS, FrozenEncoders, encode_video, load_frozen_encoders
@@ -130,50 +131,58 @@ def build_cache(cfg: FtalkConfig, *, progress: Callable[[int, int], None] | None
     start = time.perf_counter()
     world = World.from_env()  # the launcher's environment: no process group needed
     store = CacheStore(data.cache_dir)
-    store.start_rank(world.dp_rank)
-    settings = cache_settings(cfg.model, cfg.train)
-    entries = load_entries(data.train_data_meta)
-    try:
-        notes = with_probe_facts(entries, data, world)
-    except MissingFactsError as exc:
-        raise CacheError(str(exc)) from exc
-    facts = facts_from_entries(entries)
-    plan, _, plan_notes = plan_from_metadata(
-        data=data, buckets=cfg.buckets, train=cfg.train, metadata_path=data.train_data_meta, facts=facts
-    )
-    epochs = 1 if data.fixed_window else data.cache_epochs
-    items = list(planned_items(facts, plan, seed=cfg.train.seed, data=data, epochs=epochs))
-    mine = [item for item in items if item.index % world.dp_size == world.dp_rank]
-    report = CacheReport(
-        data.cache_dir, world.dp_rank, world.dp_size, len(mine), epochs, data.fixed_window, notes=notes + plan_notes
-    )
-    if plan.random_frame_crop:
-        report.notes.append("random_frame_crop: batches it shortens are not cached (computed online)")
-    name = f"rank{world.dp_rank}"
-    writer = _Writer(store, settings, MediaHashes(data.cache_dir, writer_name=name),
-                     _Encoders(cfg.model, cfg.train, _device(world)), report, name, data.media_root())  # fmt: skip
-    if world.main:
-        writer.text(EMPTY_CAPTION, None)
-    texts_done: set[str] = set()
-    workers = data.dataloader_num_workers
-    if workers:
-        report.notes.append(f"{workers} threads (--dataloader_num_workers) decode and read ahead of the encoders")
-    loaded = _read_ahead(mine, lambda item: writer.load(entries[item.index], item), workers)
-    for done, (item, media) in enumerate(loaded, start=1):
-        entry = entries[item.index]
+    # One process per rank: ranks (and separate runs of other ranks) cooperate through atomic entry files and
+    # per-rank manifests; a second process of the same rank would interleave this one's manifest: refused.
+    with hold(
+        data.cache_dir / RANK_LOCK.format(rank=world.dp_rank),
+        f"rank {world.dp_rank} of the feature cache {data.cache_dir}",
+        "wait for that `ftalk cache` to end or stop it; ranks of one `accelerate launch` share a cache, a second "
+        "process of the same rank cannot",
+    ):
+        store.start_rank(world.dp_rank)
+        settings = cache_settings(cfg.model, cfg.train)
+        entries = load_entries(data.train_data_meta)
         try:
-            if entry.text not in texts_done:
-                writer.text(entry.text, item.index)
-                texts_done.add(entry.text)
-            writer.encode(media)
-        except (OSError, RuntimeError, ValueError) as exc:  # one clip's decoder or file error: listed, not fatal
-            report.failed.append(f"entry {item.index} ({entry.file_path}): {type(exc).__name__}: {exc}")
-        if progress is not None:
-            progress(done, len(mine))
-    report.corrupt = list(store.corrupt)
-    report.merged = store.finish_rank(world.dp_rank, world.dp_size)
-    report.seconds = time.perf_counter() - start
-    return report
+            notes = with_probe_facts(entries, data, world)
+        except MissingFactsError as exc:
+            raise CacheError(str(exc)) from exc
+        facts = facts_from_entries(entries)
+        plan, _, plan_notes = plan_from_metadata(
+            data=data, buckets=cfg.buckets, train=cfg.train, metadata_path=data.train_data_meta, facts=facts
+        )
+        epochs = 1 if data.fixed_window else data.cache_epochs
+        items = list(planned_items(facts, plan, seed=cfg.train.seed, data=data, epochs=epochs))
+        mine = [item for item in items if item.index % world.dp_size == world.dp_rank]
+        report = CacheReport(
+            data.cache_dir, world.dp_rank, world.dp_size, len(mine), epochs, data.fixed_window, notes=notes + plan_notes
+        )
+        if plan.random_frame_crop:
+            report.notes.append("random_frame_crop: batches it shortens are not cached (computed online)")
+        name = f"rank{world.dp_rank}"
+        writer = _Writer(store, settings, MediaHashes(data.cache_dir, writer_name=name),
+                         _Encoders(cfg.model, cfg.train, _device(world)), report, name, data.media_root())  # fmt: skip
+        if world.main:
+            writer.text(EMPTY_CAPTION, None)
+        texts_done: set[str] = set()
+        workers = data.dataloader_num_workers
+        if workers:
+            report.notes.append(f"{workers} threads (--dataloader_num_workers) decode and read ahead of the encoders")
+        loaded = _read_ahead(mine, lambda item: writer.load(entries[item.index], item), workers)
+        for done, (item, media) in enumerate(loaded, start=1):
+            entry = entries[item.index]
+            try:
+                if entry.text not in texts_done:
+                    writer.text(entry.text, item.index)
+                    texts_done.add(entry.text)
+                writer.encode(media)
+            except (OSError, RuntimeError, ValueError) as exc:  # one clip's decoder or file error: listed, not fatal
+                report.failed.append(f"entry {item.index} ({entry.file_path}): {type(exc).__name__}: {exc}")
+            if progress is not None:
+                progress(done, len(mine))
+        report.corrupt = list(store.corrupt)
+        report.merged = store.finish_rank(world.dp_rank, world.dp_size)
+        report.seconds = time.perf_counter() - start
+        return report
 
 
 @dataclass

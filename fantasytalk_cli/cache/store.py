@@ -30,6 +30,9 @@ from fantasytalk_cli.fileio import write_bytes_atomic, write_text_atomic
 CACHE_FORMAT = "ftalk-feature-cache"
 CACHE_VERSION = 1
 CACHE_MARKER = "cache.json"
+RANK_LOCK = ".ftalk-rank{rank}.lock"
+"""The lock file one rank's `ftalk cache` process holds while it writes (`locks.py`)."""
+_RANK_LOCK_RE = re.compile(r"^\.ftalk-rank\d+\.lock$")
 MANIFEST_GLOB = "manifest-*.jsonl"
 MERGED_MANIFEST = "manifest.json"
 
@@ -54,8 +57,8 @@ def check_root(root: Path) -> None:
     if CACHE_MARKER in names:
         _check_marker(root / CACHE_MARKER)
         return
-    # Another rank creating the same cache may have its `cache.json` temporary file there already.
-    others = sorted(n for n in names if not n.startswith(f".{CACHE_MARKER}."))
+    # Another rank creating the same cache may have its `cache.json` temporary file (and its lock) there already.
+    others = sorted(n for n in names if not n.startswith(f".{CACHE_MARKER}.") and not _RANK_LOCK_RE.match(n))
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise CacheError(

@@ -31,6 +31,7 @@ from fantasytalk_cli.convert.choices import OutDtype, OutFormat, What
 from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, parse_size, plan_shards
 from fantasytalk_cli.convert.sharding import write_shards as _write_shards
 from fantasytalk_cli.fileio import format_size
+from fantasytalk_cli.locks import beside, hold
 from fantasytalk_cli.models.adapter_file import adapter_to_format
 from fantasytalk_cli.models.dit_config import dit_files
 from fantasytalk_cli.models.key_mapping import Shape
@@ -281,8 +282,21 @@ def convert_checkpoint(
     `ConversionError` for a checkpoint that cannot be read (a partition missing or truncated), naming the file.
     """
     _check_options(options)
+    output = Path(output).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # One writer per output: a second conversion would clean this one's temporary folder away as stale.
+    with hold(
+        beside(output), f"the output {output}", "wait for the other convert-zero to it to end, or pick another output"
+    ):
+        return _convert(checkpoint, output, options, progress)
+
+
+def _convert(
+    checkpoint: Path, output: Path, options: ConvertOptions, progress: Callable[[int, int], None] | None
+) -> ConvertReport:
+    """`convert_checkpoint` once the output's lock is held."""
     max_bytes = parse_size(options.max_shard_size)
-    check_output(Path(output), options.overwrite)
+    check_output(output, options.overwrite)
     dtype = DTYPES[options.dtype]
     source = open_checkpoint(Path(checkpoint), options.tag)
     try:

@@ -29,6 +29,7 @@ from fantasytalk_cli.checkpoints.sources import open_checkpoint
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.fileio import format_size
+from fantasytalk_cli.locks import beside, hold
 from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec
 from fantasytalk_cli.models.dit_loading import load_transformer, meta_transformer
@@ -147,6 +148,25 @@ def sample_videos(
     checked, adapter, dims, notes = prepare(model, requests, options, adapter_path)
     for note in notes:
         say(note)
+    with contextlib.ExitStack() as held:  # one writer per output video, for the whole batch
+        fix = "wait for the other `ftalk sample` writing it, or pick another --out"
+        for out in sorted({Path(c.request.out).absolute() for c in checked}):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold(beside(out), f"the output {out}", fix))
+        return _generate(model, checked, adapter, dims, options, mixed_precision, progress, say)
+
+
+def _generate(
+    model: ModelConfig,
+    checked: Sequence[CheckedRequest],
+    adapter: AdapterSource,
+    dims: dict[str, int],
+    options: SampleOptions,
+    mixed_precision: str,
+    progress: Progress,
+    say: Callable[[str], None],
+) -> list[SampleResult]:
+    """`sample_videos` once every output's lock is held."""
     base = model.pretrained_model_name_or_path
     assert base is not None
     device = sample_device()

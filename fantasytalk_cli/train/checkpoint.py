@@ -121,30 +121,49 @@ def save_training_checkpoint(
     _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
     try:
         save_state(accelerator, model, strategy, tmp / STATE_DIR)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError of its zip writer
-        failure = exc
+    except Exception as exc:  # noqa: BLE001 (torch, accelerate, DeepSpeed: any writer error ends as one line)
+        failure = _while_writing(exc, tmp / STATE_DIR)
     _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
     weights = gather_trainable_state(accelerator, model, strategy)
     accelerator.wait_for_everyone()  # every rank's files are written before the manifest lists them
     if main:
+        writing = tmp / WEIGHTS_NAME
         try:
-            save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(meta.step)})
-            follow_umask(tmp / WEIGHTS_NAME)
+            save_file(weights, str(writing), metadata={"format": "pt", "step": str(meta.step)})
+            follow_umask(writing)
             adapter = released_adapter(weights)
             if adapter is not None:
                 released = adapter_to_format({k: v.to(torch.bfloat16) for k, v in adapter.items()}, "fantasytalking")
-                torch.save(released, tmp / ADAPTER_CKPT_NAME)
-            write_text_atomic(tmp / RUN_STATE_NAME, json.dumps(run_state, sort_keys=True))
+                writing = tmp / ADAPTER_CKPT_NAME
+                torch.save(released, writing)
+            writing = tmp / RUN_STATE_NAME
+            write_text_atomic(writing, json.dumps(run_state, sort_keys=True))
+            writing = tmp
             meta.write(tmp)
             write_manifest(tmp)
+            writing = checkpoint_dir(output_dir, meta.step)
             finalize_checkpoint(output_dir, meta.step)
-        except (OSError, RuntimeError) as exc:
-            failure = exc
+        except Exception as exc:  # noqa: BLE001 (safetensors, torch: any writer error ends as one line)
+            failure = _while_writing(exc, writing)
     _stop_if_failed(accelerator, model, failure, output_dir, meta.step)
     if main:
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _while_writing(exc: Exception, path: Path) -> Exception:
+    """`exc` as the cause to report: an OSError names its file itself; another error gets the file it met."""
+    if isinstance(exc, OSError):
+        exc.filename = exc.filename or str(path)
+        return exc
+    failure = _WriteFailure(f"{type(exc).__name__}: {exc} (writing {path})")
+    failure.__cause__ = exc  # `--debug` shows the writer's own traceback
+    return failure
+
+
+class _WriteFailure(Exception):
+    """A non-OS error of a checkpoint writer, with the file it was writing."""
 
 
 def _stop_if_failed(
@@ -163,6 +182,8 @@ def _stop_if_failed(
     cause = "another process failed to write its part"
     if isinstance(failure, OSError):
         cause = f"{failure.strerror or failure}" + (f" ({failure.filename})" if failure.filename else "")
+    elif isinstance(failure, _WriteFailure):
+        cause = str(failure)
     elif failure is not None:
         cause = f"{type(failure).__name__}: {failure}"
     message = f"could not save checkpoint-{step} in {output_dir}: {cause}. The partial {tmp.name} was removed; {kept}."
@@ -176,7 +197,12 @@ def _stop_if_failed(
             f" The disk looks full: a checkpoint needs about {need / 1e6:,.2f} MB and {free / 1e6:,.2f} MB are free "
             "there. Free space, or move --output_dir to a larger disk and resume with --resume_from_checkpoint"
         )
-    raise CheckpointError(message)
+    elif failure is not None:
+        message += (
+            f" Check that {output_dir} is writable and nothing else writes there, then continue with "
+            "--resume_from_checkpoint latest (`--debug` shows the traceback)"
+        )
+    raise CheckpointError(message) from failure
 
 
 def _existing(path: Path) -> Path:

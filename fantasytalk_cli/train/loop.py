@@ -46,7 +46,11 @@ def run_training(cfg: FtalkConfig, console: Console | None = None) -> TrainSumma
     t0 = time.perf_counter()
     with StopFlag() as stop:  # before anything slow: a signal during set-up also ends in a clean stop
         run = set_up(cfg, console or Console())
-        summary = train(run, stop)
+        try:
+            summary = train(run, stop)
+        finally:
+            if run.lock is not None:
+                run.lock.release()
     summary.seconds = time.perf_counter() - t0
     return summary
 

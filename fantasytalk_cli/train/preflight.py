@@ -19,10 +19,17 @@ from pathlib import Path
 from fantasytalk_cli.checkpoints.folder import CHECKPOINT_RE, LATEST_NAME, list_checkpoints
 from fantasytalk_cli.config.schema import CheckpointConfig
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.locks import LOCK_NAME, refuse_if_held
 from fantasytalk_cli.train.checkpoint import resolve_resume
 
 RUN_FILES = ("config.yaml", LATEST_NAME, "logs")
 """What ftalk writes into a run folder besides `checkpoint-N/` (and the `.checkpoint-N.tmp` of a save)."""
+
+
+RUN_FOLDER_FIX = (
+    "wait for that run to end, stop it, or give this run another --output_dir (two runs in one folder would "
+    "overwrite each other's checkpoints)"
+)
 
 
 class RunFolderError(FtalkError):
@@ -80,6 +87,7 @@ def plan_run_folder(checkpoint: CheckpointConfig, overwrite: bool) -> RunFolderP
     and leaving every other file where it is)."""
     out = checkpoint.output_dir
     check_writable(out)
+    refuse_if_held(out / LOCK_NAME, f"the run folder {out}", RUN_FOLDER_FIX)  # a live run's folder: say so first
     plan = RunFolderPlan(out)
     resume = checkpoint.resume_from_checkpoint
     existing = list_checkpoints(out)

@@ -5,6 +5,7 @@ state, and the run folder (created only now that the run can start)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -40,6 +41,7 @@ from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_text_atomic
+from fantasytalk_cli.locks import LOCK_NAME, FolderBusyError, FolderLock, acquire
 from fantasytalk_cli.models.paths import check_model_paths
 from fantasytalk_cli.planning.fit import MemoryOptions, chosen_options, fit_warning, run_estimate, search_space
 from fantasytalk_cli.planning.memory import MemoryEstimate
@@ -60,7 +62,7 @@ from fantasytalk_cli.train.distributed import (
     share_from_main,
 )
 from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
-from fantasytalk_cli.train.preflight import plan_run_folder, set_aside_previous_run
+from fantasytalk_cli.train.preflight import RUN_FOLDER_FIX, plan_run_folder, set_aside_previous_run
 from fantasytalk_cli.train.state import RunState
 from fantasytalk_cli.train.step import StepContext
 from fantasytalk_cli.train.validation import Validation, check_validation
@@ -102,6 +104,8 @@ class Run:
     """Prints on every process (what one rank alone saw)."""
     validation: Validation | None = None
     """The validation pairs, checked at set-up (None: no validation)."""
+    lock: FolderLock | None = None
+    """The run folder's lock, held by the main process for the run's whole life (`locks.py`)."""
     cache_misses: Counter[str] = dataclasses.field(default_factory=Counter)
     """Feature-cache entries this rank's batches lacked (or found corrupt) and computed online, by kind."""
 
@@ -135,66 +139,99 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     check_model_paths(model)
     validation = check_validation(train, checkpoint.output_dir)
     accelerator, strategy = build_accelerator(cfg.dist, train, checkpoint, train.report_to)
-    world = World.of(accelerator)
-    check_memory_options(model, strategy.name)
-    if model.blocks_to_offload:  # before anything loads: the count against the DiT config's blocks
-        check_block_count(model.blocks_to_offload, int(configured_model_dims(model).config["num_layers"]))
-    tell = functools.partial(console.print, soft_wrap=True)
-    say = tell if world.main else (lambda *a, **k: None)
-    for note in (*strategy.notes, *folder.notes):
-        say(f"[yellow]note:[/] {note}")
-    set_seed(train.seed)
-    share = functools.partial(share_from_main, accelerator)
-    lookup = _feature_lookup(data, model, train)
-    pin = accelerator.device.type == "cuda"
-    entries, sampler, loader = _data(data, cfg.buckets, train, lookup, world, share, say, pin_memory=pin)
-    steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
-    max_steps = train.total_steps(steps_per_epoch)
-    plan = loader.dataset.plan
-    cached = _encoders_the_cache_spares(
-        data, train.seed, lookup, plan, entries, train.epochs_covered(steps_per_epoch), say
-    )
-    if cached and validation is not None:  # sampling the validation pairs runs every encoder
-        say("cache: the encoders stay loaded for the validation samples (--validation_image_paths)")
-        cached = frozenset()
-    models = _models(model, train, accelerator, strategy, say, cached)
-    if accelerator.device.type == "cuda":
-        _warn_if_unfit(model, train, accelerator, strategy, plan, models, cached, say)
-    optimizer = build_optimizer(models.transformer, train)
-    # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
-    lr_scheduler = get_scheduler(
-        train.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=train.lr_warmup_steps * world.processes,
-        num_training_steps=max_steps * world.processes,
-    )
-    keep_float8_out_of_ddp_sync(models.transformer)
-    transformer, optimizer, lr_scheduler = accelerator.prepare(models.transformer, optimizer, lr_scheduler)
-    install_state_hooks(accelerator, strategy)
-    if model.blocks_to_offload:  # the count was checked against the model's config at set-up's start
-        offload_blocks(accelerator.unwrap_model(transformer), model.blocks_to_offload, accelerator.device)
-        say(f"model: the frozen weights of the last {model.blocks_to_offload} blocks live in host memory")
-    dump = cfg.model_dump(mode="json")
-    ctx = _step_context(train, model, accelerator, world, strategy, models)
-    run = Run(
-        data, train, model, checkpoint, config_hash(cfg), dump, accelerator, world, strategy, models, transformer,
-        optimizer, lr_scheduler, loader, RunState(sampler), ctx, len(entries), max_steps, steps_per_epoch, console,
-        say, tell, validation,
-    )  # fmt: skip
-    _resume(run, folder.resume)
-    if run.main:  # the run folder, only now that the run can start; the resolved config goes in first
-        set_aside_previous_run(folder)
-        checkpoint.output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(checkpoint.output_dir / "config.yaml", config_to_yaml(cfg))
-    accelerator.wait_for_everyone()
-    if train.report_to != "none":
-        accelerator.init_trackers("ftalk", config=_flat_config(dump))
-    say(
-        f"training {max_steps} steps ({steps_per_epoch} per epoch), strategy {strategy.name}, "
-        f"{world.processes} process(es) on {accelerator.device}, "
-        f"{models.trainable_parameters:,} trainable parameters"
-    )
-    return run
+    with contextlib.ExitStack() as undo:  # a run that does not start releases the folder it locked
+        lock, made = _lock_run_folder(checkpoint.output_dir, accelerator)
+        undo.callback(_unlock_run_folder, checkpoint.output_dir, lock, made)
+        world = World.of(accelerator)
+        check_memory_options(model, strategy.name)
+        if model.blocks_to_offload:  # before anything loads: the count against the DiT config's blocks
+            check_block_count(model.blocks_to_offload, int(configured_model_dims(model).config["num_layers"]))
+        tell = functools.partial(console.print, soft_wrap=True)
+        say = tell if world.main else (lambda *a, **k: None)
+        for note in (*strategy.notes, *folder.notes):
+            say(f"[yellow]note:[/] {note}")
+        set_seed(train.seed)
+        share = functools.partial(share_from_main, accelerator)
+        lookup = _feature_lookup(data, model, train)
+        pin = accelerator.device.type == "cuda"
+        entries, sampler, loader = _data(data, cfg.buckets, train, lookup, world, share, say, pin_memory=pin)
+        steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
+        max_steps = train.total_steps(steps_per_epoch)
+        plan = loader.dataset.plan
+        cached = _encoders_the_cache_spares(
+            data, train.seed, lookup, plan, entries, train.epochs_covered(steps_per_epoch), say
+        )
+        if cached and validation is not None:  # sampling the validation pairs runs every encoder
+            say("cache: the encoders stay loaded for the validation samples (--validation_image_paths)")
+            cached = frozenset()
+        models = _models(model, train, accelerator, strategy, say, cached)
+        if accelerator.device.type == "cuda":
+            _warn_if_unfit(model, train, accelerator, strategy, plan, models, cached, say)
+        optimizer = build_optimizer(models.transformer, train)
+        # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
+        lr_scheduler = get_scheduler(
+            train.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=train.lr_warmup_steps * world.processes,
+            num_training_steps=max_steps * world.processes,
+        )
+        keep_float8_out_of_ddp_sync(models.transformer)
+        transformer, optimizer, lr_scheduler = accelerator.prepare(models.transformer, optimizer, lr_scheduler)
+        install_state_hooks(accelerator, strategy)
+        if model.blocks_to_offload:  # the count was checked against the model's config at set-up's start
+            offload_blocks(accelerator.unwrap_model(transformer), model.blocks_to_offload, accelerator.device)
+            say(f"model: the frozen weights of the last {model.blocks_to_offload} blocks live in host memory")
+        dump = cfg.model_dump(mode="json")
+        ctx = _step_context(train, model, accelerator, world, strategy, models)
+        run = Run(
+            data, train, model, checkpoint, config_hash(cfg), dump, accelerator, world, strategy, models, transformer,
+            optimizer, lr_scheduler, loader, RunState(sampler), ctx, len(entries), max_steps, steps_per_epoch, console,
+            say, tell, validation, lock=lock,
+        )  # fmt: skip
+        _resume(run, folder.resume)
+        if run.main:  # the run folder, only now that the run can start; the resolved config goes in first
+            set_aside_previous_run(folder)
+            checkpoint.output_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(checkpoint.output_dir / "config.yaml", config_to_yaml(cfg))
+        accelerator.wait_for_everyone()
+        if train.report_to != "none":
+            accelerator.init_trackers("ftalk", config=_flat_config(dump))
+        say(
+            f"training {max_steps} steps ({steps_per_epoch} per epoch), strategy {strategy.name}, "
+            f"{world.processes} process(es) on {accelerator.device}, "
+            f"{models.trainable_parameters:,} trainable parameters"
+        )
+        undo.pop_all()  # the run starts: its lock stays held for the run's life (released by `run_training`)
+        return run
+
+
+def _lock_run_folder(output_dir: Path, accelerator: Accelerator) -> tuple[FolderLock | None, bool]:
+    """The main process takes the run folder's lock (making the folder if needed: whether it did is returned) and
+    every rank learns the answer from it, so that no rank proceeds alone; a held lock is a `FolderBusyError`
+    naming its holder on every rank."""
+    lock: FolderLock | None = None
+    made, failure = False, None
+    if accelerator.is_main_process:
+        made = not output_dir.exists()
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = acquire(output_dir / LOCK_NAME, f"the run folder {output_dir}", RUN_FOLDER_FIX)
+        except (FolderBusyError, OSError) as exc:
+            failure = str(exc)
+            _unlock_run_folder(output_dir, None, made)
+    failure = share_from_main(accelerator, failure)
+    if failure is not None:
+        raise FolderBusyError(failure)
+    return lock, made
+
+
+def _unlock_run_folder(output_dir: Path, lock: FolderLock | None, made: bool) -> None:
+    """A run that did not start: release its lock and remove the folder when this run made it and left it empty."""
+    if lock is not None:
+        lock.release()
+    if made:
+        with contextlib.suppress(OSError):  # not empty (or gone): leave it
+            output_dir.rmdir()
 
 
 def _identity(batch: dict[str, Any]) -> dict[str, Any]:
