@@ -60,6 +60,13 @@ def _read_holder(fd: int) -> Holder | None:
         return None
 
 
+def _busy(fd: int, what: str, fix: str) -> FolderBusyError:
+    """The refusal for a lock file (open as `fd`) that another process holds, naming it as it recorded itself."""
+    holder = _read_holder(fd)
+    who = holder.describe() if holder is not None else "another process (it has not recorded itself yet)"
+    return FolderBusyError(f"{what} is in use by {who}: {fix}. Nothing was written")
+
+
 @dataclass
 class FolderLock:
     """A held lock (see `hold`): release it with `release`, or leave the `with` block."""
@@ -88,12 +95,11 @@ def acquire(path: Path, what: str, fix: str) -> FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = _read_holder(fd)
+            busy = _busy(fd, what, fix)
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise FolderBusyError(f"cannot lock {path} ({exc.strerror}): {fix}") from exc
-            who = holder.describe() if holder is not None else "another process (it has not recorded itself yet)"
-            raise FolderBusyError(f"{what} is in use by {who}: {fix}. Nothing was written") from exc
+            raise busy from exc
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -118,9 +124,7 @@ def refuse_if_held(path: Path, what: str, fix: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = _read_holder(fd)
-        who = holder.describe() if holder is not None else "another process"
-        raise FolderBusyError(f"{what} is in use by {who}: {fix}. Nothing was written") from exc
+        raise _busy(fd, what, fix) from exc
     finally:
         os.close(fd)
 

@@ -129,11 +129,6 @@ def newest_checkpoint(run_dir: Path, complete: Callable[[Path], bool] = is_compl
     return found[-1][1] if found else None
 
 
-def has_checkpoints(folder: Path) -> bool:
-    """True for a folder holding ``checkpoint-N/`` folders (a run folder), complete or not."""
-    return any(CHECKPOINT_RE.match(child.name) and child.is_dir() for child in folder.iterdir())
-
-
 class ConversionError(FtalkError, RuntimeError):
     """The checkpoint cannot be converted: a file is missing, truncated or not what its kind needs."""
 

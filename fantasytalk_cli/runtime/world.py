@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from fantasytalk_cli.errors import FtalkUsageError
+from fantasytalk_cli.errors import FtalkError
 
 
-class WorldError(FtalkUsageError):
-    """The launcher's environment does not say a usable process layout."""
+class WorldError(FtalkError):
+    """The launcher's environment does not say a usable process layout (exit 1, as training's set-up errors)."""
 
 
 class _Processes(Protocol):

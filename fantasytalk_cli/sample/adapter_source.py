@@ -21,7 +21,7 @@ from fantasytalk_cli.checkpoints.folder import (
     CONVERTED_FILES,
     LATEST_NAME,
     converted_file,
-    has_checkpoints,
+    list_checkpoints,
     looks_like_checkpoint,
 )
 from fantasytalk_cli.checkpoints.sources import CheckpointSource, open_checkpoint
@@ -59,7 +59,7 @@ def resolve_adapter(path: Path | None) -> AdapterSource:
         return AdapterSource("file", path)
     if not path.is_dir():
         raise AdapterSourceError(f"--adapter {path}: no such file or folder")
-    if looks_like_checkpoint(path) or (path / LATEST_NAME).is_file() or has_checkpoints(path):
+    if looks_like_checkpoint(path) or (path / LATEST_NAME).is_file() or list_checkpoints(path, lambda _: True):
         return AdapterSource("checkpoint", path)
     converted = converted_file(path)
     if converted is not None:

@@ -166,7 +166,7 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
             cached = frozenset()
         models = _models(model, train, accelerator, strategy, say, cached)
         if accelerator.device.type == "cuda":
-            _warn_if_unfit(model, train, accelerator, strategy, plan, models, cached, say)
+            _warn_if_unfit(model, train, accelerator, world, strategy, plan, models, cached, say)
         optimizer = build_optimizer(models.transformer, train)
         # accelerate steps a prepared scheduler once per process per step: scale as diffusers' scripts do.
         lr_scheduler = get_scheduler(
@@ -189,9 +189,8 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
             say, tell, validation, lock=lock,
         )  # fmt: skip
         _resume(run, folder.resume)
-        if run.main:  # the run folder, only now that the run can start; the resolved config goes in first
+        if run.main:  # the run folder (made by its lock) gets the run's files only now that the run can start
             set_aside_previous_run(folder)
-            checkpoint.output_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(checkpoint.output_dir / "config.yaml", config_to_yaml(cfg))
         accelerator.wait_for_everyone()
         if train.report_to != "none":
@@ -313,6 +312,7 @@ def _warn_if_unfit(
     model: ModelConfig,
     train: TrainConfig,
     accelerator: Accelerator,
+    world: World,
     strategy: Strategy,
     plan: BucketPlan,
     models: TrainingModels,
@@ -328,7 +328,7 @@ def _warn_if_unfit(
 
     def estimate(options: MemoryOptions) -> MemoryEstimate:
         return run_estimate(train, model, config, (height, width, frames), options, strategy=strategy.name,
-                            devices=World.of(accelerator).processes, cached=cached)  # fmt: skip
+                            devices=world.processes, cached=cached)  # fmt: skip
 
     capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
     warning = fit_warning(estimate, chosen_options(model), capacity, **search_space(strategy.name, config))
