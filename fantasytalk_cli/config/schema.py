@@ -12,9 +12,16 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fantasytalk_cli.models.trainable import DEFAULT_TRAINABLE_MODULES
+from fantasytalk_cli.models.trainable import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_TRAINABLE_MODULES,
+    LORA_AUDIO_DROPOUT,
+    LORA_TARGETS,
+    lora_target_name,
+    trained_patterns,
+)
 
 
 class Section(BaseModel):
@@ -112,7 +119,19 @@ class ModelConfig(Section):
     wav2vec_path: Path | None = None
     """wav2vec2 folder (transformers layout); default: `wav2vec2-base-960h` beside or inside the base model folder."""
     trainable_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TRAINABLE_MODULES))
-    """Parameters whose name contains any of these substrings train; everything else is frozen."""
+    """Parameters whose name contains any of these substrings train; everything else is frozen (`none`: only the
+    LoRA trains)."""
+    lora_rank: int = Field(0, ge=0)
+    """Rank of a LoRA on the DiT's block linears (peft), trained with the audio adapter (0 = no LoRA)."""
+    lora_alpha: float | None = Field(None, gt=0)
+    """LoRA alpha: its update is scaled by alpha / rank (default: the rank, scale 1)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA's input."""
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """Block linears the LoRA wraps, in diffusers' names inside `blocks.N.` (the original Wan names are accepted):
+    default every block's self- and cross-attention q/k/v/o and both FFN linears, i.e. `self_attn.{q,k,v,o}`,
+    `cross_attn.{q,k,v,o}`, `ffn.0`, `ffn.2` in the original Wan layout; also `attn2.add_k_proj`/`add_v_proj`
+    (`cross_attn.k_img`/`v_img`)."""
     low_vram: bool = False
     """Keep the frozen encoders (VAE, text, image, audio) off the accelerator between uses."""
     gradient_checkpointing: bool = False
@@ -132,13 +151,33 @@ class ModelConfig(Section):
     audio_scale: float = 1.0
     """Weight of the audio branch in every audio cross-attention (0 = no audio)."""
 
+    @field_validator("trainable_modules", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: object) -> object:
+        return [] if value in (["none"], "none", None) else value
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        names = list(dict.fromkeys(lora_target_name(v) for v in value))
+        if not names:
+            raise ValueError(f"lora_target_modules names no linear; choose among {', '.join(LORA_TARGETS)}")
+        return names
+
     @model_validator(mode="after")
     def _some_module_trains(self) -> ModelConfig:
-        if not self.trainable_modules or any(not m for m in self.trainable_modules):
+        if any(not m for m in self.trainable_modules):
+            raise ValueError("trainable_modules holds an empty substring (it would match every parameter)")
+        if not self.trainable_modules and not self.lora_rank:
             raise ValueError(
-                "trainable_modules must name at least one non-empty substring, e.g. processor. proj_model."
+                "trainable_modules must name at least one substring, e.g. processor. proj_model. (`none` only with "
+                "--lora_rank, to train the LoRA alone)"
             )
         return self
+
+    def trained_patterns(self) -> tuple[str, ...]:
+        """What trains: `trainable_modules`, plus the LoRA's parameters when `lora_rank` is set."""
+        return trained_patterns(self.trainable_modules, self.lora_rank)
 
 
 LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -190,8 +229,9 @@ class TrainConfig(Section):
     """Probability of replacing the caption by the empty text (classifier-free guidance)."""
     image_dropout: float = Field(0.1, ge=0, le=1)
     """Probability of zeroing the CLIP image features."""
-    audio_dropout: float = Field(0.0, ge=0, le=1)
-    """Probability of dropping the audio (audio_scale 0), enabling audio guidance at inference."""
+    audio_dropout: float | None = Field(None, ge=0, le=1)
+    """Probability of dropping the audio (audio_scale 0), enabling audio guidance at inference (default 0; 0.1 with
+    a LoRA, whose audio-off pass is no longer the base model and must be learned)."""
     loss_outlier_threshold: float = Field(50.0, gt=0)
     """Elements whose |error| exceeds this are zeroed before averaging (the reference's outlier guard)."""
     max_consecutive_nonfinite: int = Field(5, ge=1)
@@ -216,6 +256,10 @@ class TrainConfig(Section):
     """Longer side of the validation videos (upstream: 512)."""
     validation_max_num_frames: int = Field(81, ge=5)
     """Most frames of a validation video (the audio's duration sets the count; upstream: 81)."""
+
+    def audio_drop_probability(self) -> float:
+        """`audio_dropout` as set, else 0 (`FtalkConfig` fills in the LoRA default)."""
+        return self.audio_dropout or 0.0
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps the run takes: `max_train_steps`, else `num_train_epochs` epochs of `steps_per_epoch`."""
@@ -290,6 +334,12 @@ class FtalkConfig(BaseModel):
     """Run folder and checkpoints."""
     dist: DistConfig = Field(default_factory=DistConfig)
     """Distribution strategy."""
+
+    @model_validator(mode="after")
+    def _audio_dropout_default(self) -> FtalkConfig:
+        if self.train.audio_dropout is None:
+            self.train.audio_dropout = LORA_AUDIO_DROPOUT if self.model.lora_rank else 0.0
+        return self
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -141,6 +141,7 @@ def run_estimate(
         activation_offload=options.activation_offload,
         blocks_to_offload=options.blocks_to_offload,
         trainable_modules=model_cfg.trainable_modules,
+        lora=(model_cfg.lora_rank, model_cfg.lora_target_modules) if model_cfg.lora_rank else None,
     )
 
 

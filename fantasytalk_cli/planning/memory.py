@@ -192,6 +192,8 @@ class StepSetup:
     """Blocks whose frozen weights live in host memory (`--blocks_to_offload`)."""
     trainable_modules: tuple[str, ...] = DEFAULT_TRAINABLE_MODULES
     """`--trainable_modules`: what trains (`models/trainable.py` counts it on the meta model)."""
+    lora: tuple[int, tuple[str, ...]] | None = None
+    """(`--lora_rank`, `--lora_target_modules`) of a LoRA on the DiT, counted from the real injection."""
 
     @property
     def tokens(self) -> int:
@@ -229,6 +231,32 @@ def activation_bytes_per_token_layer(config: Mapping[str, Any], compute_bytes: i
     return 24 * dims.dim + 8 * compute_bytes * dims.dim + compute_bytes * dims.ffn + 16 * dims.heads + 36
 
 
+LORA_VIDEO_INPUTS: dict[str, str] = {
+    "attn1.to_q": "dim",
+    "attn1.to_k": "dim",
+    "attn1.to_v": "dim",
+    "attn1.to_out.0": "dim",
+    "attn2.to_q": "dim",
+    "attn2.to_out.0": "dim",
+    "ffn.net.0.proj": "dim",
+    "ffn.net.2": "ffn",
+}
+"""LoRA targets whose input is the video tokens, with its width (attn2's k/v read the short context instead).
+attn1's q/k/v share one input tensor."""
+
+
+def lora_activation_bytes_per_token_layer(
+    config: Mapping[str, Any], compute_bytes: int, rank: int, targets: Sequence[str]
+) -> int:
+    """Bytes a LoRA adds per video token per block for the backward: each distinct input its lora_A saves (the
+    frozen linear alone saves none) and each rank-r intermediate lora_B saves."""
+    dims = TransformerDims.from_config(config)
+    video = [t for t in targets if t in LORA_VIDEO_INPUTS]
+    inputs = {("attn1.qkv" if t in ("attn1.to_q", "attn1.to_k", "attn1.to_v") else t) for t in video}
+    widths = sum(dims.ffn if t == "ffn.net.2" else dims.dim for t in inputs)
+    return compute_bytes * (widths + rank * len(video))
+
+
 def estimate_memory(
     config: Mapping[str, Any],
     shape: tuple[int, int, int],
@@ -254,6 +282,7 @@ def estimate_memory(
     activation_offload: bool = False,
     blocks_to_offload: int = 0,
     trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES,
+    lora: tuple[int, Sequence[str]] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of one training step on samples of `shape` = (H, W, frames).
 
@@ -284,6 +313,7 @@ def estimate_memory(
         activation_offload=activation_offload and device == "cuda",
         blocks_offloaded=blocks_to_offload if device == "cuda" else 0,
         trainable_modules=tuple(trainable_modules),
+        lora=(lora[0], tuple(lora[1])) if lora else None,
     )
     encoder_counts = dict(encoder_params() if encoders is None else encoders)
     resident = _weight_terms(config, setup)
@@ -321,8 +351,8 @@ def estimate_memory(
 def _weight_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTerm]:
     """The transformer's resident weights and optimizer state: frozen DiT, trainable weights, grads, AdamW moments."""
     dims = TransformerDims.from_config(config)
-    adapter = trainable_count(config, setup.trainable_modules)
-    frozen = sum(transformer_params(config)) - adapter
+    adapter, lora = trainable_count(config, setup.trainable_modules, setup.lora)
+    frozen = sum(transformer_params(config)) - adapter  # the LoRA adds parameters beside the frozen ones
     devices, weight_bytes = setup.devices, setup.weight_bytes
     if setup.sharded:
         where = f" / {devices} {setup.unit}s, sharded ({setup.strategy})"
@@ -342,17 +372,19 @@ def _weight_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTer
     state_split = devices if setup.strategy != "ddp" else 1
     weights_note = f" / {devices}" if weights_split > 1 else ", replicated"
     state_note = f" / {devices}" if state_split > 1 else ""
+    trained = adapter + lora
+    count = f"{trained:,} params" + (f" ({adapter:,} adapter + {lora:,} LoRA)" if lora else "")
     terms += [
-        MemoryTerm("trainable weights (fp32)", f"{adapter:,} params x 4 B{weights_note}", adapter * 4 // weights_split),
-        MemoryTerm("gradients (fp32)", f"{adapter:,} params x 4 B{state_note}", adapter * 4 // state_split),
+        MemoryTerm("trainable weights (fp32)", f"{count} x 4 B{weights_note}", trained * 4 // weights_split),
+        MemoryTerm("gradients (fp32)", f"{count} x 4 B{state_note}", trained * 4 // state_split),
         MemoryTerm(
             "AdamW moments (fp32)",
-            f"{adapter:,} params x 8 B (exp_avg + exp_avg_sq){state_note}",
-            adapter * 8 // state_split,
+            f"{count} x 8 B (exp_avg + exp_avg_sq){state_note}",
+            trained * 8 // state_split,
         ),
     ]
     if setup.strategy == "ddp" and devices > 1:
-        terms.append(MemoryTerm("DDP gradient buckets", f"{adapter:,} params x 4 B", adapter * 4))
+        terms.append(MemoryTerm("DDP gradient buckets", f"{count} x 4 B", trained * 4))
     return terms
 
 
@@ -467,6 +499,18 @@ def _step_terms(config: Mapping[str, Any], setup: StepSetup) -> list[MemoryTerm]
             io_per_token * tokens * batch + context_bytes + pixels + context * dims.dim * compute * batch,
         ),
     ]
+    if setup.lora is not None:
+        rank, targets = setup.lora
+        lora_per = lora_activation_bytes_per_token_layer(config, compute, rank, targets)
+        kept = 1 if setup.gradient_checkpointing or setup.activation_offload else dims.layers
+        terms.append(
+            MemoryTerm(
+                "LoRA activations",
+                f"{kept} block(s) x {lora_per:,} B/token (lora_A inputs + rank-{rank} outputs) x {tokens:,} tokens "
+                f"x {batch}",
+                kept * lora_per * tokens * batch,
+            )
+        )
     if setup.attention_impl == "math":
         keys = context + setup.audio_window_tokens
         probs = dims.heads * tokens * (tokens + keys) * compute * batch

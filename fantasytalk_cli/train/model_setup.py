@@ -22,6 +22,7 @@ from fantasytalk_cli.models.audio import Wav2Vec2Features
 from fantasytalk_cli.models.dit_config import adapter_dims, find_wav2vec
 from fantasytalk_cli.models.dit_loading import load_transformer
 from fantasytalk_cli.models.encoders import FrozenEncoders, load_frozen_encoders
+from fantasytalk_cli.models.lora import add_lora, lora_of
 from fantasytalk_cli.models.trainable import set_trainable
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import ShardedBuild
@@ -67,7 +68,8 @@ def load_training_models(
     wav2vec_dir = find_wav2vec(model)
 
     def fp8_storage(meta: FantasyTalkingTransformer) -> None:  # on meta: refused before, and streamed as, fp8
-        set_trainable(meta, model.trainable_modules)
+        if model.trainable_modules:
+            set_trainable(meta, model.trainable_modules)
         store_in_fp8(meta, frozen)
 
     transformer = load_transformer(
@@ -81,7 +83,11 @@ def load_training_models(
     )
     if model.transformer_path is not None:
         notes.append(load_adapter_or_transformer(model.transformer_path, transformer, sharded).summary())
-    count = set_trainable(transformer, model.trainable_modules)
+    lora = lora_of(model)
+    if lora is not None:  # after the base weights (and their float8 storage): peft wraps the loaded linears
+        lora_count = add_lora(transformer, lora, train.seed)
+        notes.append(f"{lora.describe()}: {lora_count:,} parameters, float32")
+    count = set_trainable(transformer, model.trained_patterns())
     if model.base_weights_dtype == "fp8":
         frozen_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters() if not p.requires_grad)
         notes.append(f"frozen DiT weights stored in float8_e4m3fn: {format_size(frozen_bytes)}")
@@ -105,5 +111,5 @@ def load_training_models(
     )
     if not model.low_vram and wav2vec is not None:
         wav2vec.to(device)
-    notes.append(f"trainable: {count:,} parameters matching {model.trainable_modules}")
+    notes.append(f"trainable: {count:,} parameters matching {list(model.trained_patterns())}")
     return TrainingModels(transformer, encoders, wav2vec, count, frozen, notes)

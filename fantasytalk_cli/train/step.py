@@ -132,7 +132,7 @@ def training_step(
     drop = torch.rand(3, bsz, generator=local)
     drop_text = drop[0] < cfg.text_dropout
     drop_image = drop[1] < cfg.image_dropout
-    drop_audio = drop[2] < cfg.audio_dropout
+    drop_audio = drop[2] < cfg.audio_drop_probability()
 
     with torch.no_grad(), encoders.on(ctx.device):
         video = video_conditions(encoders, batch, ctx.device)
