@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fantasytalk_cli.models.dims import TINY_CONFIG, WAN21_I2V_14B_CONFIG
+from fantasytalk_cli.models.lora import LoraSpec, add_lora
 from fantasytalk_cli.models.trainable import (
     DEFAULT_LORA_TARGETS,
     DEFAULT_TRAINABLE_MODULES,
@@ -16,7 +17,6 @@ from fantasytalk_cli.models.trainable import (
     trainable_count,
     trained_patterns,
 )
-from fantasytalk_cli.models.lora import LoraSpec, add_lora
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty
 from fantasytalk_cli.planning.memory import estimate_memory

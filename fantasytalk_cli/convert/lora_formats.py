@@ -63,6 +63,12 @@ class LoraPair:
         return factor * (self.up.to(torch.float32) @ self.down.to(torch.float32))
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: an export shares no storage with the training state (diffusers' Wan converter scales the
+    tensors of a dict it is given in place)."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
 def _looks_like_lora(key: str) -> bool:
     return "lora" in key.lower() or key.endswith(".alpha") or "dora_scale" in key
 
@@ -139,9 +145,10 @@ def _check(pairs: Mapping[str, LoraPair], alpha: float, rank: int | None = None)
     if rank is not None:
         wrong = sorted(m for m, p in pairs.items() if p.rank != rank)
         if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
             raise LoraFormatError(
-                f"{wrong[0]} (and {len(wrong) - 1} more) has rank {pairs[wrong[0]].rank}, not the recorded "
-                f"rank {rank}: the checkpoint's LoRA settings do not match its tensors"
+                f"LoRA on {wrong[0]}{more} has rank {pairs[wrong[0]].rank}, not the recorded rank {rank}: the "
+                "checkpoint's LoRA settings do not match its tensors"
             )
 
 
@@ -157,8 +164,8 @@ def to_diffusers(
     _check(pairs, alpha, rank)
     tensors: dict[str, torch.Tensor] = {}
     for module, pair in pairs.items():
-        tensors[f"{DIFFUSERS_PREFIX}.{module}.lora_A.weight"] = pair.down.contiguous()
-        tensors[f"{DIFFUSERS_PREFIX}.{module}.lora_B.weight"] = pair.up.contiguous()
+        tensors[f"{DIFFUSERS_PREFIX}.{module}.lora_A.weight"] = _own(pair.down)
+        tensors[f"{DIFFUSERS_PREFIX}.{module}.lora_B.weight"] = _own(pair.up)
     config: dict[str, object] = {
         "r": rank,
         "lora_alpha": alpha,
@@ -183,8 +190,8 @@ def to_comfyui(pairs: Mapping[str, LoraPair], alpha: float) -> dict[str, torch.T
     tensors: dict[str, torch.Tensor] = {}
     for module, pair in pairs.items():
         base = COMFYUI_PREFIX + original_module_name(module)
-        tensors[f"{base}.lora_A.weight"] = pair.down.contiguous()
-        tensors[f"{base}.lora_B.weight"] = pair.up.contiguous()
+        tensors[f"{base}.lora_A.weight"] = _own(pair.down)
+        tensors[f"{base}.lora_B.weight"] = _own(pair.up)
         tensors[f"{base}.alpha"] = _alpha_tensor(alpha)
     return tensors
 
@@ -201,8 +208,8 @@ def to_kohya(pairs: Mapping[str, LoraPair], alpha: float) -> dict[str, torch.Ten
     tensors: dict[str, torch.Tensor] = {}
     for module, pair in pairs.items():
         name = kohya_module_name(module)
-        tensors[f"{name}.lora_down.weight"] = pair.down.contiguous()
-        tensors[f"{name}.lora_up.weight"] = pair.up.contiguous()
+        tensors[f"{name}.lora_down.weight"] = _own(pair.down)
+        tensors[f"{name}.lora_up.weight"] = _own(pair.up)
         tensors[f"{name}.alpha"] = _alpha_tensor(alpha)
     return tensors
 

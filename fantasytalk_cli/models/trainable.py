@@ -69,6 +69,7 @@ def trained_patterns(trainable_modules: Iterable[str], lora_rank: int) -> tuple[
     """Everything that trains: the `--trainable_modules` substrings, plus the LoRA's parameters when it is on."""
     return (*trainable_modules, *(LORA_PATTERNS if lora_rank else ()))
 
+
 ADAPTER_MODULE_PATTERN = r"^proj_model\.|\.attn2\.processor\."
 """The audio adapter's parameters (and leaf modules) under our names: the projector `proj_model.*` and each block's
 audio k/v `blocks.{i}.attn2.processor.{k,v}_proj`. A regular expression, as diffusers' layerwise casting takes its

@@ -64,10 +64,23 @@ class StepOutput:
 def _generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
     """(shared, local): `shared` is the same on every rank (timesteps), `local` differs (noise, dropout)."""
 
-    def make(*keys: int) -> torch.Generator:  # SeedSequence: stable across processes (unlike hash())
-        return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, *keys]).generate_state(1)[0]))
+    def make(*keys: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_stream_seed(seed, step, *keys))
 
     return make(0), make(1, rank)
+
+
+def _stream_seed(seed: int, step: int, *keys: int) -> int:
+    """A seed of its own per (seed, step, keys): SeedSequence is stable across processes (unlike hash())."""
+    return int(np.random.SeedSequence([seed, step, *keys]).generate_state(1)[0])
+
+
+def seed_module_dropout(seed: int, step: int, rank: int) -> None:
+    """Seed the global generator, which module dropout (the LoRA's `--lora_dropout`) draws from, for this
+    micro-batch and rank: its masks then depend on the step alone, so a resumed run draws exactly the masks of an
+    uninterrupted one whatever else drew from the global generator in between (a data loader iterator made anew
+    after resume draws its base seed from it). Gradient checkpointing replays the same state for the recompute."""
+    torch.manual_seed(_stream_seed(seed, step, 2, rank))
 
 
 def audio_features(
@@ -126,6 +139,7 @@ def training_step(
     """Loss of one micro-batch (not yet backpropagated)."""
     cfg = ctx.train
     shared, local = _generators(cfg.seed, step, ctx.world.dp_rank)
+    seed_module_dropout(cfg.seed, step, ctx.world.dp_rank)
     bsz, frames, height, width = len(batch["text"]), batch["shape"][2], batch["shape"][0], batch["shape"][1]
 
     # Per-sample condition dropout (classifier-free guidance for text, image and audio).
