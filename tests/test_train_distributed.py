@@ -43,9 +43,17 @@ def launch(argv: list[str], env_extra: dict[str, str], probe: Path, done: Path) 
     return check_run(proc, done)
 
 
+LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp1", "fsdp2"])
-def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "lora"),
+    [(s, False) for s in ("ddp", "zero2", "zero3", "fsdp1", "fsdp2")]
+    + [(s, True) for s in ("ddp", "zero2", "zero3", "fsdp2")],
+    ids=lambda v: "lora" if v is True else "" if v is False else v,
+)
+def test_two_process_train_checkpoint_resume(name: str, lora: bool, tiny_world: dict, tmp_path: Path) -> None:
     env = dict(STRATEGIES[name])
     if name == "zero3":
         ds = tmp_path / "zero3.json"
@@ -53,7 +61,7 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
     # one config for both runs (max_train_steps=3 everywhere: the schedule is the same), so the
     # uninterrupted run doubles as the run that wrote the checkpoint being resumed
-    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 3}
+    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 3, **(LORA if lora else {})}
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     launch(world_argv(tiny_world, whole, **common), env, tmp_path / "probe1", whole / "checkpoint-3")
     meta = CheckpointMeta.read(whole / "checkpoint-2")
@@ -76,6 +84,7 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
     assert sorted(got) == sorted(want)
     differ = [k for k in want if not torch.equal(got[k], want[k])]
     assert not differ, f"resumed weights differ from the uninterrupted run: {differ[:5]}"
+    assert any(".lora_B.default." in k for k in want) == lora  # the LoRA trains with the adapter
     before = load_file(whole / "checkpoint-2" / "trainable.safetensors")
     assert any(not torch.equal(before[k], want[k]) for k in want), "step 3 changed the weights"
     if name != "ddp":  # the frozen base is not in the checkpoint (DDP: no model state beyond trainable.safetensors)
@@ -97,9 +106,9 @@ def test_two_process_train_checkpoint_resume(name: str, tiny_world: dict, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+@pytest.mark.parametrize(("name", "lora"), [("zero3", False), ("fsdp2", False), ("zero3", True)])
 def test_validation_samples_without_changing_the_weights(
-    name: str, tiny_world: dict, tmp_path: Path, sample_inputs: dict[str, Path]
+    name: str, lora: bool, tiny_world: dict, tmp_path: Path, sample_inputs: dict[str, Path]
 ) -> None:
     """2 processes, sharded weights: validation at steps 1 and 2 (gathered on every rank, sampled on the main one)
     writes samples/step-N/*.mp4, and the run ends on the same weights, bit for bit, as the run without it."""
@@ -108,7 +117,7 @@ def test_validation_samples_without_changing_the_weights(
         ds = tmp_path / "zero3.json"
         ds.write_text(json.dumps(ZERO3_TEST_JSON))
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
-    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 2}
+    common = {"checkpointing_steps": 2, "train_batch_size": 1, "max_train_steps": 2, **(LORA if lora else {})}
     plain, sampled = tmp_path / "plain", tmp_path / "sampled"
     launch(world_argv(tiny_world, plain, **common), env, tmp_path / "probe1", plain / "checkpoint-2")
     validation = {

@@ -26,6 +26,7 @@ from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
 from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests
 from fantasytalk_cli.sample.run import SampleOptions, generate_latents, request_conditions
 from fantasytalk_cli.sample.video_io import write_mp4
+from fantasytalk_cli.models.lora import add_lora, lora_of
 from fantasytalk_cli.train.distributed import gather_trainable_state
 
 if TYPE_CHECKING:
@@ -96,7 +97,8 @@ def validate(run: Run, validation: Validation, step: int) -> list[Path]:
 
 
 def _sampling_model(run: Run, validation: Validation, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-    """The live module (unsharded strategies), else the main rank's copy of the base with the gathered adapter."""
+    """The live module (unsharded strategies), else the main rank's copy of the base with the gathered adapter
+    (and LoRA)."""
     if state is None:
         return run.accelerator.unwrap_model(run.transformer)
     if validation.copy is None:
@@ -119,7 +121,7 @@ def _base_copy(model_cfg: ModelConfig, run: Run) -> torch.nn.Module:
     """The base transformer once more, on the CPU, in the dtype training keeps the frozen weights in."""
     assert model_cfg.pretrained_model_name_or_path is not None
     config = run.models.transformer.config
-    return load_transformer(
+    copy = load_transformer(
         model_cfg.pretrained_model_name_or_path,
         dtype=run.models.frozen_dtype,
         wan_yaml=load_wan_yaml(model_cfg.config_path),
@@ -127,6 +129,10 @@ def _base_copy(model_cfg: ModelConfig, run: Run) -> torch.nn.Module:
         audio_proj_dim=int(config.audio_proj_dim),
         adapter_dtype=torch.float32,
     )
+    lora = lora_of(model_cfg)
+    if lora is not None:  # the same LoRA layers; their weights come with the gathered trainable state
+        add_lora(copy, lora, seed=0)
+    return copy
 
 
 def _sample_all(run: Run, validation: Validation, model: torch.nn.Module, step: int) -> list[Path]:
