@@ -335,7 +335,10 @@ def convert_zero(
         typer.Option(
             "--format",
             help="fantasytalking = flat safetensors + the released fantasytalking_model.ckpt; comfyui; or the "
-            "transformer's diffusers / original Wan names.",
+            "transformer's diffusers / original Wan names; kohya. A LoRA on the DiT goes beside the adapter in the "
+            "format's layout: pytorch_lora_weights.safetensors (diffusers), lora_comfyui.safetensors, "
+            "lora_kohya.safetensors (musubi/kohya), lora_wan.safetensors (original names); --what transformer "
+            "merges it.",
         ),
     ] = "fantasytalking",
     pretrained_model_name_or_path: Annotated[
@@ -454,6 +457,14 @@ def sample(
         Optional[Path],  # noqa: UP045 (Typer needs Optional)
         typer.Option(help="Also write a still-frame strip (PNG) of the first video here."),
     ] = None,
+    lora_scale: Annotated[
+        float,
+        typer.Option(
+            "--lora_scale",
+            help="Weight of the LoRA on the DiT that --adapter's run trained (1 = as trained, 0 = the base DiT).",
+            rich_help_panel=SAMPLING,
+        ),
+    ] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     *,
     flags: dict[str, Any],
@@ -484,6 +495,7 @@ def sample(
         seed=flags.get("seed"),
         strip=strip,
         overwrite=overwrite,
+        lora_scale=lora_scale,
     )
     cfg = resolve_config(config, flags)
     with progress_bar(err_console, "{task.description}", disable=not err_console.is_terminal) as bar:

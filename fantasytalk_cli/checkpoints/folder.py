@@ -87,6 +87,7 @@ STEMS: dict[str, str] = {
     "comfyui": "fantasytalking_comfyui",
     "diffusers": "diffusion_pytorch_model",
     "original": "diffusion_pytorch_model",
+    "kohya": "fantasytalking_model",
 }
 """File stem of each `convert-zero --format` output (the DiT's own stem for the two transformer namings)."""
 CONVERTED_FILES = (

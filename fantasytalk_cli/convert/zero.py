@@ -28,6 +28,7 @@ from fantasytalk_cli.checkpoints.folder import (
 )
 from fantasytalk_cli.checkpoints.sources import CheckpointSource, open_checkpoint
 from fantasytalk_cli.convert.choices import OutDtype, OutFormat, What
+from fantasytalk_cli.convert.lora_export import CheckpointLora, checkpoint_lora
 from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output, parse_size, plan_shards
 from fantasytalk_cli.convert.sharding import write_shards as _write_shards
 from fantasytalk_cli.fileio import format_size
@@ -37,6 +38,7 @@ from fantasytalk_cli.models.dit_config import dit_files
 from fantasytalk_cli.models.key_mapping import Shape
 from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.models.state_dict_adapters import DitAdapter
+from fantasytalk_cli.models.trainable import is_lora_name
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
 from fantasytalk_cli.runtime.dtypes import DTYPES
@@ -55,6 +57,7 @@ NAME_FORMS: dict[str, Any] = {
     "comfyui": "comfyui",
     "diffusers": "diffusers",
     "original": "original",
+    "kohya": "flat",
 }
 """`adapter_to_format` form giving each output's tensor names (the released ckpt's names, flattened, for ours)."""
 
@@ -119,10 +122,10 @@ def _check_options(options: ConvertOptions) -> None:
         raise ConversionUsageError(f"--format {options.format!r}: choose {', '.join(STEMS)}")
     if options.what not in ("adapter", "transformer"):
         raise ConversionUsageError(f"--what {options.what!r}: choose adapter or transformer")
-    if options.what == "transformer" and options.format in ("fantasytalking", "comfyui"):
+    if options.what == "transformer" and options.format in ("fantasytalking", "comfyui", "kohya"):
         raise ConversionUsageError(
-            f"--format {options.format} holds only the audio adapter; a transformer is written with --format "
-            "diffusers or original"
+            f"--format {options.format} holds only the audio adapter (and a LoRA); a transformer is written with "
+            "--format diffusers or original"
         )
     if options.what == "transformer" and options.exclude_frozen_parameters:
         raise ConversionUsageError(
@@ -183,7 +186,7 @@ class _TransformerPlan:
     base_count: int
 
 
-def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _TransformerPlan:
+def _transformer_plan(base: Path, source: CheckpointSource, fmt: str, lora: CheckpointLora | None) -> _TransformerPlan:
     import diffusers
 
     try:
@@ -202,8 +205,11 @@ def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _Transf
         plan = plan_for(model, base_source, DitAdapter(layout, adapter_absent="base"))
     except ModelLoadError as exc:
         raise ConversionError(str(exc)) from exc
-    trained = source.trainable
+    trained = {n: shape for n, shape in source.trainable.items() if not is_lora_name(n)}
+    merge = lora.merger() if lora is not None else lambda _, tensor: tensor
     unknown = [n for n in trained if n not in shapes]
+    if lora is not None:
+        unknown += sorted(lora.weight_names() - set(shapes))
     wrong = [f"{n} {list(s)} (model {list(shapes[n])})" for n, s in trained.items() if n in shapes and shapes[n] != s]
     if unknown or wrong:
         raise ConversionError(
@@ -228,7 +234,7 @@ def _transformer_plan(base: Path, source: CheckpointSource, fmt: str) -> _Transf
             with base_source.reader(path) as get:
                 for key in keys:
                     for target, transform in plan.moves.get(key, []):
-                        yield target, weights[target] if target in weights else transform.apply(get(key))
+                        yield target, weights[target] if target in weights else merge(target, transform.apply(get(key)))
         for name in trained:
             if name not in from_base:
                 yield name, weights[name]
@@ -305,8 +311,11 @@ def _convert(
         if not source.trainable:
             raise ConversionError(f"{source.folder}: the {source.kind} checkpoint holds no trained parameters")
         config_files: dict[str, str] = {}
+        lora = checkpoint_lora(source)
+        if lora is not None:
+            notes += lora.notes
         if options.what == "adapter":
-            names = list(source.trainable)
+            names = [n for n in source.trainable if not is_lora_name(n)]
             order = [(n, source.trainable[n]) for n in names]
             tensors = source.read(names)
             if source.frozen_count:
@@ -318,9 +327,11 @@ def _convert(
                 notes.append("--exclude_frozen_parameters: an adapter output never holds frozen parameters")
         else:
             base = _base_folder(source, options)
-            merged = _transformer_plan(base, source, options.format)
+            merged = _transformer_plan(base, source, options.format, lora)
             order, tensors, config_files = merged.order, merged.tensors(), merged.config_files
             notes.append(f"frozen weights from {base} ({merged.base_count} tensors, trained ones replaced)")
+            if lora is not None:
+                notes.append(f"the LoRA is merged into {len(lora.pairs)} base weights (W + alpha/rank * B @ A)")
         stored = _stored_names([n for n, _ in order], options.format)
         entries = [Entry(name, stored[name], shape, dtype) for name, shape in order]
         plan = plan_shards(entries, STEMS[options.format], max_bytes)
@@ -330,16 +341,20 @@ def _convert(
             for e in plan.oversized
         ]
         keep: dict[str, torch.Tensor] | None = (
-            {} if options.what == "adapter" and options.format == "fantasytalking" else None
+            {} if options.what == "adapter" and options.format in ("fantasytalking", "kohya") else None
         )
         with atomic_output(Path(output), options.overwrite) as tmp:
-            try:
-                files = _write_shards(tmp, plan, tensors, keep=keep, progress=progress)
-            except ModelLoadError as exc:  # a base model shard that cannot be read
-                raise ConversionError(str(exc)) from exc
-            if keep is not None:
+            files = []
+            if entries:  # a LoRA trained alone has no adapter to write
+                try:
+                    files = _write_shards(tmp, plan, tensors, keep=keep, progress=progress)
+                except ModelLoadError as exc:  # a base model shard that cannot be read
+                    raise ConversionError(str(exc)) from exc
+            if keep:
                 torch.save(adapter_to_format(keep, "fantasytalking"), tmp / ADAPTER_CKPT_NAME)
                 files.append(ADAPTER_CKPT_NAME)
+            if lora is not None and options.what == "adapter":
+                files.append(lora.write(tmp, options.format, dtype))
             for name, text in config_files.items():
                 (tmp / name).write_text(text)
                 files.append(name)
@@ -354,7 +369,7 @@ def _convert(
             files=files,
             tensors=len(entries),
             total_bytes=plan.total_bytes,
-            shards=len(plan.shards),
+            shards=len(plan.shards) if entries else 0,
             max_shard_bytes=max_bytes,
             notes=notes,
             warnings=warnings,

@@ -12,7 +12,8 @@ starts from the same bits without drawing from the training's random streams.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from fantasytalk_cli.models.trainable import DEFAULT_LORA_TARGETS, is_lora_name
 
 ADAPTER_NAME = "default"
 """peft's adapter name: the infix of every LoRA parameter name."""
+_BLOCK_PREFIX = re.compile(r"^blocks\.\d+\.")
 LORA_SEED_OFFSET = 7919
 """Added to the training seed for the LoRA's init generator (a stream of its own)."""
 
@@ -125,3 +127,25 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
 def lora_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA tensors among ``weights`` (peft's names)."""
     return {name: tensor for name, tensor in weights.items() if is_lora_name(name)}
+
+
+def lora_in(shapes: Mapping[str, Sequence[int]], recorded: Mapping[str, object]) -> tuple[LoraSpec | None, list[str]]:
+    """The LoRA a set of trained tensors holds (peft names -> shapes), with notes: rank and targets from the
+    tensors, alpha and dropout from ``recorded`` (a checkpoint's recorded `model` config section) where it has them,
+    else alpha = rank (scale 1), said in a note. (None, []) when there is no LoRA."""
+    downs = {name: shape for name, shape in shapes.items() if ".lora_A." in name}
+    if not downs:
+        return None, []
+    ranks = {int(shape[0]) for shape in downs.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the LoRA tensors have several ranks {sorted(ranks)}: not one LoRA ftalk trained")
+    rank = ranks.pop()
+    targets = sorted({_BLOCK_PREFIX.sub("", name.split(".lora_A.")[0]) for name in downs})
+    notes = []
+    alpha = recorded.get("lora_alpha")
+    if recorded.get("lora_rank") != rank or not isinstance(alpha, (int, float)):
+        alpha = float(rank)
+        notes.append(f"the LoRA's alpha is not recorded with it: taken as its rank {rank} (scale 1)")
+    dropout = recorded.get("lora_dropout")
+    spec = LoraSpec(rank, float(alpha), float(dropout) if isinstance(dropout, (int, float)) else 0.0, tuple(targets))
+    return spec, notes

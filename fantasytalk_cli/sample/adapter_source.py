@@ -8,6 +8,7 @@ configured ``--transformer_path`` is used, else the adapter is the fresh one (ze
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from fantasytalk_cli.checkpoints.folder import (
@@ -23,11 +25,16 @@ from fantasytalk_cli.checkpoints.folder import (
     converted_file,
     list_checkpoints,
     looks_like_checkpoint,
+    recorded_model_config,
 )
 from fantasytalk_cli.checkpoints.sources import CheckpointSource, open_checkpoint
+from fantasytalk_cli.convert.choices import LORA_FILES
+from fantasytalk_cli.convert.lora_formats import DIFFUSERS_METADATA_KEY, DIFFUSERS_PREFIX
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.models.adapter_file import load_adapter_or_transformer, plan_adapter_file
 from fantasytalk_cli.models.layout import ModelLoadError
+from fantasytalk_cli.models.lora import ADAPTER_NAME, LoraSpec, lora_in
+from fantasytalk_cli.models.trainable import is_lora_name
 from fantasytalk_cli.models.weights import model_shapes
 
 Kind = Literal["none", "file", "checkpoint"]
@@ -39,10 +46,15 @@ class AdapterSourceError(FtalkUsageError):
 
 @dataclass(frozen=True)
 class AdapterSource:
-    """Where the adapter comes from: nothing (the fresh adapter), a file, or a training checkpoint folder."""
+    """Where the adapter comes from: nothing (the fresh adapter), a file, or a training checkpoint folder; and the
+    LoRA on the DiT that comes with it (in the checkpoint, or a convert-zero folder's diffusers-layout LoRA file)."""
 
     kind: Kind
     path: Path | None = None
+    lora: LoraSpec | None = None
+    lora_file: Path | None = None
+    """A LoRA in diffusers' layout (convert-zero --format diffusers), loaded beside the adapter."""
+    lora_notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.kind == "none":
@@ -60,8 +72,18 @@ def resolve_adapter(path: Path | None) -> AdapterSource:
     if not path.is_dir():
         raise AdapterSourceError(f"--adapter {path}: no such file or folder")
     if looks_like_checkpoint(path) or (path / LATEST_NAME).is_file() or list_checkpoints(path, lambda _: True):
-        return AdapterSource("checkpoint", path)
+        with _opened(path) as checkpoint:
+            try:
+                lora, notes = lora_in(checkpoint.trainable, recorded_model_config(checkpoint.folder))
+            except ValueError as exc:
+                raise AdapterSourceError(f"--adapter {checkpoint.folder}: {exc}") from exc
+        return AdapterSource("checkpoint", path, lora, lora_notes=tuple(notes))
     converted = converted_file(path)
+    lora_file = path / LORA_FILES["diffusers"]
+    if lora_file.is_file():
+        lora, notes = lora_file_spec(lora_file)
+        kind: Kind = "file" if converted is not None else "none"
+        return AdapterSource(kind, converted, lora, lora_file, tuple(notes))
     if converted is not None:
         return AdapterSource("file", converted)
     listing = sorted(p.name for p in path.iterdir())[:20]
@@ -71,11 +93,39 @@ def resolve_adapter(path: Path | None) -> AdapterSource:
     )
 
 
+def lora_file_spec(path: Path) -> tuple[LoraSpec, list[str]]:
+    """The LoRA of a diffusers-layout file: rank and targets from its tensors, alpha from the `LoraConfig` diffusers
+    records in the file's metadata (else alpha = rank, said in a note)."""
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        shapes = {_peft_name(k): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata() or {}
+    try:
+        recorded = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
+        config = {"lora_rank": recorded.get("transformer.r"), "lora_alpha": recorded.get("transformer.lora_alpha")}
+        spec, notes = lora_in(shapes, config)
+    except ValueError as exc:
+        raise AdapterSourceError(f"--adapter {path}: {exc}") from exc
+    if spec is None:
+        raise AdapterSourceError(f"--adapter {path}: holds no LoRA tensors (transformer.<module>.lora_A.weight)")
+    return spec, notes
+
+
+def _peft_name(key: str) -> str:
+    """``transformer.blocks.0.attn1.to_q.lora_A.weight`` (diffusers' file) -> our peft parameter name."""
+    name = key.removeprefix(f"{DIFFUSERS_PREFIX}.")
+    for side in ("lora_A", "lora_B"):
+        name = name.replace(f".{side}.weight", f".{side}.{ADAPTER_NAME}.weight")
+    return name
+
+
 def check_adapter(source: AdapterSource, model: nn.Module) -> str:
-    """Check the adapter's names and shapes against ``model`` (built on the meta device is enough) without
-    reading a weight; a `ModelLoadError` names the file and the keys. Returns one line saying what will load."""
+    """Check the adapter's names and shapes against ``model`` (built on the meta device is enough; with the LoRA
+    injected when there is one) without reading a weight; a `ModelLoadError` names the file and the keys. Returns one
+    line saying what will load."""
+    if source.lora_file is not None:
+        _check_lora_file(source.lora_file, model)
     if source.kind == "none":
-        return source.describe()
+        return source.describe() if source.lora_file is None else f"LoRA from {source.lora_file}"
     assert source.path is not None
     if source.kind == "file":
         checked = plan_adapter_file(source.path, model)
@@ -85,13 +135,44 @@ def check_adapter(source: AdapterSource, model: nn.Module) -> str:
         return f"{checkpoint.folder}: {checkpoint.description} ({len(checkpoint.trainable)} trained tensors)"
 
 
+def _check_lora_file(path: Path, model: nn.Module) -> dict[str, str]:
+    """diffusers key -> our parameter name, for every tensor of ``path``: exactly the model's LoRA, same shapes."""
+    shapes, _ = model_shapes(model)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    names = {key: _peft_name(key) for key in stored}
+    lora = {n for n in shapes if is_lora_name(n)}
+    unknown = sorted(k for k, n in names.items() if n not in lora)
+    lacking = sorted(lora - set(names.values()))
+    wrong = sorted(k for k, n in names.items() if n in shapes and shapes[n] != stored[k])
+    if unknown or lacking or wrong:
+        raise ModelLoadError(
+            f"{path}: the LoRA does not fit the configured base model: unknown {unknown[:5]}, missing {lacking[:5]}, "
+            f"other shape {wrong[:5]} (was it trained on another base model or exported from another run?)"
+        )
+    return names
+
+
 def load_adapter(source: AdapterSource, model: nn.Module) -> str:
-    """Load the adapter into ``model`` (weights in place, dtype and device kept); returns one line for the log."""
+    """Load the adapter (and LoRA) into ``model`` (weights in place, dtype and device kept; the LoRA's layers
+    injected already); returns one line for the log."""
+    said = []
+    if source.lora_file is not None:
+        names, params = _check_lora_file(source.lora_file, model), dict(model.named_parameters())
+        with safe_open(str(source.lora_file), framework="pt", device="cpu") as handle, torch.no_grad():
+            for key, name in names.items():
+                params[name].copy_(handle.get_tensor(key).to(device=params[name].device, dtype=params[name].dtype))
+        said.append(f"LoRA from {source.lora_file} ({len(names)} tensors)")
     if source.kind == "none":
-        return source.describe()
-    assert source.path is not None
+        return "; ".join(said) or source.describe()
     if source.kind == "file":
-        return load_adapter_or_transformer(source.path, model).summary()
+        assert source.path is not None
+        return "; ".join([load_adapter_or_transformer(source.path, model).summary(), *said])
+    return _load_checkpoint(source, model)
+
+
+def _load_checkpoint(source: AdapterSource, model: nn.Module) -> str:
+    assert source.path is not None
     with _opened(source.path) as checkpoint:
         params = _check_checkpoint_shapes(checkpoint, model)
         with torch.no_grad():

@@ -43,6 +43,7 @@ class SampleArgs:
     seed: int | None
     strip: Path | None
     overwrite: bool
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         single = (self.image, self.audio, self.out)
@@ -74,6 +75,7 @@ class SampleArgs:
             negative_prompt=NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt,
             overwrite=self.overwrite,
             strip=self.strip,
+            lora_scale=self.lora_scale,
         )
 
 

@@ -36,10 +36,17 @@ from fantasytalk_cli.models.dit_loading import load_transformer, meta_transforme
 from fantasytalk_cli.models.encoders import ImageEncoder, TextEncoder, VaeEncoder
 from fantasytalk_cli.models.frozen_loading import load_image_encoder, load_text_encoder, load_tokenizer, load_vae
 from fantasytalk_cli.models.layout import ModelLoadError
+from fantasytalk_cli.models.lora import add_lora, inject_lora, set_lora_scale
 from fantasytalk_cli.runtime.block_offload import check_block_count, offload_blocks, place_resident
 from fantasytalk_cli.runtime.dtypes import DTYPES
 from fantasytalk_cli.runtime.memory_options import store_in_fp8
-from fantasytalk_cli.sample.adapter_source import AdapterSource, check_adapter, load_adapter, resolve_adapter
+from fantasytalk_cli.sample.adapter_source import (
+    AdapterSource,
+    AdapterSourceError,
+    check_adapter,
+    load_adapter,
+    resolve_adapter,
+)
 from fantasytalk_cli.sample.conditions import audio_condition, encode_prompts, image_conditions, to_uint8_frames
 from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Conditions, Guidance, denoise, steps_count
 from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests, load_image
@@ -59,6 +66,8 @@ class SampleOptions:
     overwrite: bool = False
     strip: Path | None = None
     """Also write a still-frame strip (PNG) of the first video here."""
+    lora_scale: float = 1.0
+    """Weight of the adapter's LoRA on the DiT (1 = as trained, 0 = the base DiT)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,16 @@ def prepare(
     dims = _audio_dims(model, adapter)
     meta = meta_transformer(model.pretrained_model_name_or_path, wan_yaml=load_wan_yaml(model.config_path), **dims)
     check_block_count(model.blocks_to_offload, len(meta.blocks))
-    notes = [check_adapter(adapter, meta)] + [note for req in checked for note in req.notes]
+    if adapter.lora is None and options.lora_scale != 1.0:
+        raise AdapterSourceError(
+            f"--lora_scale {options.lora_scale:g}: {adapter.describe()} holds no LoRA on the DiT; give --adapter a "
+            "checkpoint, run or convert-zero folder of a run trained with --lora_rank, or drop --lora_scale"
+        )
+    if adapter.lora is not None:
+        inject_lora(meta, adapter.lora)
+    notes = [check_adapter(adapter, meta), *adapter.lora_notes] + [note for req in checked for note in req.notes]
+    if adapter.lora is not None:
+        notes.append(f"{adapter.lora.describe()}, applied at --lora_scale {options.lora_scale:g}")
     if model.activation_offload:
         notes.append(
             "--activation_offload does nothing here: it keeps what the backward pass of training needs in host "
@@ -203,7 +221,11 @@ def _generate(
         on_meta=functools.partial(frozen_in_fp8, dtype=dtype) if model.base_weights_dtype == "fp8" else None,
         **dims,
     )
+    if adapter.lora is not None:  # the LoRA's layers, then its trained weights with the adapter's
+        add_lora(transformer, adapter.lora, seed=0)
     say(load_adapter(adapter, transformer))
+    if adapter.lora is not None:
+        set_lora_scale(transformer, options.lora_scale)
     for line in apply_memory_options(transformer, model, device):
         say(line)
     latents = [

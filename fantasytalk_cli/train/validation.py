@@ -21,12 +21,12 @@ import torch
 from fantasytalk_cli.config.schema import ModelConfig, TrainConfig
 from fantasytalk_cli.config.wan_yaml import load_wan_yaml
 from fantasytalk_cli.models.dit_loading import load_transformer
+from fantasytalk_cli.models.lora import add_lora, lora_of
 from fantasytalk_cli.sample.conditions import encode_prompts, to_uint8_frames
 from fantasytalk_cli.sample.denoise import NEGATIVE_PROMPT, Guidance
 from fantasytalk_cli.sample.inputs import CheckedRequest, SampleRequest, check_requests
 from fantasytalk_cli.sample.run import SampleOptions, generate_latents, request_conditions
 from fantasytalk_cli.sample.video_io import write_mp4
-from fantasytalk_cli.models.lora import add_lora, lora_of
 from fantasytalk_cli.train.distributed import gather_trainable_state
 
 if TYPE_CHECKING:
