@@ -100,7 +100,7 @@ def pairs(setup: Setup) -> dict[str, LoraPair]:
 
 
 @contextmanager
-def _load_warnings() -> Iterator[list[str]]:
+def load_warnings() -> Iterator[list[str]]:
     """The warnings diffusers logs (its logger does not propagate to pytest's caplog) and those peft raises (a config
     that disagrees with the state dict it injects)."""
     messages: list[str] = []
@@ -124,7 +124,7 @@ def _load_with_diffusers(setup: Setup, source: str | dict[str, torch.Tensor], *,
 
     state, found = WanPipeline.lora_state_dict(source, return_lora_metadata=True)
     model = copy.deepcopy(setup.base)
-    with _load_warnings() as messages:
+    with load_warnings() as messages:
         WanPipeline.load_lora_into_transformer(state, transformer=model, metadata=found if metadata else None)
     assert not messages, messages  # missing / unexpected LoRA keys, or a config at odds with the tensors
     return model
