@@ -4,6 +4,7 @@ that start more processes than accelerate can hold."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -272,6 +273,27 @@ def test_readme_recipe_blocks_run_on_the_raw_metadata(tiny_world: dict, tmp_path
     proc = run_bash("\n".join([args, scale, "FTALK_ARGS+=(--output_dir=output_cached)", cache]), user)
     assert "not loading the encoders of audio, text, video" in proc.stdout
     assert (user / "output_cached/checkpoint-2/trainable.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_readme_lora_recipe_runs_on_the_raw_metadata(tiny_world: dict, tmp_path: Path) -> None:
+    """The README's LoRA block as written (train with a LoRA, convert for ComfyUI, sample at a LoRA scale) on the
+    recipe's arguments and the seed's raw metadata_control.json, scaled down like the other recipes."""
+    user = user_folder(tiny_world, tmp_path / "user")
+    first = sorted((user / "datasets/internal_datasets/train").iterdir())[0]
+    Image.fromarray(decord.VideoReader(str(first))[0].asnumpy()).save(user / "face.png")
+    shutil.copy(sorted((user / "datasets/internal_datasets/wav").iterdir())[0], user / "speech.wav")
+    block = readme_block("# LoRA rank 16").replace(
+        "--out talk_lora.mp4", "--out talk_lora.mp4 --image_size 64 --max_num_frames 9 --num_inference_steps 2"
+    )
+    scale = f"FTALK_ARGS+=({shlex.join(SCALE_DOWN)})"
+    proc = run_bash("\n".join([readme_block("export MODEL_NAME"), scale, block]), user)
+    assert "LoRA rank 16, alpha 16" in proc.stdout, proc.stdout[-3000:]
+    meta = json.loads((user / "output_lora/checkpoint-2/meta.json").read_text())
+    assert meta["config"]["model"]["lora_rank"] == 16 and meta["config"]["train"]["audio_dropout"] == 0.1
+    assert (user / "output_lora_comfyui/lora_comfyui.safetensors").is_file()
+    assert (user / "output_lora_comfyui/fantasytalking_comfyui.safetensors").is_file()
+    assert "applied at --lora_scale 0.8" in proc.stdout and (user / "talk_lora.mp4").is_file()
 
 
 @pytest.mark.slow

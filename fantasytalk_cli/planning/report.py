@@ -16,6 +16,7 @@ from fantasytalk_cli.config.schema import BucketConfig, DataConfig, FtalkConfig,
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import BucketPlan, ClipFacts, plan_from_metadata
 from fantasytalk_cli.fileio import write_text_atomic
+from fantasytalk_cli.models.trainable import LORA_AUDIO_DROPOUT, trainable_count
 from fantasytalk_cli.planning.fit import (
     MemoryOptions,
     cheapest_fitting,
@@ -113,6 +114,8 @@ def make_plan_report(
         dims = configured_model_dims(cfg.model)
     notes.extend(dims.notes)
     cached = _cached_kinds(cfg.data, cfg.model, cfg.train, metadata_path, plan, facts, stats, notes)
+    if cfg.model.lora_rank:
+        notes.append(_lora_note(cfg.model, cfg.train, dims))
     bucket_memory: dict[int, MemoryEstimate] = {}
     fits_with: dict[int, MemoryOptions | None] = {}
     per_option: dict[int, dict[MemoryOptions, int]] = {}
@@ -186,6 +189,24 @@ def _cached_kinds(
     if kinds:
         notes.append(f"memory estimated without the encoders the cache stands for ({', '.join(sorted(kinds))})")
     return kinds
+
+
+def _lora_note(model: ModelConfig, train: TrainConfig, dims: ModelDims) -> str:
+    """What the LoRA adds, counted on the configured model with the LoRA training injects, and the audio dropout."""
+    lora_setting = (model.lora_rank, tuple(model.lora_target_modules))
+    adapter, lora = trainable_count(dims.config, model.trainable_modules, lora_setting)
+    alpha = model.lora_alpha if model.lora_alpha is not None else model.lora_rank
+    dropout = train.audio_drop_probability()
+    why = (
+        " (the default with a LoRA: audio guidance's audio-off pass is the LoRA'd model, which must learn it)"
+        if dropout == LORA_AUDIO_DROPOUT
+        else " (set: audio guidance's audio-off pass is the LoRA'd model, which learns it only from dropped audio)"
+    )
+    return (
+        f"LoRA rank {model.lora_rank}, alpha {alpha:g} on {len(model.lora_target_modules)} linears per block: "
+        f"{lora:,} parameters trained with {adapter:,} of --trainable_modules ({dims.source}); "
+        f"audio_dropout {dropout:g}{why}"
+    )
 
 
 def _options_note(
