@@ -25,6 +25,7 @@ from fantasytalk_cli.models.lora import LoraSpec, add_lora, lora_layers, set_lor
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.runtime.memory_options import store_in_fp8
 from fantasytalk_cli.train.loop import run_training
+from fantasytalk_cli.train.preflight import RunFolderError
 from tests.tiny_world import world_argv, world_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,25 @@ def test_step_zero_of_a_lora_run_is_the_base_run(tiny_world: dict, tmp_path: Pat
     assert any(".lora_B.default." in k for k in saved) and any(k.startswith("proj_model.") for k in saved)
     ups = [v for k, v in saved.items() if ".lora_B." in k]
     assert any(v.abs().sum() > 0 for v in ups)  # one step moved the LoRA
+
+
+def test_a_resume_that_would_train_other_tensors_is_refused_before_loading(
+    tiny_world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_training(world_config(tiny_world, tmp_path / "run", max_train_steps=1, checkpointing_steps=1, **LORA), QUIET)
+    import fantasytalk_cli.train.setup as setup
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the models were loaded before the refusal")
+
+    monkeypatch.setattr(setup, "load_training_models", no_loading)
+    for changed, says in (({"lora_rank": 8}, "lora_rank 4 -> 8"), ({"lora_rank": 0}, "lora_rank 4 -> 0")):
+        flags = {**LORA, **changed, "max_train_steps": 2, "resume_from_checkpoint": "latest"}
+        with pytest.raises(RunFolderError, match=f"trained other tensors than this run would \\({says}"):
+            run_training(world_config(tiny_world, tmp_path / "run", **flags), QUIET)
+    same_scale = {"lora_rank": 4, "lora_alpha": 8, "max_train_steps": 2, "resume_from_checkpoint": "latest"}
+    with pytest.raises(AssertionError, match="models were loaded"):  # alpha 8 given as an int: the same LoRA
+        run_training(world_config(tiny_world, tmp_path / "run", **same_scale), QUIET)
 
 
 def test_audio_dropout_defaults_to_a_tenth_with_a_lora_and_stays_as_set() -> None:

@@ -50,7 +50,7 @@ LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
 @pytest.mark.parametrize(
     ("name", "lora"),
     [(s, False) for s in ("ddp", "zero2", "zero3", "fsdp1", "fsdp2")]
-    + [(s, True) for s in ("ddp", "zero2", "zero3", "fsdp2")],
+    + [(s, True) for s in ("ddp", "zero2", "zero3", "fsdp1", "fsdp2")],
     ids=lambda v: "lora" if v is True else "" if v is False else v,
 )
 def test_two_process_train_checkpoint_resume(name: str, lora: bool, tiny_world: dict, tmp_path: Path) -> None:

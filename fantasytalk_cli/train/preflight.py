@@ -3,7 +3,8 @@ ZeRO-3): every check that needs no model, so that a mistake costs seconds, not a
 run that cannot start leaves no run folder behind.
 
 - the run folder: writable, and not the folder of another run that would be overwritten;
-- the resume request: a named checkpoint exists, `latest` on an empty folder says it starts anew.
+- the resume request: a named checkpoint exists, `latest` on an empty folder says it starts anew, and the
+  checkpoint trained the tensors this run would train (`check_resume_trains_the_same`).
 
 The model paths are checked by `models.paths.check_model_paths`.
 """
@@ -16,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fantasytalk_cli.checkpoints.folder import CHECKPOINT_RE, LATEST_NAME, list_checkpoints
-from fantasytalk_cli.config.schema import CheckpointConfig
+from fantasytalk_cli.checkpoints.folder import CHECKPOINT_RE, LATEST_NAME, list_checkpoints, recorded_model_config
+from fantasytalk_cli.config.schema import CheckpointConfig, ModelConfig
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.locks import LOCK_NAME, refuse_if_held
 from fantasytalk_cli.train.checkpoint import resolve_resume
@@ -125,3 +126,38 @@ def set_aside_previous_run(plan: RunFolderPlan) -> None:
     plan.replaced_dir.mkdir(parents=True)
     for path in plan.set_aside:
         shutil.move(str(path), str(plan.replaced_dir / path.name))
+
+
+WHAT_TRAINS = ("trainable_modules", "lora_rank", "lora_alpha", "lora_target_modules")
+"""`model` settings that decide which tensors train and how the LoRA scales: a resume must keep them."""
+RECORDED_DEFAULTS: dict[str, object] = {"lora_rank": 0, "lora_alpha": None, "lora_target_modules": None}
+"""What a checkpoint written before the LoRA existed trained (no LoRA)."""
+
+
+def check_resume_trains_the_same(resume: Path, model: ModelConfig) -> None:
+    """Refuse, before anything loads, to resume ``resume`` with other trainable tensors or another LoRA: its
+    optimizer state belongs to the tensors it trained (and the LoRA's scale to its alpha)."""
+    recorded = recorded_model_config(resume)
+    if not recorded:
+        return  # not our checkpoint, or no meta.json: loading it says what does not match
+    now = _what_trains(model.model_dump(mode="json"))
+    then = _what_trains({key: recorded.get(key, RECORDED_DEFAULTS.get(key)) for key in WHAT_TRAINS})
+    changed = [f"{key} {then[key]!r} -> {now[key]!r}" for key in WHAT_TRAINS if then[key] != now[key]]
+    if changed:
+        raise RunFolderError(
+            f"--resume_from_checkpoint {resume}: it trained other tensors than this run would ({'; '.join(changed)}). "
+            "A resume continues the same training: give the checkpoint's settings back, or start a new run in "
+            "another --output_dir"
+        )
+
+
+def _what_trains(settings: dict[str, object]) -> dict[str, object]:
+    """`WHAT_TRAINS` of ``settings`` in one spelling: no LoRA has no alpha or targets; alpha unset is the rank."""
+    out = {key: settings.get(key) for key in WHAT_TRAINS}
+    if not out["lora_rank"]:
+        out.update(lora_alpha=None, lora_target_modules=None)
+    elif out["lora_alpha"] is None:
+        out["lora_alpha"] = float(out["lora_rank"])  # type: ignore[arg-type]
+    else:
+        out["lora_alpha"] = float(out["lora_alpha"])  # type: ignore[arg-type]
+    return out

@@ -62,7 +62,12 @@ from fantasytalk_cli.train.distributed import (
     share_from_main,
 )
 from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
-from fantasytalk_cli.train.preflight import RUN_FOLDER_FIX, plan_run_folder, set_aside_previous_run
+from fantasytalk_cli.train.preflight import (
+    RUN_FOLDER_FIX,
+    check_resume_trains_the_same,
+    plan_run_folder,
+    set_aside_previous_run,
+)
 from fantasytalk_cli.train.state import RunState
 from fantasytalk_cli.train.step import StepContext
 from fantasytalk_cli.train.validation import Validation, check_validation
@@ -136,6 +141,8 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
     if data.train_data_meta is None:
         raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
     folder = plan_run_folder(checkpoint, checkpoint.overwrite_output_dir)
+    if folder.resume is not None:
+        check_resume_trains_the_same(folder.resume, model)
     check_model_paths(model)
     validation = check_validation(train, checkpoint.output_dir)
     accelerator, strategy = build_accelerator(cfg.dist, train, checkpoint, train.report_to)
