@@ -155,3 +155,19 @@ def test_sample_applies_the_lora_and_scale_zero_is_the_adapter_alone(
     assert not np.array_equal(off, from_checkpoint)
     with pytest.raises(AdapterSourceError, match="holds no LoRA"):
         _sample(tiny_world, sample_inputs, tmp_path / "e.mp4", converted / "diffusion_pytorch_model.safetensors", 0.5)
+
+
+@pytest.mark.slow
+def test_sample_applies_the_lora_over_a_float8_base(
+    run: Path, tiny_world: dict, sample_inputs: dict, tmp_path: Path
+) -> None:
+    """--base_weights_dtype fp8 in ftalk sample: the LoRA wraps the float8 linears (float32 beside them)."""
+    request = SampleRequest(image=sample_inputs["image"], audio=sample_inputs["audio"], prompt="A man talks.",
+                            out=tmp_path / "fp8.mp4")  # fmt: skip
+    options = SampleOptions(guidance=Guidance(num_inference_steps=2), **TINY)  # type: ignore[arg-type]
+    model = ModelConfig(pretrained_model_name_or_path=tiny_world["model"], base_weights_dtype="fp8")
+    lines: list[str] = []
+    (fp8,) = sample_videos(model, [request], options, adapter_path=run, say=lines.append)
+    assert any("applied at --lora_scale 1" in line for line in lines)
+    plain = _sample(tiny_world, sample_inputs, tmp_path / "plain.mp4", run)
+    assert np.abs(fp8.frames.astype(int) - plain.astype(int)).mean() < 3  # float8 rounding, the LoRA applied
