@@ -5,10 +5,6 @@ beside the float8 base, gradients through the cast base agree with bf16), and th
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +22,9 @@ from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.runtime.memory_options import store_in_fp8
 from fantasytalk_cli.train.loop import run_training
 from fantasytalk_cli.train.preflight import RunFolderError
+from tests.test_train import sigterm_after_first_checkpoint
 from tests.tiny_world import world_argv, world_config
 
-REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (kept for the session)
 LORA = {"lora_rank": 4, "lora_alpha": 8.0}
 
@@ -147,22 +143,8 @@ def test_the_config_refuses_what_cannot_train(overrides: dict, says: str) -> Non
 def test_a_lora_run_resumes_bitwise_after_sigterm(tiny_world: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
     argv = world_argv(tiny_world, run, max_train_steps=200, checkpointing_steps=2, lora_dropout=0.1, **LORA)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fantasytalk_cli", "train", *argv],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 180
-    while newest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    if newest_checkpoint(run) is None:
-        proc.kill()
-        pytest.fail(f"no first checkpoint within 180 s:\n{proc.communicate()[0]}")
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0 and "SIGTERM" in output, output
+    output = sigterm_after_first_checkpoint(argv, run)
+    assert "SIGTERM" in output, output
     stopped = CheckpointMeta.read(newest_checkpoint(run)).step  # type: ignore[arg-type]
     end = stopped + 2
     common = {"checkpointing_steps": 1000, "lora_dropout": 0.1, **LORA}
@@ -259,3 +241,14 @@ def test_memory_options_with_a_lora_give_the_same_weights(tiny_world: dict, tmp_
     got = load_file(tmp_path / "option" / "checkpoint-3" / "trainable.safetensors")
     assert want.keys() == got.keys() and any(".lora_A." in k for k in want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_plan_buckets_counts_the_lora_and_says_the_audio_dropout(tiny_world: dict, tmp_path: Path) -> None:
+    from fantasytalk_cli.planning.report import make_plan_report
+
+    report = make_plan_report(world_config(tiny_world, tmp_path / "run", **LORA), world_size=1)
+    (note,) = [n for n in report.notes if n.startswith("LoRA rank 4")]
+    assert "5,632 parameters" in note and "audio_dropout 0.1 (the default with a LoRA" in note
+    assert report.memory is not None and any(t.name == "LoRA activations" for t in report.memory.terms)
+    plain = make_plan_report(world_config(tiny_world, tmp_path / "run", **LORA, audio_dropout=0.0), world_size=1)
+    assert any("audio_dropout 0 (set:" in n for n in plain.notes)

@@ -90,12 +90,11 @@ def _spawn(argv: list[str], env_extra: dict[str, str] | None = None) -> subproce
     )
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_resumable_checkpoint(tiny_world: dict, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    proc = _spawn(world_argv(tiny_world, run, max_train_steps=200, checkpointing_steps=2))
+def sigterm_after_first_checkpoint(argv: list[str], run: Path) -> str:
+    """Start `ftalk train argv` into ``run``, send SIGTERM once its first checkpoint is saved (however slow the
+    set-up on a busy machine), and return its output after a clean exit."""
+    proc = _spawn(argv)
     deadline = time.time() + 180
-    # Signal only once training is under way (checkpoint-2 saved), however slow the set-up on a busy machine.
     while newest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     if newest_checkpoint(run) is None:
@@ -104,6 +103,15 @@ def test_sigterm_saves_a_resumable_checkpoint(tiny_world: dict, tmp_path: Path) 
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output
+    return output
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_resumable_checkpoint(tiny_world: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    output = sigterm_after_first_checkpoint(
+        world_argv(tiny_world, run, max_train_steps=200, checkpointing_steps=2), run
+    )
     latest = newest_checkpoint(run)
     assert latest is not None, output
     meta = CheckpointMeta.read(latest)
