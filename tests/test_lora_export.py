@@ -171,3 +171,26 @@ def test_sample_applies_the_lora_over_a_float8_base(
     assert any("applied at --lora_scale 1" in line for line in lines)
     plain = _sample(tiny_world, sample_inputs, tmp_path / "plain.mp4", run)
     assert np.abs(fp8.frames.astype(int) - plain.astype(int)).mean() < 3  # float8 rounding, the LoRA applied
+
+
+@pytest.mark.slow
+def test_a_lora_trained_alone_merges_and_samples_with_the_frozen_adapter(
+    tiny_world: dict, tmp_path: Path, sample_inputs: dict
+) -> None:
+    """--trainable_modules none: the run keeps the --transformer_path adapter frozen; the merged transformer and
+    `ftalk sample --adapter RUN` take it from there, beside the trained LoRA."""
+    run = tmp_path / "alone"
+    cfg = world_config(tiny_world, run, max_train_steps=2, checkpointing_steps=2, learning_rate=3e-2,
+                       trainable_modules=["none"], lora_rank=4, lora_alpha=8.0)  # fmt: skip
+    run_training(cfg, QUIET)
+    source = resolve_adapter(run)
+    assert source.frozen_adapter == tiny_world["model"] / "fantasytalking_model.ckpt"
+    convert_checkpoint(run, tmp_path / "merged", ConvertOptions(what="transformer", format="original", dtype="fp32"))
+    merged = load_transformer(tmp_path / "merged", **TINY_AUDIO_DIMS).eval()
+    ours = _lora_model(tiny_world, run)
+    audio = torch.randn(1, 10, TINY_AUDIO_DIMS["audio_in_dim"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = ours(**_inputs(), audio_features=audio)[0], merged(**_inputs(), audio_features=audio)[0]
+        fresh = load_transformer(tiny_world["model"], **TINY_AUDIO_DIMS)(**_inputs(), audio_features=audio)[0]
+    assert _relative(got, want) < 1e-5 and _relative(fresh, want) > 1e-3
+    assert _sample(tiny_world, sample_inputs, tmp_path / "a.mp4", run).std() > 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 import torch
+from torch import nn
 
 from fantasytalk_cli.checkpoints.folder import (
     ADAPTER_CKPT_NAME,
@@ -33,12 +34,12 @@ from fantasytalk_cli.convert.sharding import Entry, atomic_output, check_output,
 from fantasytalk_cli.convert.sharding import write_shards as _write_shards
 from fantasytalk_cli.fileio import format_size
 from fantasytalk_cli.locks import beside, hold
-from fantasytalk_cli.models.adapter_file import adapter_to_format
+from fantasytalk_cli.models.adapter_file import adapter_to_format, plan_adapter_file, read_adapter_file
 from fantasytalk_cli.models.dit_config import dit_files
 from fantasytalk_cli.models.key_mapping import Shape
 from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.models.state_dict_adapters import DitAdapter
-from fantasytalk_cli.models.trainable import is_lora_name
+from fantasytalk_cli.models.trainable import is_adapter_name, is_lora_name
 from fantasytalk_cli.models.transformer import FantasyTalkingTransformer
 from fantasytalk_cli.models.weights import build_empty, init_kwargs, model_shapes, plan_for
 from fantasytalk_cli.runtime.dtypes import DTYPES
@@ -194,7 +195,7 @@ def _transformer_plan(base: Path, source: CheckpointSource, fmt: str, lora: Chec
         kwargs = init_kwargs(FantasyTalkingTransformer, config, folder / "config.json")
     except ModelLoadError as exc:
         raise ConversionUsageError(f"--pretrained_model_name_or_path: {exc}") from exc
-    proj = source.trainable.get("proj_model.proj.weight")
+    proj = source.trainable.get("proj_model.proj.weight") or _frozen_projector_shape(source)
     if proj is not None:  # the adapter's sizes are in its weights, not in a base folder
         for key, size in (("audio_in_dim", proj[1]), ("audio_proj_dim", proj[0])):
             if kwargs.setdefault(key, size) != size:
@@ -219,25 +220,27 @@ def _transformer_plan(base: Path, source: CheckpointSource, fmt: str, lora: Chec
     order: list[tuple[str, Shape]] = []
     for keys in base_source.files.values():
         order += [(target, shapes[target]) for key in keys for target, _ in plan.moves.get(key, [])]
-    from_base = {name for name, _ in order}
+    from_base, base_entries = {name for name, _ in order}, len(order)
     order += [(name, shape) for name, shape in trained.items() if name not in from_base]
     lacking = sorted(set(shapes) - set(aliases) - {name for name, _ in order})
+    frozen_adapter = _frozen_adapter(source, model, lacking)
+    order += [(name, shapes[name]) for name in lacking if name in frozen_adapter]
+    lacking = [name for name in lacking if name not in frozen_adapter]
     if lacking:
         raise ConversionError(
             f"neither the base model {base} nor the checkpoint provides {len(lacking)} tensors, e.g. {lacking[:10]} "
-            "(was only part of the adapter trained?)"
+            "(was only part of the adapter trained, or none with no --transformer_path to start from?)"
         )
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        weights = dict(source.read(list(trained)))
+        weights = {**frozen_adapter, **dict(source.read(list(trained)))}
         for path, keys in base_source.files.items():
             with base_source.reader(path) as get:
                 for key in keys:
                     for target, transform in plan.moves.get(key, []):
                         yield target, weights[target] if target in weights else merge(target, transform.apply(get(key)))
-        for name in trained:
-            if name not in from_base:
-                yield name, weights[name]
+        for name, _ in order[base_entries:]:  # trained tensors the base lacks, then a frozen adapter's
+            yield name, weights[name]
 
     if fmt == "diffusers":
         cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
@@ -249,6 +252,40 @@ def _transformer_plan(base: Path, source: CheckpointSource, fmt: str, lora: Chec
     else:
         config_text = json.dumps(_wan_config(dict(model.config)), indent=2)
     return _TransformerPlan(order, tensors, {"config.json": config_text + "\n"}, len(from_base))
+
+
+def _frozen_adapter_path(source: CheckpointSource) -> Path | None:
+    """The `--transformer_path` a run that trained no adapter (only a LoRA) kept frozen, when it is a file."""
+    path = recorded_model_config(source.folder).get("transformer_path")
+    if any(is_adapter_name(n) for n in source.trainable) or not path or not Path(path).is_file():
+        return None
+    return Path(path)
+
+
+def _frozen_projector_shape(source: CheckpointSource) -> Shape | None:
+    """The projector's shape in a run's frozen adapter (the sizes of the model to build), as `adapter_dims` reads."""
+    path = _frozen_adapter_path(source)
+    return read_adapter_file(path)[1].shapes.get("proj_model.proj.weight") if path is not None else None
+
+
+def _frozen_adapter(source: CheckpointSource, model: nn.Module, lacking: list[str]) -> dict[str, torch.Tensor]:
+    """The audio adapter a run kept frozen (it trained only a LoRA): read from the `--transformer_path` it
+    recorded, when the merge lacks exactly the adapter's tensors; else {}."""
+    path = _frozen_adapter_path(source)
+    if not lacking or not all(is_adapter_name(n) for n in lacking) or path is None:
+        return {}
+    try:
+        checked = plan_adapter_file(path, model)
+    except ModelLoadError as exc:
+        raise ConversionError(f"the run's frozen adapter (--transformer_path): {exc}") from exc
+    wanted, found = set(lacking), {}
+    for file, keys in checked.source.files.items():
+        with checked.source.reader(file) as get:
+            for key in keys:
+                for target, transform in checked.plan.moves.get(key, []):
+                    if target in wanted:
+                        found[target] = transform.apply(get(key)).float()
+    return found if set(found) == wanted else {}
 
 
 def _wan_config(cfg: dict[str, Any]) -> dict[str, Any]:

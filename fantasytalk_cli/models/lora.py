@@ -143,7 +143,9 @@ def lora_in(shapes: Mapping[str, Sequence[int]], recorded: Mapping[str, object])
     targets = sorted({_BLOCK_PREFIX.sub("", name.split(".lora_A.")[0]) for name in downs})
     notes = []
     alpha = recorded.get("lora_alpha")
-    if recorded.get("lora_rank") != rank or not isinstance(alpha, (int, float)):
+    if recorded.get("lora_rank") == rank and alpha is None:
+        alpha = float(rank)  # trained with the default alpha: the rank
+    elif recorded.get("lora_rank") != rank or not isinstance(alpha, (int, float)):
         alpha = float(rank)
         notes.append(f"the LoRA's alpha is not recorded with it: taken as its rank {rank} (scale 1)")
     dropout = recorded.get("lora_dropout")

@@ -34,7 +34,7 @@ from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.models.adapter_file import load_adapter_or_transformer, plan_adapter_file
 from fantasytalk_cli.models.layout import ModelLoadError
 from fantasytalk_cli.models.lora import ADAPTER_NAME, LoraSpec, lora_in
-from fantasytalk_cli.models.trainable import is_lora_name
+from fantasytalk_cli.models.trainable import is_adapter_name, is_lora_name
 from fantasytalk_cli.models.weights import model_shapes
 
 Kind = Literal["none", "file", "checkpoint"]
@@ -55,6 +55,8 @@ class AdapterSource:
     lora_file: Path | None = None
     """A LoRA in diffusers' layout (convert-zero --format diffusers), loaded beside the adapter."""
     lora_notes: tuple[str, ...] = ()
+    frozen_adapter: Path | None = None
+    """A checkpoint that trained no adapter (only a LoRA): the `--transformer_path` its run kept frozen."""
 
     def describe(self) -> str:
         if self.kind == "none":
@@ -73,11 +75,17 @@ def resolve_adapter(path: Path | None) -> AdapterSource:
         raise AdapterSourceError(f"--adapter {path}: no such file or folder")
     if looks_like_checkpoint(path) or (path / LATEST_NAME).is_file() or list_checkpoints(path, lambda _: True):
         with _opened(path) as checkpoint:
+            recorded = recorded_model_config(checkpoint.folder)
             try:
-                lora, notes = lora_in(checkpoint.trainable, recorded_model_config(checkpoint.folder))
+                lora, notes = lora_in(checkpoint.trainable, recorded)
             except ValueError as exc:
                 raise AdapterSourceError(f"--adapter {checkpoint.folder}: {exc}") from exc
-        return AdapterSource("checkpoint", path, lora, lora_notes=tuple(notes))
+            frozen = recorded.get("transformer_path")
+            trained_adapter = any(is_adapter_name(n) for n in checkpoint.trainable)
+        kept = Path(frozen) if frozen and not trained_adapter and Path(frozen).is_file() else None
+        if kept is not None:
+            notes.append(f"the run trained no audio adapter: its frozen one comes from {kept} (its --transformer_path)")
+        return AdapterSource("checkpoint", path, lora, lora_notes=tuple(notes), frozen_adapter=kept)
     converted = converted_file(path)
     lora_file = path / LORA_FILES["diffusers"]
     if lora_file.is_file():
@@ -130,6 +138,8 @@ def check_adapter(source: AdapterSource, model: nn.Module) -> str:
     if source.kind == "file":
         checked = plan_adapter_file(source.path, model)
         return f"{source.path}: {checked.form} form, {checked.content} ({len(checked.plan.moves)} tensors)"
+    if source.frozen_adapter is not None:
+        plan_adapter_file(source.frozen_adapter, model)
     with _opened(source.path) as checkpoint:
         _check_checkpoint_shapes(checkpoint, model)
         return f"{checkpoint.folder}: {checkpoint.description} ({len(checkpoint.trainable)} trained tensors)"
@@ -173,6 +183,8 @@ def load_adapter(source: AdapterSource, model: nn.Module) -> str:
 
 def _load_checkpoint(source: AdapterSource, model: nn.Module) -> str:
     assert source.path is not None
+    if source.frozen_adapter is not None:
+        load_adapter_or_transformer(source.frozen_adapter, model)
     with _opened(source.path) as checkpoint:
         params = _check_checkpoint_shapes(checkpoint, model)
         with torch.no_grad():

@@ -103,7 +103,7 @@ def _audio_dims(model: ModelConfig, adapter: AdapterSource) -> dict[str, int]:
     wav2vec = find_wav2vec(model)
     if adapter.kind == "file":
         return adapter_dims(wav2vec, adapter.path)
-    dims = adapter_dims(wav2vec, None)
+    dims = adapter_dims(wav2vec, adapter.frozen_adapter)  # a LoRA-only run's adapter is its --transformer_path
     if adapter.kind == "checkpoint":
         assert adapter.path is not None
         checkpoint = open_checkpoint(adapter.path)
