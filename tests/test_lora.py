@@ -157,7 +157,8 @@ def test_a_lora_run_resumes_bitwise_after_sigterm(tiny_world: dict, tmp_path: Pa
     a = load_file(run / f"checkpoint-{end}" / "trainable.safetensors")
     b = load_file(tmp_path / "whole" / f"checkpoint-{end}" / "trainable.safetensors")
     assert a.keys() == b.keys() and any(".lora_A." in k for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    differ = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not differ, (stopped, output[-2000:], differ)
 
 
 @pytest.mark.slow

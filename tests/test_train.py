@@ -92,8 +92,9 @@ def _spawn(argv: list[str], env_extra: dict[str, str] | None = None) -> subproce
 
 def sigterm_after_first_checkpoint(argv: list[str], run: Path) -> str:
     """Start `ftalk train argv` into ``run``, send SIGTERM once its first checkpoint is saved (however slow the
-    set-up on a busy machine), and return its output after a clean exit."""
-    proc = _spawn(argv)
+    set-up on a busy machine), and return its output after a clean exit. The child computes with this process's
+    torch thread count (a test before may have set it: the benches do), so its sums round as an in-process run's."""
+    proc = _spawn(argv, {"OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.time() + 180
     while newest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
