@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,3 +181,29 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no such folder or list file" in result.output
     result = CliRunner().invoke(app, ["prepare", str(tmp_path), str(tmp_path / "out"), "--aspect", "4:3"])
     assert result.exit_code == 2 and "choose keep, 1:1, 9:16, 16:9" in result.output
+
+
+@pytest.mark.slow
+def test_a_broken_source_is_dropped_and_counted_once(
+    cases: dict[str, Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fantasytalk_cli.prepare.speech as speech_stage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(cases["talking"].path, src / "talking.mp4")
+    data = cases["talking"].path.read_bytes()
+    (src / "truncated.mp4").write_bytes(data[: len(data) // 2])  # the index (moov) is at the end: unreadable
+    calls = []
+
+    def failing(audio: object, **kwargs: object) -> list:
+        calls.append(1)
+        raise RuntimeError("a decoder gave up part-way")
+
+    monkeypatch.setattr(speech_stage, "speech_spans", failing)
+    first = prepare_dataset(src, tmp_path / "out", OPTIONS)
+    assert first.dropped_sources == {"broken": 1, "unreadable": 1} and first.clips == 0
+    assert "a decoder gave up part-way" in next(iter(first.broken.values()))
+    again = prepare_dataset(src, tmp_path / "out", OPTIONS)
+    assert len(calls) == 1 and again.dropped_sources == first.dropped_sources  # not retried
+    assert not list((tmp_path / "out" / "clips").iterdir())

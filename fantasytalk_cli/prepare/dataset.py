@@ -36,6 +36,8 @@ class PrepareReport:
     dropped_sources: dict[str, int]
     merged: bool
     """Whether this process wrote the metadata (every source is finished)."""
+    broken: dict[str, str] = field(default_factory=dict)
+    """Sources that failed part-way -> the error (dropped, not retried)."""
     files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -46,6 +48,7 @@ class PrepareReport:
             "kept_hours": self.kept_hours,
             "dropped_hours": self.dropped_hours,
             "dropped_sources": self.dropped_sources,
+            "broken": self.broken,
         }
 
     def rows(self) -> list[tuple[str, str]]:
@@ -129,6 +132,7 @@ def _report(out: Path, results: list[SourceResult], sources: int, *, merged: boo
         dropped_hours={k: round(v, 6) for k, v in sorted(dropped.items())},
         dropped_sources=whole,
         merged=merged,
+        broken={r.source: r.error for r in results if r.error},
     )
 
 

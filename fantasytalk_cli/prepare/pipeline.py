@@ -24,6 +24,7 @@ import torch
 
 from fantasytalk_cli.data.probe import probe_audio, probe_video
 from fantasytalk_cli.data.probing import facts_from_results
+from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import atomic_file, write_text_atomic
 from fantasytalk_cli.prepare.crop import Aspect, Crop, crop_for, smooth
 from fantasytalk_cli.prepare.sources import Source, SourceInfo, probe_source
@@ -77,7 +78,9 @@ class SourceResult:
     """Reason -> seconds (a source dropped whole counts its whole duration)."""
     source_dropped: str | None = None
     first_frames: list[tuple[str, list[float]]] = field(default_factory=list)
-    """(clip path, its first frame's face box in the clip): for the contact sheet."""
+    """(clip path, its first frame's face box and mouth box in the clip): for the contact sheet."""
+    error: str | None = None
+    """Why a `broken` source failed part-way."""
 
     def drop(self, reason: str, seconds: float) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0.0) + seconds
@@ -108,7 +111,17 @@ def prepare_source(source: Source, out: Path, options: PrepareOptions) -> Source
         result.source_dropped = info
         result.drop(info, _duration_or_zero(source.path))
     else:
-        _clips_of(source, info, out, options, result)
+        try:
+            _clips_of(source, info, out, options, result)
+        except (av.FFmpegError, OSError, ValueError, RuntimeError, FtalkError) as exc:
+            # a source that breaks part-way is dropped and counted, never retried: its clips so far are removed
+            for entry in result.entries:
+                for key in ("file_path", "audio_path", "track"):
+                    (out / str(entry[key])).unlink(missing_ok=True)
+            result = SourceResult(
+                source=str(source.path), source_dropped="broken", error=f"{type(exc).__name__}: {exc}"
+            )
+            result.drop("broken", info.duration)
     write_text_atomic(marker_path(out, source), json.dumps(asdict(result), indent=1))
     return result
 
