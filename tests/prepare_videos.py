@@ -49,10 +49,12 @@ def build(
     portraits: int = 1,
     side: int = 240,
     cut_at: float | None = None,
+    cut_to: np.ndarray | None = None,
     seconds: float | None = None,
 ) -> Built:
     """Write ``path``: ``portraits`` copies of the portrait (side by side) moving a few pixels, the mouth opening
-    with ``audio``'s loudness; from ``cut_at`` seconds on, a different scene (noise texture); AAC audio when given."""
+    with ``audio``'s loudness; from ``cut_at`` seconds on, another scene: the frames ``cut_to`` [N, H, W, 3] (looped,
+    scaled to the frame), else a noise texture; AAC audio when given."""
     duration = seconds if seconds is not None else (len(audio) / RATE if audio is not None else 7.0)
     frames = int(duration * FPS)
     face, labels = _portrait(side)
@@ -66,7 +68,11 @@ def build(
         sound = container.add_stream("aac", rate=RATE, layout="mono") if audio is not None else None
         for i in range(frames):
             if cut_at is not None and i >= cut_at * FPS:
-                canvas = np.roll(other, i, axis=1)
+                if cut_to is None:
+                    canvas = np.roll(other, i, axis=1)
+                else:
+                    scene = Image.fromarray(cut_to[i % len(cut_to)]).resize((WIDTH, HEIGHT))
+                    canvas = np.asarray(scene)
             else:
                 canvas = np.full((HEIGHT, WIDTH, 3), 110, np.uint8)
                 for p in range(portraits):

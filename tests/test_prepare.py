@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -42,10 +44,21 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
         "two_faces": build(src / "b_two_faces.mp4", audio=voice, portraits=2, side=200),
         "silent": build(src / "c_silent.mp4", audio=silence),
         "tone": build(src / "d_tone.mp4", audio=tone(len(voice) / 16000)),
-        "cut": build(src / "e_cut.mp4", audio=voice, cut_at=4.5),
+        "cut": build(src / "e_cut.mp4", audio=voice, cut_at=4.5, cut_to=_demo_frames(tmp_path_factory)),
         "no_audio": build(src / "f_no_audio.mp4", audio=None, seconds=4.0),
         "small": build(src / "g_small.mp4", audio=voice, side=110),  # found, but 12% of the frame height
     }
+
+
+def _demo_frames(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """The frames of one of the demo's synthetic talking clips (`make-demo-data`): the scene cut to."""
+    from fantasytalk_cli.data.synthetic import make_demo_dataset
+
+    folder = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(folder / "data", num_clips=1)
+    (clip,) = sorted((folder / "data").rglob("*.mp4"))
+    with av.open(str(clip)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +175,9 @@ def test_a_killed_prepare_reruns_to_the_same_output_and_two_ranks_merge_the_same
     leftovers = [p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name]
     for path in leftovers:
         path.unlink()  # a killed atomic write leaves only its hidden temporary, never a partial clip
-    result = CliRunner().invoke(app, ["prepare", str(src), str(out), *FLAGS])
+    result = CliRunner().invoke(app, ["prepare", str(src), str(out), *FLAGS, "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert "already done" in result.output
+    assert "already done" in result.output  # and 2 worker processes give the bytes 1 gives
     assert (out / METADATA_NAME).read_bytes() == (prepared / METADATA_NAME).read_bytes()
     for entry in _entries(prepared):
         for key in ("file_path", "audio_path", "track"):
@@ -207,3 +220,23 @@ def test_a_broken_source_is_dropped_and_counted_once(
     again = prepare_dataset(src, tmp_path / "out", OPTIONS)
     assert len(calls) == 1 and again.dropped_sources == first.dropped_sources  # not retried
     assert not list((tmp_path / "out" / "clips").iterdir())
+
+
+@pytest.mark.slow
+def test_fps_and_aspect_resample_and_crop_as_asked(cases: dict[str, Built], tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(cases["talking"].path, src / "talking.mp4")
+    (src / "talking.txt").write_text("An astronaut talks about her mission.\n")
+    report = prepare_dataset(src, tmp_path / "out", PrepareOptions(size=128, min_seconds=3.0, fps=12.5, aspect="9:16"))
+    (entry,) = _entries(tmp_path / "out")
+    probe = entry["probe"]
+    assert entry["text"] == "An astronaut talks about her mission." and report.clips == 1
+    assert probe["fps"] == 12.5 and probe["width"] == 128 and abs(probe["height"] / 128 - 16 / 9) < 0.02
+    assert abs(probe["audio_duration"] - probe["num_frames"] / 12.5) < 1e-3  # the wav is exactly the clip
+    track = json.loads((tmp_path / "out" / entry["track"]).read_text())
+    assert len(track["face"]) == probe["num_frames"] and track["fps"] == 12.5
+    for k in range(0, len(track["face"]), 5):
+        known = _in_clip(cases["talking"].faces[round((track["source_start"] + k / 12.5) * 25)], track)
+        got, size = track["face"][k], known[3] - known[1]
+        assert abs((got[0] + got[2] - known[0] - known[2]) / 2) <= 0.1 * size, (k, got, known)
