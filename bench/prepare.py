@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    console, options = Console(), PrepareOptions()
+    console, options = Console(width=160), PrepareOptions()
     with tempfile.TemporaryDirectory(prefix="ftalk-bench-prepare-") as tmp:
         root = Path(tmp) / "src"
         root.mkdir()
@@ -235,18 +235,19 @@ def render(
     stage_runs: list[dict[str, float]], stage_walls: list[float], source_s: float,
 ) -> None:  # fmt: skip
     table = Table(title=f"prepare: {args.sources} sources x {args.seconds:g} s at {args.size}")
-    for column in ("setting", "sources", "source s", "wall s", "CPU s", "source s per s per core", "ratio to floor"):
+    columns = ("setting", "sources", "source s", "wall s", "source s per s per core", "ratio to floor", "CPU s",
+               "ratio by CPU s")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "setting" else "right")
-    floor = None
+    floor = floor_cpu = None
     per_core: dict[str, float] = {}
     for setting, runs in rows.items():
         wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
         cores = min(2, args.sources) if setting.endswith("=2") else 1
         per_core[setting] = source_s / wall / cores
-        floor = floor or per_core[setting]
-        ratio = floor / per_core[setting]
-        table.add_row(setting, str(args.sources), f"{source_s:.1f}", f"{wall:.2f}", f"{cpu:.2f}",
-                      f"{per_core[setting]:.2f}", f"{ratio:.2f}x")  # fmt: skip
+        floor, floor_cpu = floor or per_core[setting], floor_cpu or cpu
+        table.add_row(setting, str(args.sources), f"{source_s:.1f}", f"{wall:.2f}", f"{per_core[setting]:.2f}",
+                      f"{floor / per_core[setting]:.2f}x", f"{cpu:.2f}", f"{cpu / floor_cpu:.2f}x")  # fmt: skip
     console.print(table)
     floor_wall = source_s / (floor or 1.0)
     stages = Table(title="stages of prepare_source (one process, wrapped stage functions)")
