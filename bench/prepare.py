@@ -9,8 +9,9 @@ Rows, per `--repeats` (medians shown): the floor, one process decoding every fra
 `thread_type="AUTO"` as the pipeline decodes) and its audio; `prepare_dataset` with `workers=1` and `workers=2`
 (fresh output each time; per core = source seconds / wall / workers). Stages: `prepare_source` once more per source,
 in one process, with each stage function it calls wrapped in a timer, so the order and the calls are the product's
-own: probe, audio decode, VAD, scene cuts, the face pass (its frame decode, `detect_faces`), and clip writing (its
-frame decode, crop + resize, `write_mp4`, the clips' probe facts). Goal: within 2x the decode floor.
+own: probe, audio decode, VAD, the analysis pass (one decode feeding the face detector every 2nd frame and the
+scene-cut scores), and clip writing (its frame decode, crop + resize, `write_mp4`, the clips' probe facts). Goal:
+within 2x the decode floor.
 
 Run from the repository root: ``.venv/bin/python -m bench.prepare`` (4 sources of 20 s at 1280x720), or
 ``.venv/bin/python -m bench.prepare --sources 2 --seconds 8 --size 640x360`` for a quick look.
@@ -52,17 +53,18 @@ STAGES: list[tuple[str, ModuleType, str]] = [
     ("probe", pipeline, "probe_source"),
     ("audio decode (load_audio_16k)", speech, "load_audio_16k"),
     ("VAD (speech_spans)", speech, "speech_spans"),
-    ("scene cuts", shots, "scene_cuts"),
-    ("face pass: decode", pipeline, "_frames"),
-    ("face pass: detect_faces", faces, "detect_faces"),
+    ("analysis pass: decode (full + small)", pipeline, "_analysed"),
+    ("analysis pass: detect_faces", faces, "detect_faces"),
+    ("analysis pass: scene-cut scores", shots, "content_scores"),
     ("clip writing: decode", pipeline, "_frames"),
     ("clip writing: crop + resize", pipeline, "_crop"),
     ("clip writing: encode (write_mp4)", pipeline, "write_mp4"),
     ("probe facts", pipeline, "probe_video"),
     ("probe facts", pipeline, "probe_audio"),
 ]
-FRAME_PASSES = ("face pass: decode", "clip writing: decode")
-"""`_frames` is called twice per source, in this order (`_clips_of`, then `_write_clips`)."""
+GENERATORS = {"_analysed", "_frames"}
+"""Generator stages: their time is what each `next()` takes (the analysis pass's includes `detect_faces`, and
+`content_scores`' includes the analysis pass: both are made exclusive after the run)."""
 
 
 def build_source(path: Path, width: int, height: int, seconds: float, seed: int) -> None:
@@ -129,9 +131,9 @@ def decode_floor(paths: list[Path]) -> None:
 
 
 @contextmanager
-def stage_timers(seconds: dict[str, float], order: list[str]) -> Iterator[None]:
-    """Wrap each of `STAGES`' functions in its module so that its time adds to ``seconds[label]``; `_frames` adds
-    the time spent decoding inside its generator to the next label of ``order``."""
+def stage_timers(seconds: dict[str, float]) -> Iterator[None]:
+    """Wrap each of `STAGES`' functions in its module so that its time adds to ``seconds[label]`` (a generator's:
+    the time of its `next()` calls)."""
     originals = {(module, name): getattr(module, name) for _, module, name in STAGES}
 
     def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -144,23 +146,36 @@ def stage_timers(seconds: dict[str, float], order: list[str]) -> Iterator[None]:
 
         return call
 
-    def frames(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        label, inner = order.pop(0), originals[(pipeline, "_frames")](*args, **kwargs)
-        while True:
-            started = time.perf_counter()
-            item = next(inner, None)
-            seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - started
-            if item is None:
-                return
-            yield item
+    def generator(label: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+        def call(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            inner = fn(*args, **kwargs)
+            while True:
+                started = time.perf_counter()
+                item = next(inner, None)
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - started
+                if item is None:
+                    return
+                yield item
+
+        return call
 
     for label, module, name in STAGES:
-        setattr(module, name, frames if name == "_frames" else timed(label, originals[(module, name)]))
+        wrap = generator if name in GENERATORS else timed
+        setattr(module, name, wrap(label, originals[(module, name)]))
     try:
         yield
     finally:
         for (module, name), fn in originals.items():
             setattr(module, name, fn)
+
+
+def exclusive(seconds: dict[str, float]) -> dict[str, float]:
+    """Nested stage times made exclusive: scores minus the pass feeding them, the pass minus its face detection."""
+    out = dict(seconds)
+    analysis, faces_s = "analysis pass: decode (full + small)", "analysis pass: detect_faces"
+    out["analysis pass: scene-cut scores"] -= out[analysis]
+    out[analysis] -= out[faces_s]
+    return out
 
 
 def run_stages(root: Path, out: Path, options: PrepareOptions) -> tuple[dict[str, float], float]:
@@ -170,15 +185,14 @@ def run_stages(root: Path, out: Path, options: PrepareOptions) -> tuple[dict[str
     for folder in ("clips", "wav", "tracks", pipeline.MARKERS):
         (out / folder).mkdir(parents=True, exist_ok=True)
     for source in find_sources(root, out):
-        order = list(FRAME_PASSES)
         started = time.perf_counter()
-        with stage_timers(seconds, order):
+        with stage_timers(seconds):
             prepare_source(source, out, options)
         total += time.perf_counter() - started
     missing = {label for label, _, _ in STAGES} - set(seconds)
     if missing:
         raise RuntimeError(f"the pipeline no longer calls {sorted(missing)}: update bench/prepare.py's STAGES")
-    return seconds, total
+    return exclusive(seconds), total
 
 
 def main() -> None:

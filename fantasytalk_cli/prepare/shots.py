@@ -143,12 +143,13 @@ def _decode_small(container: av.container.InputContainer, *, max_width: int) -> 
     size: tuple[int, int] | None = None
     for frame in container.decode(stream):
         if size is None:
-            size = _analysis_size(frame.width, frame.height, max_width=max_width)
+            size = analysis_size(frame.width, frame.height, max_width=max_width)
         width, height = size
         yield frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BILINEAR")
 
 
-def _analysis_size(width: int, height: int, *, max_width: int) -> tuple[int, int]:
+def analysis_size(width: int, height: int, *, max_width: int = ANALYSIS_WIDTH) -> tuple[int, int]:
+    """The size frames are scored at: scaled down to ``max_width`` when wider (PySceneDetect's rule)."""
     if width < max_width:
         return width, height
     factor = width / max_width

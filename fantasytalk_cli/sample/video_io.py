@@ -85,8 +85,10 @@ def write_mp4(
     *,
     audio_path: Path | None = None,
     crf: int = 18,
+    preset: str | None = None,
 ) -> Mp4Info:
-    """Write uint8 RGB `frames` [F, H, W, 3] as an H.264 (libx264, yuv420p) mp4 at `fps`, with `audio_path`
+    """Write uint8 RGB `frames` [F, H, W, 3] as an H.264 (libx264, yuv420p; x264's `preset`, default medium) mp4 at
+    `fps`, with `audio_path`
     re-encoded as AAC and cut or silence-padded to F / fps when given. `out_path` is replaced only when the whole
     file is written."""
     out_path = Path(out_path)
@@ -98,7 +100,7 @@ def write_mp4(
     track = None if audio_path is None else _load_track(Path(audio_path), out_path, Fraction(num_frames) / rate)
     try:
         with atomic_file(out_path, binary=True) as handle, av.open(handle, mode="w", format="mp4") as container:
-            _encode(container, frames, rate, crf, track)
+            _encode(container, frames, rate, crf, track, preset)
     except av.FFmpegError as exc:
         raise VideoWriteError(f"{out_path}: encoding failed ({exc}); the previous file, if any, is unchanged") from exc
     except OSError as exc:
@@ -279,7 +281,12 @@ def _to_stereo_at_most(data: np.ndarray) -> np.ndarray:
 
 
 def _encode(
-    container: av.container.OutputContainer, frames: np.ndarray, rate: Fraction, crf: int, track: _Track | None
+    container: av.container.OutputContainer,
+    frames: np.ndarray,
+    rate: Fraction,
+    crf: int,
+    track: _Track | None,
+    preset: str | None = None,
 ) -> None:
     """Encode the frames, and the track's samples up to each frame's end time, interleaved; then flush both."""
     video = container.add_stream("libx264", rate=rate)
@@ -290,7 +297,7 @@ def _encode(
     context = video.codec_context
     context.colorspace, context.color_range = Colorspace.ITU709, ColorRange.MPEG
     context.color_primaries, context.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
-    video.options = {"crf": str(crf)}
+    video.options = {"crf": str(crf), **({"preset": preset} if preset else {})}
     audio = None
     if track is not None:
         audio = container.add_stream("aac", rate=track.rate, layout=track.layout)
