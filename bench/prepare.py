@@ -9,7 +9,7 @@ Rows, per `--repeats` (medians shown): the floor, one process decoding every fra
 `thread_type="AUTO"` as the pipeline decodes) and its audio; `prepare_dataset` with `workers=1` and `workers=2`
 (fresh output each time; per core = source seconds / wall / workers). Stages: `prepare_source` once more per source,
 in one process, with each stage function it calls wrapped in a timer, so the order and the calls are the product's
-own: probe, audio decode, VAD, the analysis pass (one decode feeding the face detector every 2nd frame and the
+own: probe, audio decode, VAD, the analysis pass (one decode feeding the face detector every 4th frame and the
 scene-cut scores), and clip writing (its frame decode, crop + resize, `write_mp4`, the clips' probe facts). Goal:
 within 2x the decode floor.
 

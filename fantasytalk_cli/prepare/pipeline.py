@@ -66,7 +66,7 @@ class PrepareOptions:
     size: int = 512
     fps: float | None = None
     caption: str | None = None
-    analysis_stride: int = 2
+    analysis_stride: int = 4
     """Run the face detector on every N-th frame (the track is interpolated between)."""
     smooth_frames: int = 9
 
