@@ -11,8 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-Box = tuple[float, float, float, float]
-"""x0, y0, x1, y1 in pixels."""
+from fantasytalk_cli.prepare.faces import Box
 
 
 class Detected(Protocol):
