@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.data.synthetic import METADATA_NAME
+from fantasytalk_cli.data.tracks import read_track
 from fantasytalk_cli.prepare.dataset import REPORT_NAME, SHEET_NAME, prepare_dataset
 from fantasytalk_cli.prepare.pipeline import MARKERS, PrepareOptions
 from fantasytalk_cli.runtime.world import World
@@ -98,6 +99,8 @@ def test_talking_cases_become_clips_with_the_face_and_mouth_where_they_are(
 ) -> None:
     built = cases[case]
     (track,) = _tracks(prepared, built.path)
+    (entry,) = [e for e in _entries(prepared) if json.loads((prepared / e["track"]).read_text()) == track]
+    assert len(read_track(prepared / entry["track"]).mouth) == len(track["face"])  # what stage 2 reads
     first = round(track["source_start"] * 25)
     frames = len(track["face"])
     assert frames >= 3.0 * 25
