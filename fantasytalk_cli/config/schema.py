@@ -232,6 +232,13 @@ class TrainConfig(Section):
     audio_dropout: float | None = Field(None, ge=0, le=1)
     """Probability of dropping the audio (audio_scale 0), enabling audio guidance at inference (default 0; 0.1 with
     a LoRA, whose audio-off pass is no longer the base model and must be learned)."""
+    lip_loss_weight: float = Field(0.0, ge=0)
+    """Lip-focused loss (the paper's second stage): latent cells of the mouth region (the entry's `track`, from
+    `ftalk prepare`) weigh 1 + this in the flow-matching loss (0 = off: the plain loss, bitwise)."""
+    face_loss_weight: float = Field(0.0, ge=0)
+    """Latent cells of the face box weigh 1 + this (added to the lip weight where both apply; 0 = off)."""
+    require_tracks: bool = False
+    """With a lip or face weight: refuse entries without a `track` (default: they train with weight 1, counted)."""
     loss_outlier_threshold: float = Field(50.0, gt=0)
     """Elements whose |error| exceeds this are zeroed before averaging (the reference's outlier guard)."""
     max_consecutive_nonfinite: int = Field(5, ge=1)
@@ -256,6 +263,10 @@ class TrainConfig(Section):
     """Longer side of the validation videos (upstream: 512)."""
     validation_max_num_frames: int = Field(81, ge=5)
     """Most frames of a validation video (the audio's duration sets the count; upstream: 81)."""
+
+    def region_weights(self) -> tuple[float, float] | None:
+        """(face, lip) loss weights when either is set, else None (the plain loss)."""
+        return (self.face_loss_weight, self.lip_loss_weight) if self.face_loss_weight or self.lip_loss_weight else None
 
     def audio_drop_probability(self) -> float:
         """`audio_dropout` as set, else 0 (`FtalkConfig` fills in the LoRA default)."""

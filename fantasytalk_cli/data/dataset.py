@@ -25,6 +25,7 @@ from fantasytalk_cli.data.buckets import ClipWindow, clip_window, cover_crop
 from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
 from fantasytalk_cli.data.plan import BucketPlan
 from fantasytalk_cli.data.sampler import PlannedBatch
+from fantasytalk_cli.data.tracks import latent_weights, read_track
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.models.audio import read_audio_for_frames
 from fantasytalk_cli.models.encoders import VIDEO_TENSORS
@@ -158,6 +159,7 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         policy: str = "skip",
         cache: FeatureLookup | None = None,
         fixed_window: bool = False,
+        regions: tuple[float, float] | None = None,
     ) -> None:
         if len(entries) != plan.num_samples:
             raise SampleError(f"the plan covers {plan.num_samples} entries but the metadata has {len(entries)}")
@@ -169,6 +171,8 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         self.policy = policy
         self.cache = cache
         self.fixed_window = fixed_window
+        self.regions = regions
+        """(face, lip) loss weights: each sample's latent cell weights from its entry's track (`data.tracks`)."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -214,6 +218,7 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         window = self.window(index, batch)
         audio_path = resolve_media_path(self.media_root, entry.audio_path)
         sample: dict[str, Any] = {"text": entry.text, "index": index, "video": video, "pixels": None}
+        sample["loss_cells"] = self.loss_cells(entry, window, batch) if self.regions is not None else None
         if video is None:
             video_path = resolve_media_path(self.media_root, entry.file_path)
             sample["pixels"] = loader_frames(read_frames(video_path, window.frame_indices), batch.height, batch.width)
@@ -228,6 +233,22 @@ class ClipBatchDataset(torch.utils.data.Dataset):
             raise SampleError(f"{audio_path}: {exc}") from exc
         sample["audio"] = torch.from_numpy(audio)
         return sample
+
+    def loss_cells(self, entry: MetadataEntry, window: ClipWindow, batch: PlannedBatch) -> torch.Tensor | None:
+        """The sample's latent cell weights [T_lat, h, w] from its track, or None when the entry has none."""
+        assert self.regions is not None
+        track = entry.extra.get("track")
+        if not track:
+            return None
+        weights = latent_weights(
+            read_track(resolve_media_path(self.media_root, str(track))),
+            window.frame_indices,
+            batch.height,
+            batch.width,
+            face_weight=self.regions[0],
+            lip_weight=self.regions[1],
+        )
+        return torch.from_numpy(weights)
 
     def __getitem__(self, batch: PlannedBatch) -> dict[str, Any]:
         samples: list[dict[str, Any]] = []
@@ -256,6 +277,15 @@ class ClipBatchDataset(torch.utils.data.Dataset):
         return batch_out
 
 
+def _loss_cells(samples: list[dict[str, Any]], batch: PlannedBatch) -> torch.Tensor | None:
+    """[B, T_lat, h, w] cell weights when a sample has them (ones for a sample without a track), else None (the
+    plain loss: weight 1 everywhere, exactly)."""
+    if all(s.get("loss_cells") is None for s in samples):
+        return None
+    shape = ((batch.frames - 1) // 4 + 1, batch.height // 8, batch.width // 8)
+    return torch.stack([s["loss_cells"] if s["loss_cells"] is not None else torch.ones(shape) for s in samples])
+
+
 def collate(samples: list[dict[str, Any]], batch: PlannedBatch, failures: list[Failure]) -> dict[str, Any]:
     """Stack one planned batch. Each clip's frames stay uint8, as `loader_frames` left them (most at their source
     size), until the step resizes them on the device (`to_model_pixels`). Audio lengths differ when fps differ:
@@ -270,6 +300,7 @@ def collate(samples: list[dict[str, Any]], batch: PlannedBatch, failures: list[F
         "text": [s["text"] for s in samples],
         "indices": [s["index"] for s in samples],
         "shape": (batch.height, batch.width, batch.frames),
+        "loss_cells": _loss_cells(samples, batch),
         "epoch": batch.epoch,
         "number": batch.number,
         "failures": failures,

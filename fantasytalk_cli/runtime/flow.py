@@ -102,12 +102,20 @@ class LossResult:
 
 
 def flow_matching_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, outlier_threshold: float
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    outlier_threshold: float,
+    cell_weights: torch.Tensor | None = None,
 ) -> LossResult:
-    """Weighted MSE in fp32; elements with |error| > threshold are zeroed before averaging, and counted."""
+    """Weighted MSE in fp32; elements with |error| > threshold are zeroed before averaging, and counted.
+    ``cell_weights`` [B, T_lat, h, w] (the face/lip regions, `data.tracks`) weigh each latent cell, every channel
+    alike; None is the plain loss."""
     err = pred.float() - target.float()
     keep = err.abs() <= outlier_threshold
     sq = torch.where(keep, err, torch.zeros_like(err)) ** 2
+    if cell_weights is not None:
+        sq = sq * cell_weights.float().unsqueeze(1)
     w = weights.float().view(-1, *([1] * (sq.dim() - 1)))
     per_sample = (w * sq).reshape(sq.shape[0], -1).mean(dim=1)
     return LossResult(per_sample.mean(), int((~keep).sum().item()), keep.numel())

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from fantasytalk_cli.config.schema import (
 )
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.entry_facts import Share, with_probe_facts
-from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report
+from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report, resolve_media_path
 from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_checked
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.errors import FtalkError
@@ -240,6 +240,29 @@ def _unlock_run_folder(output_dir: Path, lock: FolderLock | None, made: bool) ->
             output_dir.rmdir()
 
 
+def _check_tracks(entries: Sequence[MetadataEntry], data: DataConfig, train: TrainConfig) -> str:
+    """Before anything slow: every `track` an entry names exists; without `require_tracks` entries without one
+    train with weight 1 (counted), with it they are refused. Returns the line for the log."""
+    untracked = [e for e in entries if not e.extra.get("track")]
+    lost = [e for e in entries if e.extra.get("track") and not resolve_media_path(data.media_root(),
+            str(e.extra["track"])).is_file()]  # fmt: skip
+    if lost:
+        raise TrainingError(
+            f"{len(lost)} entries name a `track` file that does not exist, e.g. entry {lost[0].index}: "
+            f"{lost[0].extra['track']}; rerun `ftalk prepare`, or remove the field"
+        )
+    if untracked and train.require_tracks:
+        raise TrainingError(
+            f"--require_tracks: {len(untracked)} of {len(entries)} entries have no `track` (face/mouth boxes), e.g. "
+            f"entry {untracked[0].index} ({untracked[0].file_path}); make the data with `ftalk prepare`, or drop "
+            "--require_tracks to train them with weight 1"
+        )
+    return (
+        f"face cells x{1 + train.face_loss_weight:g}, mouth cells +{train.lip_loss_weight:g}; "
+        f"{len(entries) - len(untracked)} of {len(entries)} entries have a track, {len(untracked)} train with weight 1"
+    )
+
+
 def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
@@ -263,6 +286,8 @@ def _data(
     )  # fmt: skip
     for warning in facts_notes + warnings:
         say(f"[yellow]plan:[/] {warning}")
+    if train.region_weights() is not None:
+        say(f"loss: {_check_tracks(entries, data, train)}")
     batch_size = train.train_batch_size
     sampler = BucketBatchSampler(
         plan, batch_size=batch_size, rank=world.dp_rank, world_size=world.dp_size, seed=train.seed
@@ -276,7 +301,7 @@ def _data(
     # across ranks, so that `fail` stops every rank together instead of one raising while the others wait.
     dataset = ClipBatchDataset(
         entries, plan, data.media_root(), seed=train.seed, policy="skip", cache=lookup,
-        fixed_window=data.fixed_window,
+        fixed_window=data.fixed_window, regions=train.region_weights(),
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, collate_fn=_identity,

@@ -186,8 +186,13 @@ def training_step(
     }
     with ctx.autocast(), activations_on_host(ctx.activation_offload):
         pred = model(**inputs)[0]
+    cells = batch.get("loss_cells")
     result = flow_matching_loss(
-        pred, noise - latents, loss_weights(sigmas, cfg.weighting_scheme).to(ctx.device), cfg.loss_outlier_threshold
+        pred,
+        noise - latents,
+        loss_weights(sigmas, cfg.weighting_scheme).to(ctx.device),
+        cfg.loss_outlier_threshold,
+        None if cells is None else cells.to(ctx.device),
     )
     tokens = latents.shape[2] * (height // 16) * (width // 16) * bsz
     return StepOutput(result.loss, result.outliers, result.elements, bsz, tokens, inputs)

@@ -1,0 +1,99 @@
+"""The lip/face-weighted loss (issue 24's first parts): the weight formula on a hand-built batch, a run with the
+weights at 0 is today's run bitwise, a weighted run differs, cached and online weighted runs train to the same
+weights, entries without a track train with weight 1 (or are refused with --require_tracks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fantasytalk_cli.cache.build import build_cache
+from fantasytalk_cli.data.metadata import load_entries
+from fantasytalk_cli.data.metadata_write import write_entries_atomic
+from fantasytalk_cli.data.tracks import TRACK_FORMAT
+from fantasytalk_cli.runtime.flow import flow_matching_loss
+from fantasytalk_cli.train.loop import run_training
+from fantasytalk_cli.train.setup import TrainingError
+from tests.tiny_world import world_config
+
+QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (kept for the session)
+
+
+def test_the_weighted_loss_is_the_formula_on_a_hand_built_batch() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 16, 3, 4, 6, generator=g), torch.randn(2, 16, 3, 4, 6, generator=g)
+    per_sample = torch.tensor([1.0, 0.5])
+    cells = torch.ones(2, 3, 4, 6)
+    cells[0, :, 1:3, 2:4] = 3.0  # a mouth region weighing 1 + 2
+    got = flow_matching_loss(pred, target, per_sample, 50.0, cells).loss
+    sq = (pred - target) ** 2
+    want = ((sq * cells[:, None]).flatten(1).mean(1) * per_sample).mean()
+    assert torch.allclose(got, want, rtol=1e-6)
+    plain = flow_matching_loss(pred, target, per_sample, 50.0).loss
+    assert torch.equal(flow_matching_loss(pred, target, per_sample, 50.0, torch.ones(2, 3, 4, 6)).loss, plain)
+    assert got > plain
+
+
+@pytest.fixture()
+def tracked(tiny_world: dict, tmp_path: Path) -> dict:
+    """The tiny world's data with a track per clip but the last (a centre face box, its lower middle the mouth)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    entries = load_entries(data / "clean.json")
+    (data / "tracks").mkdir()
+    for entry in entries[:-1]:
+        assert entry.probe is not None
+        w, h, n = entry.probe.width, entry.probe.height, entry.probe.num_frames
+        track = {"format": TRACK_FORMAT, "fps": entry.probe.fps, "width": w, "height": h,
+                 "face": [[0.25 * w, 0.2 * h, 0.75 * w, 0.8 * h]] * n,
+                 "mouth": [[0.4 * w, 0.6 * h, 0.6 * w, 0.72 * h]] * n}  # fmt: skip
+        name = f"tracks/{Path(entry.file_path).stem}.json"
+        (data / name).write_text(json.dumps(track))
+        entry.extra["track"] = name
+    write_entries_atomic(data / "clean.json", entries)
+    return {**tiny_world, "data": data, "clean": data / "clean.json"}
+
+
+def _run(world: dict, run: Path, **overrides: object) -> dict[str, torch.Tensor]:
+    steps = {"max_train_steps": 3, "checkpointing_steps": 3}
+    summary = run_training(world_config(world, run, **steps, **overrides), QUIET)
+    assert summary.steps == 3
+    return load_file(run / "checkpoint-3" / "trainable.safetensors")
+
+
+@pytest.mark.slow
+def test_weights_at_zero_train_bitwise_today_and_a_weighted_run_differs(tracked: dict, tmp_path: Path) -> None:
+    today = _run(tracked, tmp_path / "today")
+    zero = _run(tracked, tmp_path / "zero", lip_loss_weight=0.0, face_loss_weight=0.0)
+    assert all(torch.equal(zero[k], today[k]) for k in today)
+    weighted = _run(tracked, tmp_path / "lip", lip_loss_weight=2.0, face_loss_weight=0.5)
+    assert any(not torch.equal(weighted[k], today[k]) for k in today)
+
+
+@pytest.mark.slow
+def test_cached_and_online_weighted_runs_train_to_the_same_weights(tracked: dict, tmp_path: Path) -> None:
+    weights = {"lip_loss_weight": 2.0, "face_loss_weight": 0.5}
+    cache = tmp_path / "cache"
+    report = build_cache(world_config(tracked, tmp_path / "unused", cache_dir=cache, max_train_steps=3, **weights))
+    assert report.items > 0 and not report.failed
+    cached = _run(tracked, tmp_path / "cached", cache_dir=cache, cache_required=True, **weights)
+    online = _run(tracked, tmp_path / "online", **weights)
+    for name, want in online.items():
+        torch.testing.assert_close(cached[name], want, rtol=0, atol=1e-6)
+
+
+def test_require_tracks_refuses_entries_without_one_before_loading(tracked: dict, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"--require_tracks: 1 of \d+ entries have no `track`"):
+        run_training(world_config(tracked, tmp_path / "run", lip_loss_weight=1.0, require_tracks=True), QUIET)
+    entries = load_entries(tracked["clean"])
+    entries[0].extra["track"] = "tracks/missing.json"
+    write_entries_atomic(tracked["clean"], entries)
+    with pytest.raises(TrainingError, match="name a `track` file that does not exist"):
+        run_training(world_config(tracked, tmp_path / "run2", lip_loss_weight=1.0), QUIET)
