@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fantasytalk_cli.cache.build import build_cache
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.data.tracks import TRACK_FORMAT
 from fantasytalk_cli.runtime.flow import flow_matching_loss
+from fantasytalk_cli.train.init_from import InitFromError
 from fantasytalk_cli.train.loop import run_training
+from fantasytalk_cli.train.preflight import RunFolderError
 from fantasytalk_cli.train.setup import TrainingError
 from tests.tiny_world import world_config
 
@@ -97,3 +99,33 @@ def test_require_tracks_refuses_entries_without_one_before_loading(tracked: dict
     write_entries_atomic(tracked["clean"], entries)
     with pytest.raises(TrainingError, match="name a `track` file that does not exist"):
         run_training(world_config(tracked, tmp_path / "run2", lip_loss_weight=1.0), QUIET)
+
+
+@pytest.mark.slow
+def test_stage_two_starts_from_stage_one_with_a_fresh_optimizer(
+    tracked: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage1 = _run(tracked, tmp_path / "stage1")
+    weights = {"lip_loss_weight": 2.0, "face_loss_weight": 0.5}
+    cfg = world_config(tracked, tmp_path / "stage2", max_train_steps=1, checkpointing_steps=1, learning_rate=1e-12,
+                       init_from=tmp_path / "stage1", **weights)  # fmt: skip
+    summary = run_training(cfg, QUIET)
+    assert summary.steps == 1  # step 0 of a new run, not step 3 of stage 1
+    stage2 = load_file(tmp_path / "stage2" / "checkpoint-1" / "trainable.safetensors")
+    for name, want in stage1.items():  # one step at lr 1e-12 away from stage 1's weights
+        torch.testing.assert_close(stage2[name], want, rtol=0, atol=1e-9)
+    optimizer = torch.load(tmp_path / "stage2" / "checkpoint-1" / "accelerate" / "optimizer.bin", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {1.0}  # a fresh AdamW
+    # resuming stage 1 with stage 2's objective is refused: a new stage is --init_from's
+    with pytest.raises(RunFolderError, match="lip_loss_weight 0 -> 2 \\(a new stage: start it with --init_from\\)"):
+        run_training(world_config(tracked, tmp_path / "stage1", max_train_steps=4, resume_from_checkpoint="latest",
+                                  **weights), QUIET)  # fmt: skip
+    # a checkpoint of another model size is refused before anything loads
+    import fantasytalk_cli.train.setup as setup
+
+    monkeypatch.setattr(setup, "load_training_models", lambda *a, **k: pytest.fail("the models were loaded"))
+    other = tmp_path / "other.safetensors"
+    save_file({"proj_model.proj.weight": torch.zeros(64, 32), "proj_model.norm.weight": torch.zeros(64),
+               "proj_model.norm.bias": torch.zeros(64)}, str(other))  # fmt: skip
+    with pytest.raises(InitFromError, match="--init_from .*other.safetensors"):
+        run_training(world_config(tracked, tmp_path / "stage2b", init_from=other, **weights), QUIET)

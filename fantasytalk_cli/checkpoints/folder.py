@@ -205,13 +205,13 @@ def converted_file(folder: Path) -> Path | None:
     return None
 
 
-def recorded_model_config(folder: Path) -> dict[str, Any]:
-    """The ``model`` section of the run config our ``meta.json`` records ({} for other checkpoints)."""
+def recorded_model_config(folder: Path, section: str = "model") -> dict[str, Any]:
+    """A section (default ``model``) of the run config our ``meta.json`` records ({} for other checkpoints)."""
     try:
-        model = json.loads((folder / META_NAME).read_text())["config"]["model"]
+        recorded = json.loads((folder / META_NAME).read_text())["config"][section]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    return model if isinstance(model, dict) else {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def trainable_patterns(folder: Path) -> list[str] | None:

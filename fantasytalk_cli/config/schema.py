@@ -309,6 +309,10 @@ class CheckpointConfig(Section):
     """Keep at most this many checkpoints (oldest pruned after a successful save)."""
     resume_from_checkpoint: str | None = None
     """`latest` or a checkpoint folder to resume from (`latest` on a folder without checkpoints starts anew)."""
+    init_from: Path | None = None
+    """Start this run from another run's trained weights (a checkpoint, run or convert-zero folder, an adapter
+    file): the trainable tensors only, with this run's own optimizer and schedule, at step 0 (stage 2 from stage 1).
+    A resume of this run's own checkpoints wins over it."""
     allow_unverified_resume: bool = False
     """Resume from a checkpoint whose manifest does not verify, or that lacks its RNG state, saying which
     guarantee is lost (default: refuse, or with `latest` fall back to the newest checkpoint that verifies)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fantasytalk_cli.checkpoints.folder import CHECKPOINT_RE, LATEST_NAME, list_checkpoints, recorded_model_config
-from fantasytalk_cli.config.schema import CheckpointConfig, ModelConfig
+from fantasytalk_cli.config.schema import CheckpointConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.locks import LOCK_NAME, refuse_if_held
 from fantasytalk_cli.train.checkpoint import resolve_resume
@@ -134,20 +134,30 @@ RECORDED_DEFAULTS: dict[str, object] = {"lora_rank": 0, "lora_alpha": None, "lor
 """What a checkpoint written before the LoRA existed trained (no LoRA)."""
 
 
-def check_resume_trains_the_same(resume: Path, model: ModelConfig) -> None:
-    """Refuse, before anything loads, to resume ``resume`` with other trainable tensors or another LoRA: its
-    optimizer state belongs to the tensors it trained (and the LoRA's scale to its alpha)."""
+OBJECTIVE = ("lip_loss_weight", "face_loss_weight")
+"""`train` settings that change what the run optimises: a resume must keep them (`--init_from` starts a new stage)."""
+
+
+def check_resume_trains_the_same(resume: Path, model: ModelConfig, train: TrainConfig) -> None:
+    """Refuse, before anything loads, to resume ``resume`` with other trainable tensors, another LoRA or another
+    objective: its optimizer state belongs to the tensors and the loss it trained (and the LoRA's scale to its
+    alpha)."""
     recorded = recorded_model_config(resume)
     if not recorded:
         return  # not our checkpoint, or no meta.json: loading it says what does not match
     now = _what_trains(model.model_dump(mode="json"))
     then = _what_trains({key: recorded.get(key, RECORDED_DEFAULTS.get(key)) for key in WHAT_TRAINS})
     changed = [f"{key} {then[key]!r} -> {now[key]!r}" for key in WHAT_TRAINS if then[key] != now[key]]
+    objective = recorded_model_config(resume, "train")
+    for key in OBJECTIVE:
+        was, asked = float(objective.get(key, 0.0) or 0.0), float(getattr(train, key))
+        if was != asked:
+            changed.append(f"{key} {was:g} -> {asked:g} (a new stage: start it with --init_from)")
     if changed:
         raise RunFolderError(
-            f"--resume_from_checkpoint {resume}: it trained other tensors than this run would ({'; '.join(changed)}). "
-            "A resume continues the same training: give the checkpoint's settings back, or start a new run in "
-            "another --output_dir"
+            f"--resume_from_checkpoint {resume}: it trained other tensors or another loss than this run would "
+            f"({'; '.join(changed)}). A resume continues the same training: give the checkpoint's settings back, or "
+            "start a new run in another --output_dir"
         )
 
 

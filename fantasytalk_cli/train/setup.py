@@ -61,6 +61,7 @@ from fantasytalk_cli.train.distributed import (
     sharded_build,
     share_from_main,
 )
+from fantasytalk_cli.train.init_from import check_init_from, init_from
 from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
 from fantasytalk_cli.train.preflight import (
     RUN_FOLDER_FIX,
@@ -142,7 +143,7 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
         raise TrainingError("--train_data_meta is required (the metadata file: the seed's metadata_control.json)")
     folder = plan_run_folder(checkpoint, checkpoint.overwrite_output_dir)
     if folder.resume is not None:
-        check_resume_trains_the_same(folder.resume, model)
+        check_resume_trains_the_same(folder.resume, model, train)
     check_model_paths(model)
     validation = check_validation(train, checkpoint.output_dir)
     accelerator, strategy = build_accelerator(cfg.dist, train, checkpoint, train.report_to)
@@ -151,6 +152,9 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
         undo.callback(_unlock_run_folder, checkpoint.output_dir, lock, made)
         world = World.of(accelerator)
         check_memory_options(model, strategy.name)
+        start = None
+        if checkpoint.init_from is not None and folder.resume is None:  # before anything slow, as resume is
+            start = check_init_from(checkpoint.init_from, model, strategy.name)
         if model.blocks_to_offload:  # before anything loads: the count against the DiT config's blocks
             check_block_count(model.blocks_to_offload, int(configured_model_dims(model).config["num_layers"]))
         tell = functools.partial(console.print, soft_wrap=True)
@@ -172,6 +176,10 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
             say("cache: the encoders stay loaded for the validation samples (--validation_image_paths)")
             cached = frozenset()
         models = _models(model, train, accelerator, strategy, say, cached)
+        if start is not None:
+            say(f"model: {init_from(start, models.transformer)}")
+        elif checkpoint.init_from is not None:
+            say(f"model: --init_from {checkpoint.init_from} not used: resuming this run's own checkpoint")
         if accelerator.device.type == "cuda":
             _warn_if_unfit(model, train, accelerator, world, strategy, plan, models, cached, say)
         optimizer = build_optimizer(models.transformer, train)
