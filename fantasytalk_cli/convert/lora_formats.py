@@ -180,6 +180,23 @@ def to_diffusers(
     return tensors, metadata
 
 
+def from_diffusers_name(key: str) -> str:
+    """A tensor name of `to_diffusers`' file -> the peft parameter name ftalk trains
+    (``transformer.blocks.0.attn1.to_q.lora_A.weight`` -> ``blocks.0.attn1.to_q.lora_A.default.weight``)."""
+    name = key.removeprefix(f"{DIFFUSERS_PREFIX}.")
+    for side in ("lora_A", "lora_B"):
+        name = name.replace(f".{side}.weight", f".{side}.{ADAPTER_NAME}.weight")
+    return name
+
+
+def diffusers_lora_config(metadata: Mapping[str, str]) -> dict[str, object]:
+    """The `LoraConfig` kwargs `to_diffusers` (as diffusers' `save_lora_weights`) packs into a file's metadata, or
+    {} when the file has none."""
+    packed = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
+    prefix = f"{DIFFUSERS_PREFIX}."
+    return {key.removeprefix(prefix): value for key, value in packed.items() if key.startswith(prefix)}
+
+
 def _alpha_tensor(alpha: float) -> torch.Tensor:
     return torch.tensor(float(alpha), dtype=torch.float32)
 

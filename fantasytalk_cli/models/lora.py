@@ -124,11 +124,6 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
         layer.set_scale(ADAPTER_NAME, scale)
 
 
-def lora_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The LoRA tensors among ``weights`` (peft's names)."""
-    return {name: tensor for name, tensor in weights.items() if is_lora_name(name)}
-
-
 def lora_in(shapes: Mapping[str, Sequence[int]], recorded: Mapping[str, object]) -> tuple[LoraSpec | None, list[str]]:
     """The LoRA a set of trained tensors holds (peft names -> shapes), with notes: rank and targets from the
     tensors, alpha and dropout from ``recorded`` (a checkpoint's recorded `model` config section) where it has them,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from PIL import Image
 
 from fantasytalk_cli.data.probe import probe_audio, probe_video
 from fantasytalk_cli.data.probing import facts_from_results
+from fantasytalk_cli.data.tracks import TRACK_FORMAT
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import atomic_file, write_text_atomic
 from fantasytalk_cli.prepare.crop import Aspect, Crop, crop_for, smooth
@@ -48,7 +49,6 @@ SAMPLE_RATE = 16_000
 DEFAULT_CAPTION = "A person is talking."
 """Upstream FantasyTalking's inference prompt, plainly: the caption of clips without a sidecar or `--caption`."""
 MARKERS = ".prepare"
-TRACK_FORMAT = "ftalk-face-track/1"
 ENCODE_PRESET = "veryfast"
 """x264's preset for the clips (crf 18 keeps them visually lossless): ~1.3x faster than the default `medium` on
 this machine for ~8% larger files."""
@@ -202,14 +202,13 @@ def _analysed(path: Path, stride: int, detections: list[tuple[int, list[Face]]])
             yield frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BILINEAR")
 
 
-def _frames(path: Path, stride: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, RGB frame) of every ``stride``-th decoded frame."""
+def _frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB frame) of every decoded frame."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
-            if index % stride == 0:
-                yield index, frame.to_ndarray(format="rgb24")
+            yield index, frame.to_ndarray(format="rgb24")
 
 
 @dataclass(frozen=True)
@@ -255,7 +254,7 @@ def _write_clips(
     caption = options.caption or source.caption or DEFAULT_CAPTION
     pending, kept = 0, {}
     plan, wanted = plans[0], set(plans[0].sources)
-    for index, frame in _frames(source.path, 1):
+    for index, frame in _frames(source.path):
         if index in wanted:
             kept[index] = _crop(frame, plan.crop)
         while index >= plan.sources[-1]:  # the clip's last frame is in: write it, go on to the next
@@ -321,6 +320,3 @@ def _write_wav(path: Path, samples: np.ndarray) -> None:
 
 def _rounded(box: Box) -> list[float]:
     return [round(v, 2) for v in box]
-
-
-ProgressFn = Callable[[int, int], None]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -117,7 +116,3 @@ def probe_source(path: Path) -> SourceInfo | str:
             )  # fmt: skip
     except (av.FFmpegError, OSError, ValueError):
         return "unreadable"
-
-
-def frame_time(index: int, fps: float) -> float:
-    return float(Fraction(index) / Fraction(fps).limit_denominator(1001000))

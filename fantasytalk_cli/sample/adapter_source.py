@@ -8,7 +8,6 @@ configured ``--transformer_path`` is used, else the adapter is the fresh one (ze
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,11 +28,11 @@ from fantasytalk_cli.checkpoints.folder import (
 )
 from fantasytalk_cli.checkpoints.sources import CheckpointSource, open_checkpoint
 from fantasytalk_cli.convert.choices import LORA_FILES
-from fantasytalk_cli.convert.lora_formats import DIFFUSERS_METADATA_KEY, DIFFUSERS_PREFIX
+from fantasytalk_cli.convert.lora_formats import diffusers_lora_config, from_diffusers_name
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.models.adapter_file import load_adapter_or_transformer, plan_adapter_file
 from fantasytalk_cli.models.layout import ModelLoadError
-from fantasytalk_cli.models.lora import ADAPTER_NAME, LoraSpec, lora_in
+from fantasytalk_cli.models.lora import LoraSpec, lora_in
 from fantasytalk_cli.models.trainable import is_adapter_name, is_lora_name
 from fantasytalk_cli.models.weights import model_shapes
 
@@ -105,25 +104,16 @@ def lora_file_spec(path: Path) -> tuple[LoraSpec, list[str]]:
     """The LoRA of a diffusers-layout file: rank and targets from its tensors, alpha from the `LoraConfig` diffusers
     records in the file's metadata (else alpha = rank, said in a note)."""
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        shapes = {_peft_name(k): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+        shapes = {from_diffusers_name(k): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
         metadata = handle.metadata() or {}
     try:
-        recorded = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
-        config = {"lora_rank": recorded.get("transformer.r"), "lora_alpha": recorded.get("transformer.lora_alpha")}
-        spec, notes = lora_in(shapes, config)
+        recorded = diffusers_lora_config(metadata)
+        spec, notes = lora_in(shapes, {"lora_rank": recorded.get("r"), "lora_alpha": recorded.get("lora_alpha")})
     except ValueError as exc:
         raise AdapterSourceError(f"--adapter {path}: {exc}") from exc
     if spec is None:
         raise AdapterSourceError(f"--adapter {path}: holds no LoRA tensors (transformer.<module>.lora_A.weight)")
     return spec, notes
-
-
-def _peft_name(key: str) -> str:
-    """``transformer.blocks.0.attn1.to_q.lora_A.weight`` (diffusers' file) -> our peft parameter name."""
-    name = key.removeprefix(f"{DIFFUSERS_PREFIX}.")
-    for side in ("lora_A", "lora_B"):
-        name = name.replace(f".{side}.weight", f".{side}.{ADAPTER_NAME}.weight")
-    return name
 
 
 def check_adapter(source: AdapterSource, model: nn.Module) -> str:
@@ -150,7 +140,7 @@ def _check_lora_file(path: Path, model: nn.Module) -> dict[str, str]:
     shapes, _ = model_shapes(model)
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
-    names = {key: _peft_name(key) for key in stored}
+    names = {key: from_diffusers_name(key) for key in stored}
     lora = {n for n in shapes if is_lora_name(n)}
     unknown = sorted(k for k, n in names.items() if n not in lora)
     lacking = sorted(lora - set(names.values()))
