@@ -525,7 +525,8 @@ def sample(
 @reports_errors
 def make_demo_data(
     out_dir: Annotated[
-        Path, typer.Argument(metavar="OUT_DIR", help="Folder to write train/, wav/ and metadata_control.json into.")
+        Path,
+        typer.Argument(metavar="OUT_DIR", help="Folder to write train/, wav/, tracks/ and metadata_control.json into."),
     ],
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same dataset.")] = 0,
     num_clips: Annotated[int, typer.Option("--num_clips", min=1, help="Number of clips.")] = 12,

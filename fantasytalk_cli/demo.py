@@ -2,8 +2,9 @@
 
 Each step is the same library call its command makes: a tiny random-weight Wan2.1 folder in the real
 original layout, synthetic talking clips, `validate-metadata --write-clean`, `plan-buckets --write`,
-`train` (~20 steps with checkpoints, the loss of a fixed evaluation batch measured before and after),
-`convert-zero` of the last checkpoint.
+`train` (~20 steps with checkpoints, the loss of a fixed evaluation batch measured before and after), the
+lip-focused stage 2 (`train --init_from` stage 1's last checkpoint with `--lip_loss_weight`, on the mouth tracks
+`make-demo-data` writes), `convert-zero` of stage 2's last checkpoint, `sample`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ DEMO_FLAGS: dict[str, Any] = {
 }
 """The demo's run: the seed's recipe shrunk to the tiny world (fp32, because CPUs lack fast bf16)."""
 
+STAGE2_FLAGS: dict[str, Any] = {
+    "max_train_steps": 10,
+    "checkpointing_steps": 10,
+    "learning_rate": 5e-4,
+    "lip_loss_weight": 2.0,
+    "face_loss_weight": 0.5,
+    "require_tracks": True,
+}
+"""The demo's stage 2 (`examples/two_stage/` at the tiny world's scale): from stage 1's weights, the mouth cells
+weighing 1 + 0.5 + 2 and the rest of the face 1.5."""
+
 
 class DemoError(FtalkUsageError):
     """A demo step failed; the message names it."""
@@ -68,7 +80,9 @@ class DemoResult:
     steps: list[tuple[str, float, str]] = field(default_factory=list)
     loss_before: float = float("nan")
     loss_after: float = float("nan")
+    loss_stage2: float = float("nan")
     checkpoint: Path | None = None
+    stage2: Path | None = None
     adapter: Path | None = None
     sample: Path | None = None
     strip: Path | None = None
@@ -90,8 +104,9 @@ class DemoResult:
         return [
             f"demo finished in {self.seconds:.0f} s; everything is in {w}",
             f"loss on a fixed evaluation batch (same clips, noise, timesteps): {self.loss_before:.4f} before "
-            f"training -> {self.loss_after:.4f} after",
+            f"training -> {self.loss_after:.4f} after stage 1 -> {self.loss_stage2:.4f} after stage 2",
             f"checkpoint:         {self.checkpoint}",
+            f"stage 2 checkpoint: {self.stage2}",
             f"converted adapter:  {self.adapter}",
             f"sample video:       {self.sample}",
             f"its frames:         {self.strip}",
@@ -181,8 +196,22 @@ def run_demo(work_dir: Path, seed: int = 0, console: Console | None = None, *, o
         result.loss_after = fixed_batch_loss(*sections, load_file(result.checkpoint / "trainable.safetensors"))
         return f"{summary.steps} steps, checkpoints in {cfg.checkpoint.output_dir}"
 
+    def stage2() -> str:
+        assert result.checkpoint is not None
+        lips = demo_config(work_dir, seed=seed, output_dir=work_dir / "run-lips", init_from=result.checkpoint,
+                           **STAGE2_FLAGS)  # fmt: skip
+        summary = run_training(lips, console)
+        result.stage2 = summary.checkpoints[-1]
+        weights = load_file(result.stage2 / "trainable.safetensors")
+        result.loss_stage2 = fixed_batch_loss(cfg.data, cfg.buckets, cfg.model, cfg.train, weights)
+        return (
+            f"{summary.steps} steps from {result.checkpoint.name}, mouth cells weighing "
+            f"{1 + lips.train.face_loss_weight + lips.train.lip_loss_weight:g}, checkpoints in {work_dir / 'run-lips'}"
+        )
+
     def convert() -> str:
-        report = convert_checkpoint(cfg.checkpoint.output_dir, work_dir / "adapter", ConvertOptions())
+        assert result.stage2 is not None
+        report = convert_checkpoint(result.stage2.parent, work_dir / "adapter", ConvertOptions())
         result.adapter = report.output / "fantasytalking_model.ckpt"
         return f"{report.kind} checkpoint -> {', '.join(report.files)} in {report.output}"
 
@@ -206,6 +235,7 @@ def run_demo(work_dir: Path, seed: int = 0, console: Console | None = None, *, o
     result.run("validate-metadata", validate)
     result.run("plan-buckets", plan)
     result.run("train", train)
+    result.run("train stage 2", stage2)
     result.run("convert-zero", convert)
     result.run("sample", sample)
     return result

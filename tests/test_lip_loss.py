@@ -4,7 +4,6 @@ weights, entries without a track train with weight 1 (or are refused with --requ
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from fantasytalk_cli.cache.build import build_cache
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.metadata_write import write_entries_atomic
-from fantasytalk_cli.data.tracks import TRACK_FORMAT
 from fantasytalk_cli.runtime.flow import flow_matching_loss
 from fantasytalk_cli.train.init_from import InitFromError
 from fantasytalk_cli.train.loop import run_training
@@ -45,20 +43,13 @@ def test_the_weighted_loss_is_the_formula_on_a_hand_built_batch() -> None:
 
 @pytest.fixture()
 def tracked(tiny_world: dict, tmp_path: Path) -> dict:
-    """The tiny world's data with a track per clip but the last (a centre face box, its lower middle the mouth)."""
+    """The tiny world's data (whose clips carry the tracks `make-demo-data` drew) with the last clip's track
+    removed."""
     data = tmp_path / "data"
     shutil.copytree(tiny_world["data"], data)
     entries = load_entries(data / "clean.json")
-    (data / "tracks").mkdir()
-    for entry in entries[:-1]:
-        assert entry.probe is not None
-        w, h, n = entry.probe.width, entry.probe.height, entry.probe.num_frames
-        track = {"format": TRACK_FORMAT, "fps": entry.probe.fps, "width": w, "height": h,
-                 "face": [[0.25 * w, 0.2 * h, 0.75 * w, 0.8 * h]] * n,
-                 "mouth": [[0.4 * w, 0.6 * h, 0.6 * w, 0.72 * h]] * n}  # fmt: skip
-        name = f"tracks/{Path(entry.file_path).stem}.json"
-        (data / name).write_text(json.dumps(track))
-        entry.extra["track"] = name
+    assert all(entry.extra.get("track") for entry in entries)
+    del entries[-1].extra["track"]
     write_entries_atomic(data / "clean.json", entries)
     return {**tiny_world, "data": data, "clean": data / "clean.json"}
 
@@ -92,7 +83,7 @@ def test_cached_and_online_weighted_runs_train_to_the_same_weights(tracked: dict
 
 
 def test_require_tracks_refuses_entries_without_one_before_loading(tracked: dict, tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match=r"--require_tracks: 1 of \d+ entries have no `track`"):
+    with pytest.raises(TrainingError, match=r"--require_tracks, but 1 of \d+ entries have no `track`"):
         run_training(world_config(tracked, tmp_path / "run", lip_loss_weight=1.0, require_tracks=True), QUIET)
     entries = load_entries(tracked["clean"])
     entries[0].extra["track"] = "tracks/missing.json"

@@ -297,6 +297,31 @@ def test_readme_lora_recipe_runs_on_the_raw_metadata(tiny_world: dict, tmp_path:
 
 
 @pytest.mark.slow
+def test_readme_two_stage_recipe_and_its_example_configs_run_on_the_raw_metadata(
+    tiny_world: dict, tmp_path: Path
+) -> None:
+    """The README's two-stage block as written on the seed-layout raw metadata (whose entries carry the tracks
+    `make-demo-data` drew): stage 2 starts at step 0 from stage 1's checkpoint and weighs every clip's mouth; then
+    the same two runs from `examples/two_stage/`, scaled down by flags."""
+    user = user_folder(tiny_world, tmp_path / "user")
+    scale = f"FTALK_ARGS+=({shlex.join(SCALE_DOWN)})"
+    proc = run_bash("\n".join([readme_block("export MODEL_NAME"), scale, readme_block("# stage 1: clip-level")]), user)
+    assert "initialised from output_stage1/checkpoint-2: plain" in proc.stdout, proc.stdout[-3000:]
+    assert "face cells x1.5, mouth cells +2; 6 of 6 entries have a track, 0 train with weight 1" in proc.stdout
+    meta = json.loads((user / "output_stage2/checkpoint-2/meta.json").read_text())
+    assert meta["config"]["train"]["lip_loss_weight"] == 2.0 and meta["config"]["train"]["learning_rate"] == 1e-5
+    # the same two runs from the example configs as written (scaled down), in a user folder of their own
+    other = user_folder(tiny_world, tmp_path / "other")
+    run_bash(shlex.join(["ftalk", "train", "--config", "examples/two_stage/stage1_alignment.yaml", *SCALE_DOWN]), other)
+    proc = run_bash(
+        shlex.join(["ftalk", "train", "--config", "examples/two_stage/stage2_lips.yaml", *SCALE_DOWN]), other
+    )
+    assert "initialised from output_stage1/checkpoint-2: plain" in proc.stdout
+    assert "mouth cells +2; 6 of 6 entries have a track, 0 train with weight 1" in proc.stdout
+    assert (other / "output_stage2/checkpoint-2/trainable.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_example_config_trains_scaled_down_by_flags(tiny_world: dict, tmp_path: Path) -> None:
     user = user_folder(tiny_world, tmp_path / "user")
     cmd = ["ftalk", "train", "--config", "examples/fantasytalking_512.yaml", *SCALE_DOWN]

@@ -61,6 +61,7 @@ def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
         "validate-metadata",
         "plan-buckets",
         "train",
+        "train stage 2",
         "convert-zero",
         "sample",
     )
@@ -71,10 +72,16 @@ def test_readme_demo_command_runs_the_pipeline(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "run" / "logs").is_dir()  # TensorBoard scalars
     # What happened and what next, one line per path (a piped log keeps each path whole)
     assert re.search(
-        r"(?m)^loss on a fixed evaluation batch .*: \d+\.\d+ before training -> \d+\.\d+ after$", proc.stdout
+        r"(?m)^loss on a fixed evaluation batch .*: \d+\.\d+ before training -> \d+\.\d+ after stage 1 -> "
+        r"\d+\.\d+ after stage 2$",
+        proc.stdout,
     )
     assert f"converted adapter:  {tmp_path / 'demo' / 'adapter' / 'fantasytalking_model.ckpt'}\n" in proc.stdout
     assert f"checkpoint:         {tmp_path / 'demo' / 'run' / 'checkpoint-20'}\n" in proc.stdout
+    # stage 2 started from stage 1's weights, weighing the mouth cells of every clip's track
+    assert f"initialised from {tmp_path / 'demo' / 'run' / 'checkpoint-20'}" in proc.stdout
+    assert "12 of 12 entries have a track, 0 train with weight 1" in proc.stdout
+    assert f"stage 2 checkpoint: {tmp_path / 'demo' / 'run-lips' / 'checkpoint-10'}\n" in proc.stdout
     assert "\n  ftalk validate-metadata " in proc.stdout  # the next commands to try
     # the demo ends on a sample video of the trained adapter, whose frames differ from the fresh adapter's
     assert f"sample video:       {tmp_path / 'demo' / 'sample.mp4'}\n" in proc.stdout

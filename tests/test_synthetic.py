@@ -24,6 +24,7 @@ from fantasytalk_cli.data.synthetic import (
     make_demo_dataset,
     write_talking_clip,
 )
+from fantasytalk_cli.data.tracks import read_track
 
 DARK_LUMA = 60.0
 """Luma below which a decoded pixel counts as mouth (the mouth is the only dark thing in the lower half)."""
@@ -67,12 +68,13 @@ def test_layout_and_metadata_follow_the_seed_format(demo: DemoDataReport) -> Non
     assert [e["file_path"] for e in entries] == [f"train/{i:08d}.mp4" for i in range(1, 13)]
     assert [e["audio_path"] for e in entries] == [f"wav/{i:08d}.wav" for i in range(1, 13)]
     for entry in entries:
-        assert set(entry) == {"file_path", "audio_path", "text", "type"}
+        assert set(entry) == {"file_path", "audio_path", "text", "type", "track"}
+        assert entry["track"] == entry["file_path"].replace("train/", "tracks/").replace(".mp4", ".json")
         assert entry["type"] == "video" and entry["text"].strip()
         assert (demo.out_dir / entry["file_path"]).is_file() and (demo.out_dir / entry["audio_path"]).is_file()
     assert entries == [clip.metadata_entry() for clip in demo.clips]
     assert len({e["text"] for e in entries}) > 6, "captions should vary"
-    assert sorted(p.name for p in demo.out_dir.iterdir()) == ["metadata_control.json", "train", "wav"]
+    assert sorted(p.name for p in demo.out_dir.iterdir()) == ["metadata_control.json", "tracks", "train", "wav"]
     assert hidden_siblings(demo.out_dir) == []
 
 
@@ -116,6 +118,29 @@ def test_mouth_opening_follows_audio_loudness_in_every_clip(demo: DemoDataReport
         np.testing.assert_allclose(clip.info.audio_envelope, rms, atol=1e-3)
 
 
+def test_tracks_hold_the_drawn_mouth_and_face(demo: DemoDataReport) -> None:
+    """The track `make-demo-data` writes is where it drew: every dark-red mouth pixel of each decoded frame (below
+    the face's centre, where no other feature is drawn) lies in that frame's mouth box (1 px of codec blur
+    allowed), the box is prepare's size, and the face box holds it."""
+    for clip in demo.clips:
+        track = read_track(demo.out_dir / clip.track_path)
+        assert (track.width, track.height) == (clip.info.width, clip.info.height)
+        frames = decord.VideoReader(str(demo.out_dir / clip.file_path)).get_batch(range(clip.info.num_frames))
+        assert len(track.mouth) == len(track.face) == clip.info.num_frames
+        for i, frame in enumerate(frames.asnumpy().astype(int)):
+            fx0, fy0, fx1, fy1 = track.face[i]
+            lower = np.arange(frame.shape[0])[:, None] > (fy0 + fy1) / 2
+            ys, xs = np.nonzero((np.abs(frame - (70, 15, 25)).sum(-1) < 40) & lower)
+            x0, y0, x1, y1 = track.mouth[i]
+            assert len(xs) > 0, f"{clip.file_path} frame {i}: no mouth drawn"
+            assert x0 - 1 <= xs.min() and xs.max() <= x1 + 1 and y0 - 1 <= ys.min() and ys.max() <= y1 + 1, (
+                f"{clip.file_path} frame {i}: mouth pixels outside the track's box"
+            )
+            assert x1 - x0 == pytest.approx(0.5 * (fx1 - fx0), abs=0.02)
+            assert y1 - y0 == pytest.approx(0.35 * (fy1 - fy0), abs=0.02)
+            assert fx0 <= x0 and x1 <= fx1 and fy0 <= y0 and y1 <= fy1
+
+
 def test_audio_sounds_like_speech_with_pauses(demo: DemoDataReport) -> None:
     for clip in demo.clips:
         rms = np.asarray(clip.info.audio_envelope)
@@ -129,7 +154,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     c = make_demo_dataset(tmp_path / "c", seed=6, num_clips=4)
     assert read_metadata(a.out_dir) == read_metadata(b.out_dir)
     for clip in a.clips:
-        for rel in (clip.audio_path, clip.file_path):
+        for rel in (clip.audio_path, clip.file_path, clip.track_path):
             assert (a.out_dir / rel).read_bytes() == (b.out_dir / rel).read_bytes(), rel
     assert read_metadata(a.out_dir) != read_metadata(c.out_dir)
     for clip in a.clips:

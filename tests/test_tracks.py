@@ -5,11 +5,14 @@ portrait and landscape; the temporal grouping is the VAE's (frame 0 alone, then 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fantasytalk_cli.data.metadata import load_entries
+from fantasytalk_cli.data.metadata_write import write_entries_atomic
 from fantasytalk_cli.data.tracks import (
     TRACK_FORMAT,
     Track,
@@ -18,6 +21,8 @@ from fantasytalk_cli.data.tracks import (
     latent_weights,
     read_track,
 )
+from fantasytalk_cli.planning.report import make_plan_report
+from tests.tiny_world import world_config
 
 
 def _expected_cells(box: tuple[float, ...], src: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, ...]:
@@ -82,3 +87,32 @@ def test_bad_track_files_are_named(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": TRACK_FORMAT, "width": 8, "height": 8, "face": [[0, 0, 1, 1]],
                                 "mouth": [[0, 0, 1, 1]]}))  # fmt: skip
     assert read_track(path) == Track(8, 8, [(0.0, 0.0, 1.0, 1.0)], [(0.0, 0.0, 1.0, 1.0)])
+
+
+def test_plan_buckets_counts_the_planned_clips_with_a_track(tiny_world: dict, tmp_path: Path) -> None:
+    """`plan-buckets` says how many planned clips carry a track, what the stage-2 weights do with the rest, and
+    names a track file that is missing."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+
+    def notes(**flags: object) -> list[str]:
+        cfg = world_config({**tiny_world, "data": data, "clean": data / "clean.json"}, tmp_path / "run", **flags)
+        return [n for n in make_plan_report(cfg).notes if n.startswith("face/mouth tracks")]
+
+    assert notes() == [
+        "face/mouth tracks: 6 of 6 planned clips have one (used by --lip_loss_weight / --face_loss_weight, the "
+        "lip-focused stage 2)"
+    ]
+    entries = load_entries(data / "clean.json")
+    del entries[0].extra["track"]
+    entries[1].extra["track"] = "tracks/gone.json"
+    write_entries_atomic(data / "clean.json", entries)
+    assert notes(lip_loss_weight=1.0) == [
+        "face/mouth tracks: 4 of 6 planned clips have one; 1 name a missing file (e.g. tracks/gone.json: train "
+        "refuses them); the other 1 train with loss weight 1"
+    ]
+    assert notes(lip_loss_weight=1.0, require_tracks=True)[0].endswith("the other 1 refused by --require_tracks")
+    for entry in entries:
+        entry.extra.pop("track", None)
+    write_entries_atomic(data / "clean.json", entries)
+    assert notes() == []  # nothing tracked, nothing weighted: no line

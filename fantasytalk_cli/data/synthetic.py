@@ -22,6 +22,7 @@ import numpy as np
 import soundfile as sf
 
 from fantasytalk_cli.data.probe_facts import ProbeFacts
+from fantasytalk_cli.data.tracks import Box, track_document
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.fileio import swap_folder
 
@@ -65,7 +66,9 @@ class ClipInfo:
 
     `hair` and `background` name the drawn colours (captions use them). `mouth_opening[i]` (0 closed .. 1 fully
     open) is what frame `i` shows; `audio_envelope[i]` is the RMS of the written audio (channels averaged) over
-    frame `i`'s time interval: the loudness the mouth follows.
+    frame `i`'s time interval: the loudness the mouth follows. `face_boxes[i]` and `mouth_boxes[i]` are where frame
+    `i` drew them (x0, y0, x1, y1 in pixels): the face ellipse's bounds, and the mouth box in `ftalk prepare`'s
+    convention (0.5 face widths by 0.35 face heights, centred on the mouth), which holds the mouth fully open.
     """
 
     num_frames: int
@@ -80,11 +83,19 @@ class ClipInfo:
     background: str
     mouth_opening: tuple[float, ...] = field(repr=False)
     audio_envelope: tuple[float, ...] = field(repr=False)
+    face_boxes: tuple[Box, ...] = field(repr=False, default=())
+    mouth_boxes: tuple[Box, ...] = field(repr=False, default=())
 
     @property
     def video_seconds(self) -> float:
         """Duration of the video stream: frames / fps."""
         return self.num_frames / self.fps
+
+    def track(self) -> dict[str, object]:
+        """The clip's face/mouth track file (`docs/prepare.md#the-track-format`): where it drew them."""
+        return track_document(
+            fps=self.fps, width=self.width, height=self.height, face=self.face_boxes, mouth=self.mouth_boxes
+        )
 
     def probe_facts(self) -> ProbeFacts:
         """The facts probing this clip should find (what `validate-metadata` would store)."""
@@ -107,10 +118,13 @@ class DemoClip:
     audio_path: str
     text: str
     info: ClipInfo
+    track_path: str
 
     def metadata_entry(self) -> dict[str, str]:
-        """The entry as it appears in `metadata_control.json`."""
-        return {"file_path": self.file_path, "audio_path": self.audio_path, "text": self.text, "type": "video"}
+        """The entry as it appears in `metadata_control.json` (`track`: its face/mouth boxes, as `ftalk prepare`
+        writes them, for the lip-weighted stage 2)."""
+        return {"file_path": self.file_path, "audio_path": self.audio_path, "text": self.text, "type": "video",
+                "track": self.track_path}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -254,6 +268,8 @@ def write_talking_clip(
     sf.write(str(audio_path), audio if channels > 1 else audio[:, 0], sample_rate, subtype="PCM_16", format="WAV")
 
     face = _Face(width, height, rng)
+    face_boxes: list[Box] = []
+    mouth_boxes: list[Box] = []
     chosen = codec or default_codec()
     video_path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(video_path), mode="w", format="mp4") as container:
@@ -263,6 +279,8 @@ def write_talking_clip(
         stream.options = {"crf": "18", "preset": "veryfast"} if chosen == "libx264" else {"qscale": "2"}
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(face.draw(i / float(rate), float(opening[i])), format="rgb24")
+            face_boxes.append(face.face_box(i / float(rate)))
+            mouth_boxes.append(face.mouth_box(i / float(rate)))
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
@@ -280,6 +298,8 @@ def write_talking_clip(
         background=face.background_name,
         mouth_opening=tuple(float(v) for v in opening),
         audio_envelope=tuple(float(v) for v in envelope),
+        face_boxes=tuple(face_boxes),
+        mouth_boxes=tuple(mouth_boxes),
     )
 
 
@@ -306,10 +326,24 @@ class _Face:
     def _ellipse(self, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
         return ((self.xx - cx) / rx) ** 2 + ((self.yy - cy) / ry) ** 2 <= 1.0
 
+    def _centre_x(self, t: float) -> float:
+        """The head's centre at time `t`: it sways sideways a little."""
+        return self.cx + 0.03 * self.rx * float(np.sin(2 * np.pi * self.sway_hz * t + self.sway_phase))
+
+    def face_box(self, t: float) -> Box:
+        """The face ellipse's bounds at time `t`."""
+        cx = self._centre_x(t)
+        return (cx - self.rx, self.cy - self.ry, cx + self.rx, self.cy + self.ry)
+
+    def mouth_box(self, t: float) -> Box:
+        """`ftalk prepare`'s mouth box at time `t`: 0.5 face widths by 0.35 face heights around the mouth's centre
+        (the drawn mouth, 0.8 rx wide and at most 0.6 ry tall, fits inside at any opening)."""
+        cx, my = self._centre_x(t), self.cy + 0.5 * self.ry
+        return (cx - 0.5 * self.rx, my - 0.35 * self.ry, cx + 0.5 * self.rx, my + 0.35 * self.ry)
+
     def draw(self, t: float, opening: float) -> np.ndarray:
         """RGB uint8 frame (height, width, 3) at time `t` with the mouth `opening` (0..1)."""
-        dx = 0.03 * self.rx * np.sin(2 * np.pi * self.sway_hz * t + self.sway_phase)
-        cx, cy, rx, ry = self.cx + dx, self.cy, self.rx, self.ry
+        cx, cy, rx, ry = self._centre_x(t), self.cy, self.rx, self.ry
         img = np.empty((self.height, self.width, 3), np.uint8)
         img[:] = self.background
         img[self._ellipse(cx, cy + 1.45 * ry, 1.5 * rx, 0.7 * ry)] = self.shirt
@@ -329,7 +363,8 @@ class _Face:
 
 def make_demo_dataset(out_dir: Path, seed: int = 0, num_clips: int = 12, overwrite: bool = False) -> DemoDataReport:
     """Write `num_clips` synthetic talking clips in the seed's layout (`train/*.mp4`, `wav/*.wav`,
-    `metadata_control.json`) into `out_dir`, deterministically from `seed`.
+    `metadata_control.json`), with their face/mouth tracks (`tracks/*.json`, the entries' `track` field), into
+    `out_dir`, deterministically from `seed`.
 
     Clips cycle through `DEMO_SIZES`, `DEMO_FPS` and `DEMO_AUDIO` so every combination appears; durations are drawn
     from `DEMO_SECONDS`. The dataset is built in a temporary sibling folder and renamed into place when complete,
@@ -385,7 +420,7 @@ def _write_demo_clip(root: Path, index: int, rng: np.random.Generator) -> DemoCl
     seconds = round(float(rng.uniform(*DEMO_SECONDS)) * 4) / 4
     clip_seed = int(rng.integers(2**31))
     name = f"{index + 1:08d}"
-    file_path, audio_path = f"train/{name}.mp4", f"wav/{name}.wav"
+    file_path, audio_path, track_path = f"train/{name}.mp4", f"wav/{name}.wav", f"tracks/{name}.json"
     info = write_talking_clip(
         root / file_path,
         root / audio_path,
@@ -397,7 +432,11 @@ def _write_demo_clip(root: Path, index: int, rng: np.random.Generator) -> DemoCl
         channels=channels,
         seed=clip_seed,
     )
-    return DemoClip(file_path=file_path, audio_path=audio_path, text=_caption(info, rng), info=info)
+    (root / track_path).parent.mkdir(exist_ok=True)
+    (root / track_path).write_text(json.dumps(info.track()) + "\n", encoding="utf-8")
+    return DemoClip(
+        file_path=file_path, audio_path=audio_path, text=_caption(info, rng), info=info, track_path=track_path
+    )
 
 
 def _caption(info: ClipInfo, rng: np.random.Generator) -> str:

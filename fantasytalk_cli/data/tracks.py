@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fantasytalk_cli.data.buckets import cover_crop
+from fantasytalk_cli.data.metadata import MetadataEntry, resolve_media_path
 from fantasytalk_cli.errors import FtalkError
 
 TRACK_FORMAT = "ftalk-face-track/1"
@@ -37,6 +38,45 @@ class Track:
     height: int
     face: list[Box]
     mouth: list[Box]
+
+
+def track_document(
+    *, fps: float, width: int, height: int, face: Sequence[Box], mouth: Sequence[Box], **provenance: object
+) -> dict[str, object]:
+    """A track file's JSON (the format `read_track` reads): per clip frame a face and a mouth box in the clip's
+    ``width`` x ``height`` pixels, rounded to 0.01 px; ``provenance`` (where the clip came from) is kept as given."""
+    if len(face) != len(mouth):
+        raise ValueError(f"one face and one mouth box per frame: got {len(face)} and {len(mouth)}")
+    return {
+        "format": TRACK_FORMAT,
+        "fps": fps,
+        "width": width,
+        "height": height,
+        **provenance,
+        "face": [[round(float(v), 2) for v in box] for box in face],
+        "mouth": [[round(float(v), 2) for v in box] for box in mouth],
+    }
+
+
+@dataclass(frozen=True)
+class TrackCoverage:
+    """Which metadata entries carry a usable `track`: ``untracked`` name none, ``lost`` name a missing file."""
+
+    total: int
+    untracked: list[MetadataEntry]
+    lost: list[MetadataEntry]
+
+    @property
+    def tracked(self) -> int:
+        return self.total - len(self.untracked) - len(self.lost)
+
+
+def track_coverage(entries: Sequence[MetadataEntry], media_root: Path | None) -> TrackCoverage:
+    """Count the entries with a track file that exists (paths resolve as the entry's media do)."""
+    untracked = [e for e in entries if not e.extra.get("track")]
+    lost = [e for e in entries if e.extra.get("track") and not resolve_media_path(media_root,
+            str(e.extra["track"])).is_file()]  # fmt: skip
+    return TrackCoverage(len(entries), untracked, lost)
 
 
 def read_track(path: Path) -> Track:

@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fantasytalk_cli.cache.keys import cache_settings
 from fantasytalk_cli.cache.lookup import CacheLookup, coverage
 from fantasytalk_cli.cache.store import CACHE_MARKER
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig, FtalkConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.data.metadata import load_entries
 from fantasytalk_cli.data.plan import BucketPlan, ClipFacts, plan_from_metadata
+from fantasytalk_cli.data.tracks import track_coverage
 from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.models.trainable import LORA_AUDIO_DROPOUT, trainable_count
 from fantasytalk_cli.planning.fit import (
@@ -116,6 +119,7 @@ def make_plan_report(
     cached = _cached_kinds(cfg.data, cfg.model, cfg.train, metadata_path, plan, facts, stats, notes)
     if cfg.model.lora_rank:
         notes.append(_lora_note(cfg.model, cfg.train, dims))
+    notes.extend(_tracks_note(cfg.data, cfg.train, metadata_path, plan))
     bucket_memory: dict[int, MemoryEstimate] = {}
     fits_with: dict[int, MemoryOptions | None] = {}
     per_option: dict[int, dict[MemoryOptions, int]] = {}
@@ -189,6 +193,28 @@ def _cached_kinds(
     if kinds:
         notes.append(f"memory estimated without the encoders the cache stands for ({', '.join(sorted(kinds))})")
     return kinds
+
+
+def _tracks_note(data: DataConfig, train: TrainConfig, metadata_path: Path | None, plan: BucketPlan) -> list[str]:
+    """How many planned clips carry a face/mouth track (what --lip_loss_weight/--face_loss_weight weigh), shown when
+    a clip has one or a weight is set."""
+    meta = metadata_path if metadata_path is not None else data.train_data_meta
+    assert meta is not None
+    entries = load_entries(meta)
+    planned = [entries[i] for i in np.flatnonzero(plan.assignment(0) >= 0)]
+    found = track_coverage(planned, data.media_root())
+    weighted = train.region_weights() is not None
+    if not weighted and found.tracked == 0 and not found.lost:
+        return []
+    line = f"face/mouth tracks: {found.tracked} of {found.total} planned clips have one"
+    if found.lost:
+        line += f"; {len(found.lost)} name a missing file (e.g. {found.lost[0].extra['track']}: train refuses them)"
+    if not weighted:
+        return [line + " (used by --lip_loss_weight / --face_loss_weight, the lip-focused stage 2)"]
+    if found.untracked:
+        rest = "refused by --require_tracks" if train.require_tracks else "train with loss weight 1"
+        line += f"; the other {len(found.untracked)} {rest}"
+    return [line]
 
 
 def _lora_note(model: ModelConfig, train: TrainConfig, dims: ModelDims) -> str:

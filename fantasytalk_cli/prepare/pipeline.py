@@ -24,7 +24,7 @@ from PIL import Image
 
 from fantasytalk_cli.data.probe import probe_audio, probe_video
 from fantasytalk_cli.data.probing import facts_from_results
-from fantasytalk_cli.data.tracks import TRACK_FORMAT
+from fantasytalk_cli.data.tracks import track_document
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import atomic_file, write_text_atomic
 from fantasytalk_cli.prepare.crop import Aspect, Crop, crop_for, smooth
@@ -278,17 +278,16 @@ def _write_clip(
     write_mp4(frames, plan.fps, video, preset=ENCODE_PRESET)
     begin = round(plan.start * SAMPLE_RATE)
     _write_wav(wav, audio[begin : begin + round(len(frames) / plan.fps * SAMPLE_RATE)])
-    track_data = {
-        "format": TRACK_FORMAT,
-        "fps": plan.fps,
-        "width": plan.crop.out_width,
-        "height": plan.crop.out_height,
-        "source": str(source.path),
-        "source_start": plan.start,
-        "crop": [plan.crop.x0, plan.crop.y0, plan.crop.width, plan.crop.height],
-        "face": [_rounded(plan.crop.map_box(b)) for b in plan.faces],
-        "mouth": [_rounded(plan.crop.map_box(b)) for b in plan.mouth],
-    }
+    track_data = track_document(
+        fps=plan.fps,
+        width=plan.crop.out_width,
+        height=plan.crop.out_height,
+        source=str(source.path),
+        source_start=plan.start,
+        crop=[plan.crop.x0, plan.crop.y0, plan.crop.width, plan.crop.height],
+        face=[plan.crop.map_box(b) for b in plan.faces],
+        mouth=[plan.crop.map_box(b) for b in plan.mouth],
+    )
     write_text_atomic(track, json.dumps(track_data))
     facts = facts_from_results(probe_video(video), probe_audio(wav))
     entry: dict[str, object] = {
@@ -316,7 +315,3 @@ def _write_wav(path: Path, samples: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, binary=True) as handle:
         soundfile.write(handle, samples.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-
-
-def _rounded(box: Box) -> list[float]:
-    return [round(v, 2) for v in box]

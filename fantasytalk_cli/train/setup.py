@@ -36,9 +36,10 @@ from fantasytalk_cli.config.schema import (
 )
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.entry_facts import Share, with_probe_facts
-from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report, resolve_media_path
+from fantasytalk_cli.data.metadata import MetadataEntry, load_entries, outside_report
 from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_checked
 from fantasytalk_cli.data.sampler import BucketBatchSampler
+from fantasytalk_cli.data.tracks import track_coverage
 from fantasytalk_cli.errors import FtalkError
 from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.locks import LOCK_NAME, FolderBusyError, FolderLock, acquire
@@ -251,23 +252,24 @@ def _unlock_run_folder(output_dir: Path, lock: FolderLock | None, made: bool) ->
 def _check_tracks(entries: Sequence[MetadataEntry], data: DataConfig, train: TrainConfig) -> str:
     """Before anything slow: every `track` an entry names exists; without `require_tracks` entries without one
     train with weight 1 (counted), with it they are refused. Returns the line for the log."""
-    untracked = [e for e in entries if not e.extra.get("track")]
-    lost = [e for e in entries if e.extra.get("track") and not resolve_media_path(data.media_root(),
-            str(e.extra["track"])).is_file()]  # fmt: skip
-    if lost:
+    found = track_coverage(entries, data.media_root())
+    meta = data.train_data_meta
+    if found.lost:
+        first = found.lost[0]
         raise TrainingError(
-            f"{len(lost)} entries name a `track` file that does not exist, e.g. entry {lost[0].index}: "
-            f"{lost[0].extra['track']}; rerun `ftalk prepare`, or remove the field"
+            f"{meta}: {len(found.lost)} entries name a `track` file that does not exist, e.g. entry {first.index}: "
+            f"{first.extra['track']}; rerun `ftalk prepare`, or remove the field"
         )
-    if untracked and train.require_tracks:
+    if found.untracked and train.require_tracks:
+        first = found.untracked[0]
         raise TrainingError(
-            f"--require_tracks: {len(untracked)} of {len(entries)} entries have no `track` (face/mouth boxes), e.g. "
-            f"entry {untracked[0].index} ({untracked[0].file_path}); make the data with `ftalk prepare`, or drop "
-            "--require_tracks to train them with weight 1"
+            f"{meta}: --require_tracks, but {len(found.untracked)} of {found.total} entries have no `track` "
+            f"(face/mouth boxes), e.g. entry {first.index} ({first.file_path}); make the data with `ftalk prepare`, "
+            "or drop --require_tracks to train them with weight 1"
         )
     return (
         f"face cells x{1 + train.face_loss_weight:g}, mouth cells +{train.lip_loss_weight:g}; "
-        f"{len(entries) - len(untracked)} of {len(entries)} entries have a track, {len(untracked)} train with weight 1"
+        f"{found.tracked} of {found.total} entries have a track, {len(found.untracked)} train with weight 1"
     )
 
 
