@@ -59,6 +59,11 @@ class DataConfig(Section):
     """Every epoch uses each clip's epoch-0 frame window (so one cached window serves the whole run)."""
     cache_required: bool = False
     """With `cache_dir`: refuse to compute online what the cache lacks (stop with the list) instead of warning."""
+    eval_meta: Path | None = None
+    """Held-out metadata (the training metadata's format) that `ftalk evaluate` and `--validation_metrics` score:
+    clips the run does not train on."""
+    eval_data_dir: Path | None = None
+    """Folder that relative paths of `eval_meta` are joined to (default: the held-out file's folder)."""
 
     def media_root(self) -> Path | None:
         """The folder relative media paths are joined to: `train_data_dir`, else the metadata file's folder
@@ -263,6 +268,11 @@ class TrainConfig(Section):
     """Longer side of the validation videos (upstream: 512)."""
     validation_max_num_frames: int = Field(81, ge=5)
     """Most frames of a validation video (the audio's duration sets the count; upstream: 81)."""
+    validation_metrics: bool = False
+    """Score `eval_meta`'s held-out clips for audio reliance (`ftalk evaluate`'s numbers) every `validation_steps`
+    and at the end, into `output_dir/metrics.jsonl` and TensorBoard; every rank takes part."""
+    eval_timesteps: int = Field(8, ge=1)
+    """Audio reliance: the fixed, stratified timesteps each held-out clip's loss is computed at."""
 
     def region_weights(self) -> tuple[float, float] | None:
         """(face, lip) loss weights when either is set, else None (the plain loss)."""
@@ -293,8 +303,13 @@ class TrainConfig(Section):
                 f"validation_prompts has {len(prompts)} prompts for {len(images)} validation pairs: give one per "
                 "pair, or one for all"
             )
-        if (prompts or self.validation_steps is not None) and not images:
-            raise ValueError("validation_prompts / validation_steps need validation_image_paths and _audio_paths")
+        if prompts and not images:
+            raise ValueError("validation_prompts need validation_image_paths and _audio_paths")
+        if self.validation_steps is not None and not images and not self.validation_metrics:
+            raise ValueError(
+                "validation_steps needs something to validate: validation_image_paths and _audio_paths (samples), "
+                "or --validation_metrics with --eval_meta (held-out scores)"
+            )
         return self
 
 
@@ -354,6 +369,12 @@ class FtalkConfig(BaseModel):
     def _audio_dropout_default(self) -> FtalkConfig:
         if self.train.audio_dropout is None:
             self.train.audio_dropout = LORA_AUDIO_DROPOUT if self.model.lora_rank else 0.0
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_need_held_out_clips(self) -> FtalkConfig:
+        if self.train.validation_metrics and self.data.eval_meta is None:
+            raise ValueError("--validation_metrics scores held-out clips: give them with --eval_meta HELD_OUT.json")
         return self
 
 

@@ -65,12 +65,12 @@ def _generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch
     """(shared, local): `shared` is the same on every rank (timesteps), `local` differs (noise, dropout)."""
 
     def make(*keys: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_stream_seed(seed, step, *keys))
+        return torch.Generator().manual_seed(stream_seed(seed, step, *keys))
 
     return make(0), make(1, rank)
 
 
-def _stream_seed(seed: int, step: int, *keys: int) -> int:
+def stream_seed(seed: int, step: int, *keys: int) -> int:
     """A seed of its own per (seed, step, keys): SeedSequence is stable across processes (unlike hash())."""
     return int(np.random.SeedSequence([seed, step, *keys]).generate_state(1)[0])
 
@@ -80,7 +80,7 @@ def seed_module_dropout(seed: int, step: int, rank: int) -> None:
     micro-batch and rank: its masks then depend on the step alone, so a resumed run draws exactly the masks of an
     uninterrupted one whatever else drew from the global generator in between (a data loader iterator made anew
     after resume draws its base seed from it). Gradient checkpointing replays the same state for the recompute."""
-    torch.manual_seed(_stream_seed(seed, step, 2, rank))
+    torch.manual_seed(stream_seed(seed, step, 2, rank))
 
 
 def audio_features(
