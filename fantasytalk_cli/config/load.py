@@ -95,10 +95,16 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
-def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> FtalkConfig:
-    """Resolve the configuration: defaults, then the YAML file at `path`, then `overrides` (flags)."""
+def load_config(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None, *, base: Mapping[str, Any] | None = None
+) -> FtalkConfig:
+    """Resolve the configuration: defaults, then ``base`` (sections, e.g. the config a checkpoint recorded), then
+    the YAML file at `path`, then `overrides` (flags)."""
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
+    if base is not None:
+        data = {name: {**dict(base.get(name) or {}), **dict(data.get(name) or {})} for name in {*base, *data}}
+        source = f"the recorded config + {source}" if path is not None else "the recorded config"
     if overrides:
         data = _merge(data, overrides)
         source = f"{source} + command-line flags" if path is not None else "command-line flags"
