@@ -461,6 +461,13 @@ def sample(
         Optional[Path],  # noqa: UP045 (Typer needs Optional)
         typer.Option(help="Also write a still-frame strip (PNG) of the first video here."),
     ] = None,
+    checkpoint: Annotated[
+        Optional[str],  # noqa: UP045 (Typer needs Optional)
+        typer.Option(
+            help="With --adapter RUN: which checkpoint, best (what `ftalk evaluate --select` chose), latest or "
+            "checkpoint-N (default: the newest)."
+        ),
+    ] = None,
     lora_scale: Annotated[
         float,
         typer.Option(
@@ -478,9 +485,15 @@ def sample(
     --seed N sets the noise (default 1111, upstream's); on a GPU the models run in --mixed_precision (bf16).
     --base_weights_dtype fp8 and --blocks_to_offload N fit the transformer in less GPU memory, as in training (an
     offloaded block's weights all wait in host memory); --activation_offload is for training and does nothing here."""
+    from fantasytalk_cli.checkpoints.folder import named_checkpoint
     from fantasytalk_cli.progress import progress_bar, track
     from fantasytalk_cli.sample.request import SampleArgs, sample_as_asked
 
+    if checkpoint is not None:
+        if adapter is None or not adapter.is_dir():
+            raise FtalkUsageError("--checkpoint picks a checkpoint of a run folder: give the run with --adapter RUN")
+        adapter = named_checkpoint(adapter, checkpoint)
+        console.print(f"--checkpoint {checkpoint}: {adapter}", highlight=False, soft_wrap=True)
     args = SampleArgs(
         image=image,
         audio=audio,

@@ -33,6 +33,8 @@ WEIGHTS_NAME = "trainable.safetensors"
 ADAPTER_CKPT_NAME = "fantasytalking_model.ckpt"
 STATE_DIR = "accelerate"
 LATEST_NAME = "latest"
+BEST_NAME = "best"
+"""Names the best checkpoint by a metric, written by `ftalk evaluate --select` (`evaluate/records.py`)."""
 RUN_STATE_NAME = "run_state.json"
 META_VERSION = 1
 
@@ -128,6 +130,26 @@ def newest_checkpoint(run_dir: Path, complete: Callable[[Path], bool] = is_compl
             return named
     found = list_checkpoints(run_dir, complete)
     return found[-1][1] if found else None
+
+
+def named_checkpoint(run_dir: Path, name: str) -> Path:
+    """``checkpoint-N``, or the one the run folder's ``best`` / ``latest`` file names; a missing one is refused,
+    saying what the folder holds."""
+    run_dir = Path(run_dir)
+    if name in (BEST_NAME, LATEST_NAME):
+        pointer = run_dir / name
+        if not pointer.is_file():
+            made = (
+                "`ftalk evaluate RUN --eval_meta HELD_OUT.json --select audio_gap`" if name == BEST_NAME else "training"
+            )
+            raise CheckpointError(f"{run_dir}: no `{name}` file; it is written by {made}")
+        folder = run_dir / pointer.read_text().strip()
+    else:
+        folder = run_dir / name
+    if not folder.is_dir() or folder == run_dir:
+        have = [f.name for _, f in list_checkpoints(run_dir, lambda _: True)]
+        raise CheckpointError(f"{run_dir}: no checkpoint {folder.name!r} (`{name}`); the folder holds {have or 'none'}")
+    return folder
 
 
 class ConversionError(FtalkError, RuntimeError):

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fantasytalk_cli.checkpoints.folder import BEST_NAME
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.locks import beside, hold
 
 METRICS_NAME = "metrics.jsonl"
-BEST_NAME = "best"
 Selection = Literal["audio_gap", "lse_c", "lse_d"]
 HIGHER_IS_BETTER: dict[str, bool] = {"audio_gap": True, "lse_c": True, "lse_d": False}
 """What `--select` may rank by, and which way: a larger mismatch gap and confidence, a smaller distance."""

@@ -287,6 +287,15 @@ def share_from_main(accelerator: Accelerator, value: T) -> T:
     return box[0]  # type: ignore[return-value]
 
 
+def gather_objects(accelerator: Accelerator, value: T) -> list[T]:
+    """Every process's ``value``, in rank order, on every process (a collective; one process: ``[value]``)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    gathered: list[T | None] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered  # type: ignore[return-value]
+
+
 def sharded_build(accelerator: Accelerator, strategy: Strategy) -> ShardedBuild | None:
     """ZeRO-3 with `zero3_init_flag`: build the transformer partitioned (`deepspeed.zero.Init`) and fill
     it one gathered parameter at a time, the files read on the main process only. None otherwise."""

@@ -37,6 +37,7 @@ from fantasytalk_cli.train.state import RunState, TrainSummary, render_summary
 from fantasytalk_cli.train.step import StepOutput, training_step, zero_gradient_loss
 from fantasytalk_cli.train.stop import StopFlag
 from fantasytalk_cli.train.validation import due, validate
+from fantasytalk_cli.train.validation_metrics import metrics_due, score_held_out
 
 __all__ = ["RunState", "TrainSummary", "TrainingError", "build_optimizer", "render_summary", "run_training"]
 
@@ -83,6 +84,8 @@ def train(run: Run, stop: StopFlag) -> TrainSummary:
                 last_saved = state.step
             if due(run, state.step) and not stopping:
                 summary.samples += validate(run, run.validation, state.step)  # type: ignore[arg-type]
+            if metrics_due(run, state.step) and not stopping:
+                score_held_out(run, state.step)
     batches.close()
     if stopping:
         summary.stopped_by = stop.signal or "signal on another rank"

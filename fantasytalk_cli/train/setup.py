@@ -41,6 +41,7 @@ from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.data.tracks import track_coverage
 from fantasytalk_cli.errors import FtalkError
+from fantasytalk_cli.evaluate.reliance import HeldOut
 from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.locks import LOCK_NAME, FolderBusyError, FolderLock, acquire
 from fantasytalk_cli.models.paths import check_model_paths
@@ -73,6 +74,7 @@ from fantasytalk_cli.train.preflight import (
 from fantasytalk_cli.train.state import RunState
 from fantasytalk_cli.train.step import StepContext
 from fantasytalk_cli.train.validation import Validation, check_validation
+from fantasytalk_cli.train.validation_metrics import check_encoders, check_validation_metrics
 
 
 class TrainingError(FtalkError, RuntimeError):
@@ -111,6 +113,8 @@ class Run:
     """Prints on every process (what one rank alone saw)."""
     validation: Validation | None = None
     """The validation pairs, checked at set-up (None: no validation)."""
+    metrics: HeldOut | None = None
+    """The held-out clips `--validation_metrics` scores, planned at set-up (None: no metrics)."""
     lock: FolderLock | None = None
     """The run folder's lock, held by the main process for the run's whole life (`locks.py`)."""
     cache_misses: Counter[str] = dataclasses.field(default_factory=Counter)
@@ -167,16 +171,19 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
         lookup = _feature_lookup(data, model, train)
         pin = accelerator.device.type == "cuda"
         entries, sampler, loader = _data(data, cfg.buckets, train, lookup, world, share, say, pin_memory=pin)
+        metrics = check_validation_metrics(data, cfg.buckets, train, world, share, say)
         steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
         max_steps = train.total_steps(steps_per_epoch)
         plan = loader.dataset.plan
         cached = _encoders_the_cache_spares(
             data, train.seed, lookup, plan, entries, train.epochs_covered(steps_per_epoch), say
         )
-        if cached and validation is not None:  # sampling the validation pairs runs every encoder
-            say("cache: the encoders stay loaded for the validation samples (--validation_image_paths)")
+        if cached and (validation is not None or metrics is not None):  # held-out inputs run every encoder
+            say("cache: the encoders stay loaded for validation (--validation_image_paths, --validation_metrics)")
             cached = frozenset()
         models = _models(model, train, accelerator, strategy, say, cached)
+        if metrics is not None:
+            check_encoders(models)
         if start is not None:
             say(f"model: {init_from(start, models.transformer)}")
         elif checkpoint.init_from is not None:
@@ -202,7 +209,7 @@ def set_up(cfg: FtalkConfig, console: Console) -> Run:
         run = Run(
             data, train, model, checkpoint, config_hash(cfg), dump, accelerator, world, strategy, models, transformer,
             optimizer, lr_scheduler, loader, RunState(sampler), ctx, len(entries), max_steps, steps_per_epoch, console,
-            say, tell, validation, lock=lock,
+            say, tell, validation, metrics=metrics, lock=lock,
         )  # fmt: skip
         _resume(run, folder.resume)
         if run.main:  # the run folder (made by its lock) gets the run's files only now that the run can start
