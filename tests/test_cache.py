@@ -207,7 +207,7 @@ def test_validation_with_a_complete_cache_keeps_the_encoders(
         "validation_max_num_frames": 5,
     }
     out = _train(world, tmp_path / "run", cache_dir=tmp_path / "cache", max_train_steps=1, **validation)
-    assert "the encoders stay loaded for the validation samples" in out
+    assert "the encoders stay loaded for validation (--validation_image_paths" in out
     assert len(list((tmp_path / "run" / "samples" / "step-1").glob("*.mp4"))) == 1
 
 
