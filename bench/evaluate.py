@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from fantasytalk_cli.checkpoints.metrics import read_rows
 from fantasytalk_cli.data.synthetic import make_demo_dataset
-from fantasytalk_cli.evaluate.records import read_rows
-from fantasytalk_cli.evaluate.reliance import clip_losses, held_out_clips, reliance_report
+from fantasytalk_cli.evaluate.plots import plot_metrics
 from fantasytalk_cli.evaluate.run import eval_context
+from fantasytalk_cli.train.audio_reliance import clip_losses, held_out_clips, reliance_report
 from fantasytalk_cli.train.loop import run_training
 from fantasytalk_cli.train.model_setup import load_training_models
 from tests.tiny_world import build_world, world_config
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--plot", type=Path, default=None, help="Also write the run's metrics.png here.")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             "validation_metrics": True,
             "eval_meta": held,
             "uniform_sampling": True,
+            "report_to": "tensorboard",
         }
         cfg = world_config(world, root / "run", **flags)
         started = time.perf_counter()
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         run_training(cfg, Console(file=open(os.devnull, "w")))  # noqa: SIM115
         train_s = time.perf_counter() - started
         rows = [r for r in read_rows(root / "run") if r.source == "validation"]
+        if args.plot is not None:
+            plot_metrics(root / "run", rows, out=args.plot)
     table = {0: fresh} | {r.step: {} for r in rows}
     for r in rows:
         table[r.step][r.metric] = (r.value, r.low, r.high)
@@ -95,7 +100,7 @@ def _fresh_adapter(cfg, held: Path) -> dict[str, tuple[float, float, float]]:  #
     models = load_training_models(cfg.model, cfg.train, device=torch.device("cpu"), uniform_dtype=False)
     clips = held_out_clips(held, cfg.data, cfg.buckets, cfg.train)
     results = clip_losses(models.transformer.eval(), models.encoders, models.wav2vec, clips,
-                          range(len(clips.batches)), eval_context(cfg, torch.device("cpu")))  # fmt: skip
+                          range(len(clips.batches)), eval_context(cfg.train, cfg.model, torch.device("cpu")))  # fmt: skip
     report = reliance_report(results, clips.left_out)
     return {name: (e.value, e.low, e.high) for name, e in report.metrics.items()}
 

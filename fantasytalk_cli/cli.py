@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from fantasytalk_cli import __version__
+from fantasytalk_cli.cli_evaluate import EVALUATE_FIELDS, evaluate_command
 from fantasytalk_cli.cli_help import PanelHelpCommand
 from fantasytalk_cli.cli_prepare import prepare_command
 from fantasytalk_cli.config import FtalkConfig, config_to_yaml, load_config
@@ -485,15 +486,9 @@ def sample(
     --seed N sets the noise (default 1111, upstream's); on a GPU the models run in --mixed_precision (bf16).
     --base_weights_dtype fp8 and --blocks_to_offload N fit the transformer in less GPU memory, as in training (an
     offloaded block's weights all wait in host memory); --activation_offload is for training and does nothing here."""
-    from fantasytalk_cli.checkpoints.folder import named_checkpoint
     from fantasytalk_cli.progress import progress_bar, track
     from fantasytalk_cli.sample.request import SampleArgs, sample_as_asked
 
-    if checkpoint is not None:
-        if adapter is None or not adapter.is_dir():
-            raise FtalkUsageError("--checkpoint picks a checkpoint of a run folder: give the run with --adapter RUN")
-        adapter = named_checkpoint(adapter, checkpoint)
-        console.print(f"--checkpoint {checkpoint}: {adapter}", highlight=False, soft_wrap=True)
     args = SampleArgs(
         image=image,
         audio=audio,
@@ -513,6 +508,7 @@ def sample(
         strip=strip,
         overwrite=overwrite,
         lora_scale=lora_scale,
+        checkpoint=checkpoint,
     )
     cfg = resolve_config(config, flags)
     with progress_bar(err_console, "{task.description}", disable=not err_console.is_terminal) as bar:
@@ -534,82 +530,7 @@ def sample(
         console.print(f"wrote {strip}: a still-frame strip of {results[0].info.path.name}", highlight=False)
 
 
-EVALUATE_FIELDS = (*SAMPLE_FIELDS, "data.eval_meta", "data.eval_data_dir", "train.eval_timesteps")
-
-
-@app.command("evaluate", cls=PanelHelpCommand)
-@reports_errors
-@with_config_flags(*EVALUATE_FIELDS)
-def evaluate(
-    targets: Annotated[
-        list[Path],
-        typer.Argument(
-            metavar="RUN_OR_CHECKPOINTS...",
-            help="A run folder (all its checkpoints), checkpoint folders, or any adapter form `ftalk sample` takes.",
-        ),
-    ],
-    config: ConfigOpt = None,
-    select: Annotated[
-        Optional[str],  # noqa: UP045 (Typer needs Optional)
-        typer.Option(help="Write `best` in the run folder naming the best checkpoint by audio_gap, lse_c or lse_d."),
-    ] = None,
-    syncnet: Annotated[
-        Optional[Path],  # noqa: UP045 (Typer needs Optional)
-        typer.Option(help="SyncNet checkpoint (syncnet_v2.model of joonson/syncnet_python): adds LSE-D / LSE-C."),
-    ] = None,
-    samples: Annotated[
-        int, typer.Option(min=0, help="Held-out pairs sampled per checkpoint for its sheet (all with --syncnet).")
-    ] = 2,
-    sample_size: Annotated[int, typer.Option("--sample_size", min=32, help="Longer side of the samples.")] = 256,
-    sample_frames: Annotated[int, typer.Option("--sample_frames", min=5, help="Most frames of a sample.")] = 49,
-    sample_steps: Annotated[int, typer.Option("--sample_steps", min=1, help="Denoising steps of a sample.")] = 20,
-    metrics_dir: Annotated[
-        Optional[Path],  # noqa: UP045 (Typer needs Optional)
-        typer.Option("--metrics_dir", help="Where metrics.jsonl goes (default: the run folder)."),
-    ] = None,
-    *,
-    flags: dict[str, Any],
-) -> None:
-    """Score checkpoints on held-out clips (--eval_meta): how much the model uses its audio (the loss with the
-    clip's own audio, another clip's, and none), and with --syncnet its lip sync (LSE-D / LSE-C). Appends to the
-    run's metrics.jsonl, TensorBoard (logs/evaluate) and metrics.png; the run's own config is the default."""
-    from fantasytalk_cli.evaluate.records import HIGHER_IS_BETTER
-    from fantasytalk_cli.evaluate.run import EvaluateOptions
-    from fantasytalk_cli.evaluate.run import evaluate as run_evaluate
-
-    if flags.get("eval_meta") is None:
-        raise FtalkUsageError("ftalk evaluate needs the held-out clips: --eval_meta HELD_OUT.json")
-    if select is not None and select not in HIGHER_IS_BETTER:
-        raise FtalkUsageError(f"--select {select}: choose one of {', '.join(HIGHER_IS_BETTER)}")
-    if select in ("lse_c", "lse_d") and syncnet is None:
-        raise FtalkUsageError(f"--select {select} ranks by lip sync: give --syncnet syncnet_v2.model")
-    options = EvaluateOptions(
-        eval_meta=Path(flags.pop("eval_meta")),
-        select=select,  # type: ignore[arg-type]
-        syncnet=syncnet,
-        samples=samples,
-        sample_size=sample_size,
-        sample_frames=sample_frames,
-        sample_steps=sample_steps,
-        metrics_dir=metrics_dir,
-    )
-    report = run_evaluate(
-        targets,
-        options,
-        config=config,
-        flags=flags,
-        say=lambda line: console.print(line, highlight=False, soft_wrap=True),
-    )
-    console.print(f"metrics: {report.run_dir / 'metrics.jsonl'}; plot: {report.plot}", highlight=False, soft_wrap=True)
-    for sheet in report.sheets:
-        console.print(f"samples: {sheet}", highlight=False, soft_wrap=True)
-    if report.best is not None:
-        console.print(
-            f"best by {select}: {report.best.checkpoint} ({report.best.value:+.6f}), written to "
-            f"{report.run_dir / 'best'}",
-            highlight=False,
-            soft_wrap=True,
-        )
+app.command("evaluate", cls=PanelHelpCommand)(reports_errors(with_config_flags(*EVALUATE_FIELDS)(evaluate_command)))
 
 
 @app.command("make-demo-data", cls=PanelHelpCommand)

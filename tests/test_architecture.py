@@ -7,7 +7,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fantasytalk_cli"
-LAYERED = ("data", "models", "cache", "planning", "sample", "convert", "train", "checkpoints", "runtime")
+LAYERED = (
+    *("data", "models", "cache", "planning", "sample", "convert", "train", "checkpoints", "runtime", "prepare"),
+    "evaluate",
+)
 """The packages that must form no import cycle among themselves."""
 ROOT_CONFIG_ENTRIES = {
     "cache/build.py:build_cache",  # ftalk cache
@@ -51,7 +54,7 @@ def _package_graph() -> dict[str, set[str]]:
 
 def test_lower_packages_import_nothing_from_train() -> None:
     graph = _package_graph()
-    for package in ("sample", "cache", "data", "models", "runtime", "checkpoints", "planning", "convert"):
+    for package in ("sample", "cache", "data", "models", "runtime", "checkpoints", "planning", "convert", "prepare"):
         assert "train" not in graph.get(package, set()), package
 
 

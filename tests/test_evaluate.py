@@ -17,11 +17,19 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fantasytalk_cli.checkpoints.folder import CheckpointError, named_checkpoint
+from fantasytalk_cli.checkpoints.metrics import (
+    MetricRow,
+    RecordError,
+    append_rows,
+    best_checkpoint,
+    read_rows,
+    write_best,
+)
 from fantasytalk_cli.cli import app
 from fantasytalk_cli.config import load_config
 from fantasytalk_cli.data.synthetic import make_demo_dataset
-from fantasytalk_cli.evaluate.records import MetricRow, RecordError, append_rows, best_checkpoint, read_rows, write_best
-from fantasytalk_cli.evaluate.reliance import (
+from fantasytalk_cli.evaluate.run import EvaluateOptions, eval_context, evaluate
+from fantasytalk_cli.train.audio_reliance import (
     EvaluationError,
     bootstrap_mean,
     clip_losses,
@@ -29,7 +37,6 @@ from fantasytalk_cli.evaluate.reliance import (
     reliance_report,
     stratified_timesteps,
 )
-from fantasytalk_cli.evaluate.run import EvaluateOptions, eval_context, evaluate
 from fantasytalk_cli.train.loop import run_training
 from fantasytalk_cli.train.model_setup import load_training_models
 from tests.tiny_world import SMALL_BUCKETS, world_argv, world_config
@@ -49,7 +56,7 @@ def _reliance(world: dict, held: Path, **overrides: object) -> dict:
     cfg = world_config(world, Path("unused"), **overrides)
     models = load_training_models(cfg.model, cfg.train, device=torch.device("cpu"), uniform_dtype=False)
     clips = held_out_clips(held, cfg.data, cfg.buckets, cfg.train)
-    ctx = eval_context(cfg, torch.device("cpu"))
+    ctx = eval_context(cfg.train, cfg.model, torch.device("cpu"))
     results = clip_losses(models.transformer.eval(), models.encoders, models.wav2vec, clips, range(3), ctx,
                           timesteps=4)  # fmt: skip
     return reliance_report(results, clips.left_out).metrics

@@ -19,6 +19,8 @@ COMMANDS = [
     "plan-buckets",
     "train",
     "convert-zero",
+    "evaluate",
+    "sample",
     "make-demo-data",
     "make-tiny-model",
     "demo",

@@ -22,11 +22,15 @@ import numpy as np
 import torch
 
 from fantasytalk_cli.checkpoints.folder import CHECKPOINT_RE, META_NAME, list_checkpoints, looks_like_checkpoint
+from fantasytalk_cli.checkpoints.metrics import MetricRow, Selection, append_rows, read_rows, write_best
 from fantasytalk_cli.config import FtalkConfig
 from fantasytalk_cli.config.load import load_config
+from fantasytalk_cli.config.schema import DataConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.evaluate.plots import plot_metrics, sample_sheet
-from fantasytalk_cli.evaluate.records import MetricRow, Selection, append_rows, read_rows, write_best
-from fantasytalk_cli.evaluate.reliance import (
+from fantasytalk_cli.runtime.flow import FlowSchedule
+from fantasytalk_cli.runtime.world import World
+from fantasytalk_cli.sample.adapter_source import load_adapter, resolve_adapter
+from fantasytalk_cli.train.audio_reliance import (
     EvaluationError,
     HeldOut,
     RelianceReport,
@@ -35,9 +39,6 @@ from fantasytalk_cli.evaluate.reliance import (
     overlap_with_training,
     reliance_report,
 )
-from fantasytalk_cli.runtime.flow import FlowSchedule
-from fantasytalk_cli.runtime.world import World
-from fantasytalk_cli.sample.adapter_source import load_adapter, resolve_adapter
 from fantasytalk_cli.train.model_setup import TrainingModels, load_training_models
 from fantasytalk_cli.train.step import StepContext
 
@@ -123,14 +124,14 @@ def evaluation_config(targets: Sequence[Target], config: Path | None, flags: dic
     return load_config(config, flags, base=base)
 
 
-def eval_context(cfg: FtalkConfig, device: torch.device) -> StepContext:
+def eval_context(train: TrainConfig, model: ModelConfig, device: torch.device) -> StepContext:
     """The step context of an evaluation: bf16 autocast on a GPU (per --mixed_precision), fp32 on the CPU."""
-    cuda = device.type == "cuda" and cfg.train.mixed_precision != "no"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+    cuda = device.type == "cuda" and train.mixed_precision != "no"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.mixed_precision, torch.float32)
     return StepContext(
-        train=cfg.train,
-        model_cfg=cfg.model,
-        sigmas=FlowSchedule.of(cfg.model).sigmas(),
+        train=train,
+        model_cfg=model,
+        sigmas=FlowSchedule.of(model).sigmas(),
         world=World(),
         device=device,
         dtype=dtype if cuda else torch.float32,
@@ -163,21 +164,21 @@ def evaluate(
     report = EvaluateReport(run_dir)
     say(f"evaluating {len(targets)} checkpoint(s) of {run_dir} on {options.eval_meta}")
     held = held_out_clips(options.eval_meta, cfg.data, cfg.buckets, cfg.train, say=say)
-    report.notes += _held_out_notes(held, cfg)
+    report.notes += _held_out_notes(held, cfg.data)
     for note in report.notes:
         say(note)
     lip_sync = None
     if options.syncnet is not None:
         from fantasytalk_cli.evaluate.lip_sync import LipSync
 
-        lip_sync = LipSync.open(options.syncnet, held, run_dir / EVAL_DIR, say=say)
+        lip_sync = LipSync.open(options.syncnet, held, say=say)
         reference = lip_sync.reference_rows()
         append_rows(run_dir, reference)
         report.rows += reference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_training_models(cfg.model, cfg.train, device=device, uniform_dtype=False)
     models.transformer.eval()
-    ctx = eval_context(cfg, device)
+    ctx = eval_context(cfg.train, cfg.model, device)
     fresh = _trainable_snapshot(models)
     writer = _tensorboard(run_dir)
     for target in targets:
@@ -189,7 +190,7 @@ def evaluate(
         report.reports[target.label] = found
         rows = reliance_rows(found, target.step, str(target.path), "evaluate")
         if lip_sync is not None or options.samples:
-            samples = _sample_held_out(cfg, held, target, options, run_dir, lip_sync is not None)
+            samples = _sample_held_out(cfg.model, cfg.train, held, target, options, run_dir, lip_sync is not None)
             report.sheets.append(samples.sheet)
             if lip_sync is not None:
                 rows += lip_sync.rows(samples.videos, target.step, str(target.path))
@@ -209,13 +210,13 @@ def evaluate(
     return report
 
 
-def _held_out_notes(held: HeldOut, cfg: FtalkConfig) -> list[str]:
+def _held_out_notes(held: HeldOut, data: DataConfig) -> list[str]:
     notes = [f"{len(held.batches)} held-out clips planned ({held.tracked} with a face/mouth track)"]
     for reason, indices in held.left_out.items():
         notes.append(f"[yellow]held out but not planned ({reason}): {len(indices)} clips, e.g. entry {indices[0]}[/]")
-    meta = cfg.data.train_data_meta
+    meta = data.train_data_meta
     if meta is not None and Path(meta).is_file():
-        shared = overlap_with_training(held, Path(meta), cfg.data.media_root())
+        shared = overlap_with_training(held, Path(meta), data.media_root())
         if shared:
             notes.append(
                 f"[yellow]warning: {len(shared)} held-out media files are also in the training metadata {meta}, e.g. "
@@ -273,7 +274,13 @@ def held_out_inputs(held: HeldOut, folder: Path) -> list[tuple[int, Path, Path, 
 
 
 def _sample_held_out(
-    cfg: FtalkConfig, held: HeldOut, target: Target, options: EvaluateOptions, run_dir: Path, every: bool
+    model: ModelConfig,
+    train: TrainConfig,
+    held: HeldOut,
+    target: Target,
+    options: EvaluateOptions,
+    run_dir: Path,
+    every: bool,
 ) -> HeldOutSamples:
     """Sample held-out pairs with the target's weights (fixed seed, the `ftalk sample` path) and write the sheet."""
     from fantasytalk_cli.sample.denoise import Guidance
@@ -291,8 +298,8 @@ def _sample_held_out(
         max_num_frames=options.sample_frames,
         overwrite=True,
     )
-    results = sample_videos(cfg.model, requests, sample_options, adapter_path=target.path,
-                            mixed_precision=cfg.train.mixed_precision, say=lambda _: None)  # fmt: skip
+    results = sample_videos(model, requests, sample_options, adapter_path=target.path,
+                            mixed_precision=train.mixed_precision, say=lambda _: None)  # fmt: skip
     strips = [(f"{target.label} held-out {p}", _strip(r.frames)) for (p, *_), r in zip(picked, results, strict=True)]
     sheet = sample_sheet(strips[: max(1, options.samples)], folder / "sheet.png")
     return HeldOutSamples([(p, r.info.path) for (p, *_), r in zip(picked, results, strict=True)], sheet)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fantasytalk_cli.checkpoints.folder import named_checkpoint
 from fantasytalk_cli.config.schema import ModelConfig
 from fantasytalk_cli.errors import FtalkUsageError
 from fantasytalk_cli.sample.batch_file import read_batch_file
@@ -44,6 +45,8 @@ class SampleArgs:
     strip: Path | None
     overwrite: bool
     lora_scale: float = 1.0
+    checkpoint: str | None = None
+    """With a run folder as `adapter`: best, latest or checkpoint-N (`checkpoints.folder.named_checkpoint`)."""
 
     def __post_init__(self) -> None:
         single = (self.image, self.audio, self.out)
@@ -83,11 +86,17 @@ def sample_as_asked(
     args: SampleArgs, model: ModelConfig, *, mixed_precision: str, progress: Progress, say: Callable[[str], None]
 ) -> list[SampleResult]:
     """Read the requests (a bad batch file fails here, before any model loads) and sample them (`sample_videos`)."""
+    adapter = args.adapter
+    if args.checkpoint is not None:
+        if adapter is None or not adapter.is_dir():
+            raise FtalkUsageError("--checkpoint picks a checkpoint of a run folder: give the run with --adapter RUN")
+        adapter = named_checkpoint(adapter, args.checkpoint)
+        say(f"--checkpoint {args.checkpoint}: {adapter}")
     return sample_videos(
         model,
         args.requests(),
         args.options(model.audio_scale),
-        adapter_path=args.adapter,
+        adapter_path=adapter,
         mixed_precision=mixed_precision,
         progress=progress,
         say=say,

@@ -41,7 +41,6 @@ from fantasytalk_cli.data.plan import BucketPlan, facts_from_entries, load_plan_
 from fantasytalk_cli.data.sampler import BucketBatchSampler
 from fantasytalk_cli.data.tracks import track_coverage
 from fantasytalk_cli.errors import FtalkError
-from fantasytalk_cli.evaluate.reliance import HeldOut
 from fantasytalk_cli.fileio import write_text_atomic
 from fantasytalk_cli.locks import LOCK_NAME, FolderBusyError, FolderLock, acquire
 from fantasytalk_cli.models.paths import check_model_paths
@@ -52,6 +51,7 @@ from fantasytalk_cli.runtime.block_offload import check_block_count, offload_blo
 from fantasytalk_cli.runtime.flow import FlowSchedule
 from fantasytalk_cli.runtime.memory_options import check_memory_options
 from fantasytalk_cli.runtime.world import World
+from fantasytalk_cli.train.audio_reliance import HeldOut
 from fantasytalk_cli.train.checkpoint import load_training_checkpoint, pick_resume
 from fantasytalk_cli.train.distributed import (
     Strategy,

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from fantasytalk_cli.checkpoints.folder import checkpoint_dir, is_complete
+from fantasytalk_cli.checkpoints.metrics import MetricRow, append_rows
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig, TrainConfig
 from fantasytalk_cli.data.entry_facts import Share
-from fantasytalk_cli.evaluate.records import MetricRow, append_rows
-from fantasytalk_cli.evaluate.reliance import EvaluationError, HeldOut, clip_losses, held_out_clips, reliance_report
 from fantasytalk_cli.runtime.world import World
+from fantasytalk_cli.train.audio_reliance import EvaluationError, HeldOut, clip_losses, held_out_clips, reliance_report
 from fantasytalk_cli.train.distributed import gather_objects
 
 if TYPE_CHECKING:
