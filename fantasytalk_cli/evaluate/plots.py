@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fantasytalk_cli.evaluate.records import MetricRow
+from fantasytalk_cli.checkpoints.metrics import MetricRow
 from fantasytalk_cli.fileio import write_bytes_atomic
 
 PLOT_NAME = "metrics.png"
