@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
 def _fresh_adapter(cfg, held: Path) -> dict[str, tuple[float, float, float]]:  # noqa: ANN001
     models = load_training_models(cfg.model, cfg.train, device=torch.device("cpu"), uniform_dtype=False)
     clips = held_out_clips(held, cfg.data, cfg.buckets, cfg.train)
-    results = clip_losses(models.transformer.eval(), models.encoders, models.wav2vec, clips,
-                          range(len(clips.batches)), eval_context(cfg.train, cfg.model, torch.device("cpu")))  # fmt: skip
+    ctx = eval_context(cfg.train, cfg.model, torch.device("cpu"))
+    positions = range(len(clips.batches))
+    results = clip_losses(models.transformer.eval(), models.encoders, models.wav2vec, clips, positions, ctx)
     report = reliance_report(results, clips.left_out)
     return {name: (e.value, e.low, e.high) for name, e in report.metrics.items()}
 
