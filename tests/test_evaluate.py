@@ -213,3 +213,50 @@ def test_two_process_validation_metrics_equal_a_one_process_evaluate(
     assert set(after) == set(during)
     for metric, row in during.items():
         assert after[metric].value == pytest.approx(row.value, rel=1e-5, abs=1e-7), metric
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_syncnet_scores_the_reference_and_the_samples(
+    tiny_world: dict, held_out: Path, tmp_path: Path
+) -> None:
+    """`ftalk evaluate --syncnet` with a random-weight SyncNet in syncnet_v2.model's layout: the held-out clips
+    are scored as the reference row, every held-out pair is sampled and scored, clips without a face are counted
+    (the scored ones and the counted ones add up to all), and --select lse_d writes best. A SyncNet of another
+    layout is refused through the command, naming the keys, before any model loads or any line is written."""
+    from fantasytalk_cli.evaluate.syncnet import write_random_syncnet
+
+    run = tmp_path / "run"
+    run_training(world_config(tiny_world, run, max_train_steps=1, checkpointing_steps=1, transformer_path=None), QUIET)
+    syncnet = tmp_path / "syncnet_v2.model"
+    write_random_syncnet(syncnet)
+    flags = {"eval_timesteps": 2, "transformer_path": None, **SMALL_BUCKETS}
+    options = EvaluateOptions(held_out, syncnet=syncnet, select="lse_d", sample_size=64, sample_frames=9,
+                              sample_steps=1)  # fmt: skip
+    report = evaluate([run], options, flags=flags, say=lambda _: None)
+    for source in ("reference", "evaluate"):
+        rows = {r.metric: r for r in report.rows if r.source == source}
+        assert {"lse_no_face", "lse_face_frames"} <= set(rows), source
+        counted = int(rows["lse_no_face"].value)
+        assert rows["lse_no_face"].n == 3 and 0.0 <= rows["lse_face_frames"].value <= 1.0
+        scored = rows["lse_d"].n if "lse_d" in rows else 0
+        assert scored + counted == 3, source
+    reference = {r.metric: r for r in report.rows if r.source == "reference"}
+    # the synthetic clips' drawn faces are found by the detector: the reference row scores all three
+    assert reference["lse_d"].n == 3 and reference["lse_d"].checkpoint is None
+    assert np.isfinite(reference["lse_d"].value) and reference["lse_c"].value >= 0.0
+    assert len(list((run / "eval").glob("checkpoint-1/*.mp4"))) == 3
+    assert (run / "best").read_text().strip() == "checkpoint-1"
+    written = (run / "metrics.jsonl").read_text()
+    assert '"lse_d"' in written and '"reference"' in written
+    # another layout, through the command: refused naming the key, nothing appended
+    state = torch.load(syncnet, weights_only=True)
+    state["netcnnaud.0.weight_renamed"] = state.pop("netcnnaud.0.weight")
+    other = tmp_path / "other.model"
+    torch.save(state, other)
+    result = CliRunner().invoke(app, [
+        "evaluate", str(run), "--eval_meta", str(held_out), "--syncnet", str(other)
+    ])  # fmt: skip
+    assert result.exit_code != 0
+    said = " ".join(result.output.split())
+    assert "is not a SyncNet" in said and "netcnnaud.0.weight" in said, result.output
+    assert (run / "metrics.jsonl").read_text() == written

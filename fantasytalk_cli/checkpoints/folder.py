@@ -34,7 +34,7 @@ ADAPTER_CKPT_NAME = "fantasytalking_model.ckpt"
 STATE_DIR = "accelerate"
 LATEST_NAME = "latest"
 BEST_NAME = "best"
-"""Names the best checkpoint by a metric, written by `ftalk evaluate --select` (`evaluate/records.py`)."""
+"""Names the best checkpoint by a metric, written by `ftalk evaluate --select` (`checkpoints/metrics.py`)."""
 RUN_STATE_NAME = "run_state.json"
 META_VERSION = 1
 

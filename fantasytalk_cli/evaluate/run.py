@@ -1,10 +1,10 @@
 """`ftalk evaluate RUN_OR_CHECKPOINTS --eval_meta HELD_OUT.json`: score checkpoints on held-out clips.
 
 For each checkpoint (a run folder means all its complete checkpoints; any form `ftalk sample --adapter` takes
-works): the audio reliance (`reliance.py`) and, with ``--syncnet``, lip sync (LSE-D / LSE-C) of videos sampled from
-held-out pairs, with the ground-truth clips scored once as the reference row. Everything is appended to the run's
-``metrics.jsonl``, logged as TensorBoard scalars (``logs/evaluate``), plotted into ``metrics.png``; each checkpoint
-gets a sheet of its samples' frame strips; ``--select`` writes ``best``.
+works): the audio reliance (`train/audio_reliance.py`) and, with ``--syncnet``, lip sync (LSE-D / LSE-C) of videos
+sampled from held-out pairs, with the ground-truth clips scored once as the reference row. Everything is appended
+to the run's ``metrics.jsonl``, logged as TensorBoard scalars (``logs/evaluate``), plotted into ``metrics.png``;
+each checkpoint gets a sheet of its samples' frame strips; ``--select`` writes ``best``.
 
 The run's own config (what its newest checkpoint recorded) is the default; `--config` and flags override it. The
 models load once; each checkpoint's trained tensors are loaded over the same base.

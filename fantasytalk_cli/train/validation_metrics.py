@@ -3,7 +3,7 @@ the live weights every `validation_steps` and at the end, into ``output_dir/metr
 
 Every rank scores its share of the clips (clip i on rank i mod world; the last clip repeated where a rank has fewer,
 so sharded strategies run the same number of forwards everywhere) and the main rank gathers and reports them. A
-clip's numbers depend on the clip alone (`evaluate/reliance.py`), so a 2-process validation equals a 1-process
+clip's numbers depend on the clip alone (`train/audio_reliance.py`), so a 2-process validation equals a 1-process
 `ftalk evaluate` of the same step's checkpoint. The forwards run in ``no_grad``, in eval mode, inside
 `torch.random.fork_rng`, and draw only from generators of their own: a run with metrics ends on the same weights,
 bit for bit, as one without.
