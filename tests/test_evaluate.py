@@ -260,3 +260,18 @@ def test_evaluate_with_a_syncnet_scores_the_reference_and_the_samples(
     said = " ".join(result.output.split())
     assert "is not a SyncNet" in said and "netcnnaud.0.weight" in said, result.output
     assert (run / "metrics.jsonl").read_text() == written
+
+
+@pytest.mark.slow
+def test_a_bf16_run_is_evaluated_as_it_validated(tiny_world: dict, held_out: Path, tmp_path: Path) -> None:
+    """A run trained with --mixed_precision bf16 (the README's recipe) on the CPU: `ftalk evaluate` loads its frozen
+    weights in bf16 and autocasts as accelerate did, so its rows equal the run's own validation rows exactly."""
+    run = tmp_path / "run"
+    cfg = world_config(tiny_world, run, max_train_steps=2, checkpointing_steps=2, transformer_path=None,
+                       mixed_precision="bf16", validation_metrics=True, eval_meta=held_out, validation_steps=2,
+                       eval_timesteps=2)  # fmt: skip
+    run_training(cfg, QUIET)
+    during = {r.metric: r.value for r in read_rows(run) if r.source == "validation"}
+    report = evaluate([run], EvaluateOptions(held_out, samples=0), flags={"eval_timesteps": 2, **SMALL_BUCKETS},
+                      say=lambda _: None)  # fmt: skip
+    assert {r.metric: r.value for r in report.rows} == during and during["audio_off_gap"] != 0.0

@@ -322,6 +322,33 @@ def test_readme_two_stage_recipe_and_its_example_configs_run_on_the_raw_metadata
 
 
 @pytest.mark.slow
+def test_readme_evaluate_block_runs_on_a_trained_recipe(tiny_world: dict, tmp_path: Path) -> None:
+    """The README's `ftalk evaluate` block as written (scaled-down samples appended) on what the README's recipe
+    trained from the raw metadata, with raw held-out clips of another seed: metrics.jsonl, the plot, best, and
+    `ftalk sample --checkpoint best`."""
+    user = user_folder(tiny_world, tmp_path / "user")
+    make_demo_dataset(user / "datasets/held_out", seed=5, num_clips=3)
+    args = readme_block("export MODEL_NAME")
+    scale = f"FTALK_ARGS+=({shlex.join(SCALE_DOWN)})"
+    run_bash("\n".join([args, scale, readme_block('accelerate launch --mixed_precision="bf16" -m fantasytalk_cli')]),
+             user)  # fmt: skip
+    first = sorted((user / "datasets/internal_datasets/train").iterdir())[0]
+    Image.fromarray(decord.VideoReader(str(first))[0].asnumpy()).save(user / "face.png")
+    shutil.copy(sorted((user / "datasets/internal_datasets/wav").iterdir())[0], user / "speech.wav")
+    block = readme_block("ftalk evaluate output_dir")
+    lines = block.split("\n")
+    assert lines[0].startswith("ftalk evaluate") and lines[0].endswith("--select audio_gap"), lines[0]
+    lines[0] += " --sample_size 64 --sample_frames 9 --sample_steps 1"
+    lines[-1] += " --image_size 64 --max_num_frames 9 --num_inference_steps 1"
+    proc = run_bash("\n".join([args, *lines]), user)
+    assert "best by audio_gap: " in proc.stdout and (user / "output_dir/best").read_text().strip() == "checkpoint-2"
+    rows = [json.loads(line) for line in (user / "output_dir/metrics.jsonl").read_text().splitlines()]
+    assert {r["metric"] for r in rows} >= {"loss", "audio_gap", "audio_off_gap"} and {r["step"] for r in rows} == {2}
+    assert (user / "output_dir/metrics.png").is_file() and (user / "output_dir/eval/checkpoint-2/sheet.png").is_file()
+    assert "--checkpoint best" in proc.stdout and (user / "talk_best.mp4").is_file()
+
+
+@pytest.mark.slow
 def test_example_config_trains_scaled_down_by_flags(tiny_world: dict, tmp_path: Path) -> None:
     user = user_folder(tiny_world, tmp_path / "user")
     cmd = ["ftalk", "train", "--config", "examples/fantasytalking_512.yaml", *SCALE_DOWN]

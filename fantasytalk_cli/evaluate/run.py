@@ -27,6 +27,7 @@ from fantasytalk_cli.config import FtalkConfig
 from fantasytalk_cli.config.load import load_config
 from fantasytalk_cli.config.schema import DataConfig, ModelConfig, TrainConfig
 from fantasytalk_cli.evaluate.plots import plot_metrics, sample_sheet
+from fantasytalk_cli.runtime.dtypes import DTYPES
 from fantasytalk_cli.runtime.flow import FlowSchedule
 from fantasytalk_cli.runtime.world import World
 from fantasytalk_cli.sample.adapter_source import load_adapter, resolve_adapter
@@ -125,19 +126,20 @@ def evaluation_config(targets: Sequence[Target], config: Path | None, flags: dic
 
 
 def eval_context(train: TrainConfig, model: ModelConfig, device: torch.device) -> StepContext:
-    """The step context of an evaluation: bf16 autocast on a GPU (per --mixed_precision), fp32 on the CPU."""
-    cuda = device.type == "cuda" and train.mixed_precision != "no"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.mixed_precision, torch.float32)
+    """The step context of an evaluation, as training's on the same device: the frozen weights' dtype (per
+    --mixed_precision) and autocast to it, on a GPU or the CPU (what accelerate's autocast does), so the numbers of
+    `ftalk evaluate` equal the run's own validation metrics."""
+    dtype = DTYPES[train.mixed_precision]
     return StepContext(
         train=train,
         model_cfg=model,
         sigmas=FlowSchedule.of(model).sigmas(),
         world=World(),
         device=device,
-        dtype=dtype if cuda else torch.float32,
-        autocast=(lambda: torch.autocast("cuda", dtype=dtype))
-        if cuda
-        else (lambda: torch.autocast("cpu", enabled=False)),
+        dtype=dtype,
+        autocast=(lambda: torch.autocast(device.type, dtype=dtype))
+        if dtype != torch.float32
+        else (lambda: torch.autocast(device.type, enabled=False)),
     )
 
 
