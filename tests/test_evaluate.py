@@ -39,7 +39,7 @@ from fantasytalk_cli.train.audio_reliance import (
 )
 from fantasytalk_cli.train.loop import run_training
 from fantasytalk_cli.train.model_setup import load_training_models
-from tests.tiny_world import SMALL_BUCKETS, world_argv, world_config
+from tests.tiny_world import SMALL_BUCKETS, train_in_own_state, world_argv, world_config
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (kept for the session)
 
@@ -270,7 +270,7 @@ def test_a_bf16_run_is_evaluated_as_it_validated(tiny_world: dict, held_out: Pat
     cfg = world_config(tiny_world, run, max_train_steps=2, checkpointing_steps=2, transformer_path=None,
                        mixed_precision="bf16", validation_metrics=True, eval_meta=held_out, validation_steps=2,
                        eval_timesteps=2)  # fmt: skip
-    run_training(cfg, QUIET)
+    train_in_own_state(cfg, QUIET)
     during = {r.metric: r.value for r in read_rows(run) if r.source == "validation"}
     report = evaluate([run], EvaluateOptions(held_out, samples=0), flags={"eval_timesteps": 2, **SMALL_BUCKETS},
                       say=lambda _: None)  # fmt: skip

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -23,7 +22,7 @@ from fantasytalk_cli.runtime.memory_options import store_in_fp8
 from fantasytalk_cli.train.loop import run_training
 from fantasytalk_cli.train.preflight import RunFolderError
 from tests.test_train import sigterm_after_first_checkpoint
-from tests.tiny_world import world_argv, world_config
+from tests.tiny_world import train_in_own_state, world_argv, world_config
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (kept for the session)
 LORA = {"lora_rank": 4, "lora_alpha": 8.0}
@@ -206,11 +205,7 @@ def test_the_lora_gradient_through_a_float8_base_agrees_with_bf16() -> None:
 
 
 def _train(world: dict, run: Path, **overrides: object) -> list[float]:
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own mixed precision
-    try:
-        return run_training(world_config(world, run, **LORA, **overrides), QUIET).losses
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    return train_in_own_state(world_config(world, run, **LORA, **overrides), QUIET).losses  # its own precision
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -27,9 +26,8 @@ from fantasytalk_cli.planning.model_size import TransformerDims, block_params
 from fantasytalk_cli.planning.report import make_plan_report
 from fantasytalk_cli.runtime.block_offload import offload_blocks
 from fantasytalk_cli.runtime.memory_options import MemoryOptionError, check_memory_options, store_in_fp8
-from fantasytalk_cli.train.loop import run_training
 from tests.test_plan import entry as plan_entry
-from tests.tiny_world import world_config
+from tests.tiny_world import train_in_own_state, world_config
 
 FP8_LOSS_TOLERANCE = 0.02
 """Largest |loss(fp8) - loss(bf16)| over 10 steps allowed, relative to the bf16 loss (measured here: 0.0055)."""
@@ -98,13 +96,7 @@ def test_fp8_halves_the_frozen_14b() -> None:
 
 def _train(world: dict[str, Path], run: Path, **overrides: object) -> list[float]:
     cfg = world_config(world, run, **overrides)
-    # accelerate keeps one process-wide state, set by whichever test made an Accelerator first: reset it so this run
-    # (and the next test) chooses its own mixed precision
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        return run_training(cfg, Console(quiet=True)).losses
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    return train_in_own_state(cfg, Console(quiet=True)).losses
 
 
 def test_fp8_trains_within_tolerance_of_bf16(tiny_world: dict[str, Path], tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -27,8 +26,7 @@ from fantasytalk_cli.sample.denoise import Guidance
 from fantasytalk_cli.sample.inputs import SampleRequest
 from fantasytalk_cli.sample.run import SampleOptions, sample_videos
 from fantasytalk_cli.train import validation
-from fantasytalk_cli.train.loop import run_training
-from tests.tiny_world import world_config
+from tests.tiny_world import train_in_own_state, world_config
 
 FP8_FRAME_TOLERANCE = 2.0
 """Largest mean |frame(fp8) - frame(plain)| allowed, in uint8 levels, over the tiny world's 9 frames x 64x48
@@ -169,11 +167,7 @@ def _train_and_validate(
         validation_image_paths=[inputs["image"]], validation_audio_paths=[inputs["audio"]],
         validation_num_inference_steps=1, validation_image_size=64, validation_max_num_frames=5, **options,
     )  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        run_training(cfg, Console(quiet=True))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    train_in_own_state(cfg, Console(quiet=True))
     (video,) = frames
     assert (run / "samples" / "step-1").is_dir()
     return video

@@ -6,12 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from accelerate.state import AcceleratorState
+from rich.console import Console
+
 from fantasytalk_cli.config import FtalkConfig, load_config
 from fantasytalk_cli.config.flags import config_to_argv
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig
 from fantasytalk_cli.data.synthetic import make_demo_dataset
 from fantasytalk_cli.data.validate import ValidateOptions, validate_metadata
 from fantasytalk_cli.models.tiny import make_tiny_model
+from fantasytalk_cli.train.loop import run_training
 
 SMALL_BUCKETS: dict[str, Any] = {"video_sample_size": 48, "video_sample_n_frames": 9, "enable_bucket": False}
 
@@ -53,3 +57,14 @@ def world_config(world: dict[str, Path], output_dir: Path, **overrides: Any) -> 
 def world_argv(world: dict[str, Path], output_dir: Path, **overrides: Any) -> list[str]:
     """The same config as `ftalk train` command-line flags."""
     return config_to_argv(world_config(world, output_dir, **overrides))
+
+
+def train_in_own_state(cfg: FtalkConfig, console: Console) -> Any:
+    """`run_training(cfg)` with accelerate's process-wide state reset before and after: that state is set by
+    whichever test made an Accelerator first, so a run that chooses another mixed precision (and the next test)
+    needs its own."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return run_training(cfg, console)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
