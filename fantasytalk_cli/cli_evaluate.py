@@ -86,10 +86,17 @@ def evaluate_command(
     console.print(f"metrics: {report.run_dir / 'metrics.jsonl'}; plot: {report.plot}", highlight=False, soft_wrap=True)
     for sheet in report.sheets:
         console.print(f"samples: {sheet}", highlight=False, soft_wrap=True)
-    if report.best is not None:
+    best = report.best
+    if best is not None:
         console.print(
-            f"best by {select}: {report.best.checkpoint} ({report.best.value:+.6f}), written to "
-            f"{report.run_dir / 'best'}",
+            f"best by {select}: {best.checkpoint} ({best.value:+.6f}), written to {report.run_dir / 'best'}",
             highlight=False,
             soft_wrap=True,
         )
+        if select == "audio_gap" and best.low is not None and best.low <= 0.0:
+            console.print(
+                f"[yellow]its 95% interval [{best.low:+.6f}, {best.high:+.6f}] includes 0: no checkpoint follows its "
+                "audio measurably yet (train longer, or hold out more clips for a tighter interval)[/]",
+                highlight=False,
+                soft_wrap=True,
+            )

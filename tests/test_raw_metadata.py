@@ -344,6 +344,8 @@ def test_readme_evaluate_block_runs_on_a_trained_recipe(tiny_world: dict, tmp_pa
     assert "best by audio_gap: " in proc.stdout and (user / "output_dir/best").read_text().strip() == "checkpoint-2"
     rows = [json.loads(line) for line in (user / "output_dir/metrics.jsonl").read_text().splitlines()]
     assert {r["metric"] for r in rows} >= {"loss", "audio_gap", "audio_off_gap"} and {r["step"] for r in rows} == {2}
+    (gap,) = [r for r in rows if r["metric"] == "audio_gap"]
+    assert ("includes 0: no checkpoint follows its audio measurably yet" in proc.stdout) == (gap["low"] <= 0.0)
     assert (user / "output_dir/metrics.png").is_file() and (user / "output_dir/eval/checkpoint-2/sheet.png").is_file()
     assert "--checkpoint best" in proc.stdout and (user / "talk_best.mp4").is_file()
 
