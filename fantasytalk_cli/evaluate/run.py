@@ -143,15 +143,6 @@ def eval_context(train: TrainConfig, model: ModelConfig, device: torch.device) -
     )
 
 
-def reliance_rows(report: RelianceReport, step: int, checkpoint: str | None, source: str) -> list[MetricRow]:
-    return [
-        MetricRow(
-            step=step, metric=name, value=e.value, low=e.low, high=e.high, n=e.n, checkpoint=checkpoint, source=source
-        )  # fmt: skip
-        for name, e in report.metrics.items()
-    ]
-
-
 def evaluate(
     paths: Sequence[Path],
     options: EvaluateOptions,
@@ -190,7 +181,7 @@ def evaluate(
                               ctx, timesteps=cfg.train.eval_timesteps)  # fmt: skip
         found = reliance_report(results, held.left_out)
         report.reports[target.label] = found
-        rows = reliance_rows(found, target.step, str(target.path), "evaluate")
+        rows = found.rows(target.step, str(target.path), "evaluate")
         if lip_sync is not None or options.samples:
             samples = _sample_held_out(cfg.model, cfg.train, held, target, options, run_dir, lip_sync is not None)
             report.sheets.append(samples.sheet)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fantasytalk_cli.checkpoints.metrics import MetricRow
 from fantasytalk_cli.config.schema import BucketConfig, DataConfig, TrainConfig
 from fantasytalk_cli.data.dataset import ClipBatchDataset
 from fantasytalk_cli.data.entry_facts import Share, with_probe_facts
@@ -254,6 +255,12 @@ class RelianceReport:
     def lines(self) -> list[str]:
         """One line per metric, for a terminal or a log."""
         return [f"{name:<20} {e.value:+.6f}  95% CI [{e.low:+.6f}, {e.high:+.6f}]  ({e.n} clips)"
+                for name, e in self.metrics.items()]  # fmt: skip
+
+    def rows(self, step: int, checkpoint: str | None, source: str) -> list[MetricRow]:
+        """One `metrics.jsonl` row per metric."""
+        return [MetricRow(step=step, metric=name, value=e.value, low=e.low, high=e.high, n=e.n,
+                          checkpoint=checkpoint, source=source)
                 for name, e in self.metrics.items()]  # fmt: skip
 
 

@@ -82,19 +82,7 @@ def score_held_out(run: Run, step: int) -> list[MetricRow]:
     report = reliance_report(everything, held.left_out)
     folder = checkpoint_dir(run.checkpoint.output_dir, step)
     checkpoint = str(folder) if is_complete(folder) else None
-    rows = [
-        MetricRow(
-            step=step,
-            metric=name,
-            value=e.value,
-            low=e.low,
-            high=e.high,
-            n=e.n,
-            checkpoint=checkpoint,
-            source="validation",
-        )  # fmt: skip
-        for name, e in report.metrics.items()
-    ]
+    rows = report.rows(step, checkpoint, "validation")
     append_rows(run.checkpoint.output_dir, rows)
     if run.train.report_to != "none":
         run.accelerator.log({f"eval/{row.metric}": row.value for row in rows}, step=step)
