@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from fantasytalk_cli.checkpoints.metrics import MetricRow
 from fantasytalk_cli.data.dataset import read_frames
 from fantasytalk_cli.data.metadata import resolve_media_path
 from fantasytalk_cli.evaluate.lse import NoFaceError, SyncScore, face_crops, sync_score, to_16k_mono, to_25fps
 from fantasytalk_cli.evaluate.syncnet import SyncNet, load_syncnet
+from fantasytalk_cli.models.audio import SAMPLE_RATE, load_audio
 from fantasytalk_cli.prepare.faces import FaceDetector, default_detector
 from fantasytalk_cli.sample.video_io import read_mp4
 from fantasytalk_cli.train.audio_reliance import HeldOut, bootstrap_mean
@@ -63,8 +63,8 @@ class LipSync:
             entry = self.held.entries[planned[0]]
             assert entry.probe is not None
             frames = read_frames(resolve_media_path(root, entry.file_path), range(entry.probe.num_frames))
-            audio, rate = sf.read(str(resolve_media_path(root, entry.audio_path)), dtype="float32", always_2d=True)
-            scores.append(self.score(np.asarray(frames), entry.probe.fps, audio, rate))
+            audio = load_audio(resolve_media_path(root, entry.audio_path))
+            scores.append(self.score(np.asarray(frames), entry.probe.fps, audio, SAMPLE_RATE))
         rows = summary_rows(scores, step=0, checkpoint=None, source="reference")
         self.say(f"lip sync of the held-out clips themselves: {_said(rows)}")
         return rows
@@ -76,8 +76,9 @@ class LipSync:
         for position, video in videos:
             entry = self.held.entries[self.held.batches[position][0]]
             frames, info = read_mp4(video)
-            audio, rate = sf.read(str(resolve_media_path(root, entry.audio_path)), dtype="float32", always_2d=True)
-            scores.append(self.score(frames, info.fps, audio[: round(len(frames) / info.fps * rate)], rate))
+            audio = load_audio(resolve_media_path(root, entry.audio_path))
+            spoken = audio[: round(len(frames) / info.fps * SAMPLE_RATE)]
+            scores.append(self.score(frames, info.fps, spoken, SAMPLE_RATE))
         rows = summary_rows(scores, step=step, checkpoint=checkpoint, source="evaluate")
         self.say(f"  lip sync: {_said(rows)}")
         return rows
