@@ -137,9 +137,7 @@ def eval_context(train: TrainConfig, model: ModelConfig, device: torch.device) -
         world=World(),
         device=device,
         dtype=dtype,
-        autocast=(lambda: torch.autocast(device.type, dtype=dtype))
-        if dtype != torch.float32
-        else (lambda: torch.autocast(device.type, enabled=False)),
+        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
     )
 
 
